@@ -1,0 +1,242 @@
+//! Types and pure logic shared by the XDP datapath (`lb-ebpf`) and the agent (`lb-userspace`).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding so that no key ever carries
+//! uninitialised bytes, and its size is pinned by a `const` assertion. Addresses and ports are
+//! stored exactly as they appear on the wire (network byte order), so the datapath never swaps
+//! bytes on the hot path; the agent converts with [`ipv4_to_wire`] / [`port_to_wire`].
+#![no_std]
+
+#[cfg(feature = "user")]
+extern crate alloc;
+
+pub mod csum;
+pub mod hash;
+#[cfg(feature = "user")]
+pub mod maglev;
+
+use core::mem::size_of;
+
+/// Names of the maps in the eBPF object; the agent pins each under `<bpffs>/<name>`.
+pub mod map_names {
+    pub const FRONTENDS: &str = "LB_FRONTENDS";
+    pub const BACKENDS: &str = "LB_BACKENDS";
+    pub const MAGLEV: &str = "LB_MAGLEV";
+    pub const CONNTRACK: &str = "LB_CONNTRACK";
+    pub const CONFIG: &str = "LB_CONFIG";
+    pub const FRONTEND_STATS: &str = "LB_FRONTEND_STATS";
+    pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
+    /// Created by the agent, never read by the datapath: service names for `lbctl`.
+    pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
+}
+
+/// Default capacities; the agent may resize maps at load time.
+pub const DEFAULT_MAX_FRONTENDS: u32 = 65_536;
+pub const DEFAULT_MAX_SERVICES: u32 = 1_024;
+pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
+pub const DEFAULT_MAGLEV_SIZE: u32 = 16_381;
+/// Spare Maglev blocks beyond one per service: a table is always written into a free block and
+/// the frontends are flipped to it afterwards, and freed blocks rest in a FIFO before reuse.
+pub const MAGLEV_SPARE_BLOCKS: u32 = 16;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Frontend (service address) lookup key: `vip:port/proto`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<FrontendKey>() == 8);
+
+/// Frontend kinds, kept in the low bits of [`Frontend::flags`].
+pub mod frontend_type {
+    pub const CLUSTER_IP: u16 = 1;
+    pub const NODE_PORT: u16 = 2;
+    pub const LOAD_BALANCER: u16 = 3;
+    pub const EXTERNAL_IP: u16 = 4;
+    pub const MASK: u16 = 0x000f;
+
+    pub fn name(flags: u16) -> &'static str {
+        match flags & MASK {
+            CLUSTER_IP => "ClusterIP",
+            NODE_PORT => "NodePort",
+            LOAD_BALANCER => "LoadBalancer",
+            EXTERNAL_IP => "ExternalIP",
+            _ => "Unknown",
+        }
+    }
+}
+
+/// What the datapath needs to balance one frontend. Written last on every change: a packet sees
+/// either the old complete Maglev table or the new complete one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    /// Datapath service (one Kubernetes Service port); shared by all its frontends.
+    pub service_id: u32,
+    /// Index into the per-frontend counters.
+    pub frontend_id: u32,
+    /// Start of this service's table in the flat Maglev array (block × M).
+    pub maglev_offset: u32,
+    /// Backends in the table; 0 means "no backend": the datapath passes the packet.
+    pub backend_count: u16,
+    pub flags: u16,
+}
+const _: () = assert!(size_of::<Frontend>() == 16);
+
+/// Backend states (in [`Backend::state`]).
+pub mod backend_state {
+    /// Slot not in use.
+    pub const UNUSED: u8 = 0;
+    pub const ACTIVE: u8 = 1;
+    /// Kept for open flows, never picked for new ones.
+    pub const TERMINATING: u8 = 2;
+}
+
+/// A backend (endpoint address and target port). Id 0 is reserved as "none", so a zero-filled
+/// Maglev slot is detectable.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub state: u8,
+}
+const _: () = assert!(size_of::<Backend>() == 8);
+
+/// Conntrack direction, part of the key so a reply entry never collides with a forward one.
+pub const CT_DIR_FORWARD: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// 5-tuple as seen on the wire plus direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<CtKey>() == 16);
+
+/// Conntrack flags.
+pub mod ct_flags {
+    /// TCP FIN or RST seen: a later SYN on the same tuple may pick a new backend.
+    pub const CLOSING: u8 = 1;
+}
+
+/// Conntrack entry. Forward entries (client → frontend) hold the backend chosen; reply entries
+/// (backend → client) hold the frontend address to restore. The backend address is cached in the
+/// entry so an open flow keeps working after its backend left the configuration.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtEntry {
+    /// Forward: backend address; reply: frontend address. Network byte order.
+    pub nat_addr: u32,
+    /// Forward: backend port; reply: frontend port. Network byte order.
+    pub nat_port: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    pub backend_id: u32,
+    pub frontend_id: u32,
+    /// `bpf_ktime_get_ns` when last refreshed (refreshed at most once a second).
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<CtEntry>() == 24);
+
+/// Packet and byte counters (per CPU in the kernel; summed by `lbctl`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<Counters>() == 16);
+
+/// Datapath configuration: a one-element array written by the agent before it attaches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// Maglev table size M (prime). Fixed for the life of the pinned maps.
+    pub maglev_size: u32,
+    /// Number of Maglev blocks in the flat array.
+    pub maglev_blocks: u32,
+}
+const _: () = assert!(size_of::<Config>() == 8);
+
+/// Service name for `lbctl` ("ns/name:port"), NUL padded.
+pub const SERVICE_NAME_LEN: usize = 124;
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    pub len: u32,
+    pub name: [u8; SERVICE_NAME_LEN],
+}
+const _: () = assert!(size_of::<ServiceName>() == 128);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for Frontend {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for ServiceName {}
+}
+
+/// An IPv4 address as the datapath stores it (the wire bytes read as a native u32).
+#[inline(always)]
+pub const fn ipv4_to_wire(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+#[inline(always)]
+pub const fn ipv4_from_wire(addr: u32) -> [u8; 4] {
+    addr.to_ne_bytes()
+}
+
+/// A port as the datapath stores it (network byte order).
+#[inline(always)]
+pub const fn port_to_wire(port: u16) -> u16 {
+    port.to_be()
+}
+
+#[inline(always)]
+pub const fn port_from_wire(port: u16) -> u16 {
+    u16::from_be(port)
+}
+
+impl FrontendKey {
+    pub const fn new(addr: [u8; 4], port: u16, proto: u8) -> Self {
+        Self { addr: ipv4_to_wire(addr), port: port_to_wire(port), proto, _pad: 0 }
+    }
+}
+
+impl ServiceName {
+    pub fn new(name: &str) -> Self {
+        let bytes = name.as_bytes();
+        let len = bytes.len().min(SERVICE_NAME_LEN);
+        let mut out = [0u8; SERVICE_NAME_LEN];
+        out[..len].copy_from_slice(&bytes[..len]);
+        Self { len: len as u32, name: out }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let len = (self.len as usize).min(SERVICE_NAME_LEN);
+        core::str::from_utf8(&self.name[..len]).unwrap_or("<invalid utf-8>")
+    }
+}

@@ -1,0 +1,354 @@
+//! XDP service load balancer. The packet path reads top to bottom:
+//!
+//! Ethernet → IPv4 (no fragments) → TCP/UDP →
+//!   frontend hit (vip, port, proto): conntrack hit → same backend, else Maglev slot from the flow
+//!     hash → backend; DNAT with incremental checksums; conntrack insert (forward + reply entry);
+//!   else reply conntrack hit (backend → client): rewrite the source back to the frontend;
+//!   else XDP_PASS untouched.
+//! Rewritten packets go out by bpf_fib_lookup + redirect (or XDP_TX); when the FIB cannot resolve
+//! the next hop the rewritten packet is passed to the kernel, which forwards it.
+#![no_std]
+#![no_main]
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{bpf_fib_lookup, xdp_action},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
+    macros::{map, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{
+    Backend, Config, Counters, CtEntry, CtKey, CT_DIR_FORWARD, CT_DIR_REPLY, DEFAULT_CONNTRACK_SIZE,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAGLEV_SIZE, Frontend,
+    FrontendKey, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SPARE_BLOCKS, backend_state, csum, ct_flags,
+    hash::flow_hash,
+};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+const AF_INET: u8 = 2;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+/// Conntrack timestamps are refreshed at most this often, to keep hot entries' cache lines clean.
+const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+#[map]
+static LB_FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::pinned(DEFAULT_MAX_FRONTENDS, 0);
+
+#[map]
+static LB_BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
+
+/// Flat array of Maglev blocks (block × M + slot → backend id), mmapped by the agent, which
+/// writes a whole table into a free block before pointing frontends at it.
+#[map]
+static LB_MAGLEV: Array<u32> =
+    Array::pinned((DEFAULT_MAX_SERVICES + MAGLEV_SPARE_BLOCKS) * DEFAULT_MAGLEV_SIZE, BPF_F_MMAPABLE);
+
+#[map]
+static LB_CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(DEFAULT_CONNTRACK_SIZE, 0);
+
+#[map]
+static LB_CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map]
+static LB_FRONTEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(DEFAULT_MAX_FRONTENDS, 0);
+
+#[map]
+static LB_BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(DEFAULT_MAX_BACKENDS, 0);
+
+#[xdp]
+pub fn lb(ctx: XdpContext) -> u32 {
+    match try_lb(&ctx) {
+        Ok(action) => action,
+        // Parse errors (short or odd frames) fail open.
+        Err(()) => xdp_action::XDP_PASS,
+    }
+}
+
+/// An empty program: the floor in benchmarks, and a way to give a veth peer the NAPI context that
+/// XDP_REDIRECT into it needs.
+#[xdp]
+pub fn lb_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// Where the L4 ports and checksum live, so one rewrite routine serves TCP and UDP.
+struct L4 {
+    proto: u8,
+    src_port: *mut [u8; 2],
+    dst_port: *mut [u8; 2],
+    check: *mut [u8; 2],
+    tcp_flags: u8,
+}
+
+#[inline(always)]
+fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    let vihl = unsafe { (*ip).vihl };
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    // Fragments carry no (or only the first) L4 header; leave them to the kernel.
+    if u16::from_be_bytes(unsafe { (*ip).frags }) & 0x3fff != 0 {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let l4_off = EthHdr::LEN + ihl;
+    let proto = unsafe { (*ip).proto };
+    let l4 = match proto {
+        IPPROTO_TCP => {
+            let tcp: *mut TcpHdr = ptr_at(ctx, l4_off)?;
+            // Flags live in the 14th byte of the TCP header.
+            let flags: *const u8 = ptr_at(ctx, l4_off + 13)?;
+            unsafe {
+                L4 {
+                    proto,
+                    src_port: &raw mut (*tcp).source,
+                    dst_port: &raw mut (*tcp).dest,
+                    check: &raw mut (*tcp).check,
+                    tcp_flags: *flags,
+                }
+            }
+        }
+        IPPROTO_UDP => {
+            let udp: *mut UdpHdr = ptr_at(ctx, l4_off)?;
+            unsafe {
+                L4 {
+                    proto,
+                    src_port: &raw mut (*udp).src,
+                    dst_port: &raw mut (*udp).dst,
+                    check: &raw mut (*udp).check,
+                    tcp_flags: 0,
+                }
+            }
+        }
+        _ => return Ok(xdp_action::XDP_PASS),
+    };
+    let src_addr = u32::from_ne_bytes(unsafe { (*ip).src_addr });
+    let dst_addr = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
+    let src_port = u16::from_ne_bytes(unsafe { *l4.src_port });
+    let dst_port = u16::from_ne_bytes(unsafe { *l4.dst_port });
+    let packet_len = (ctx.data_end() - ctx.data()) as u64;
+
+    let frontend_key = FrontendKey { addr: dst_addr, port: dst_port, proto, _pad: 0 };
+    if let Some(frontend) = unsafe { LB_FRONTENDS.get(&frontend_key) } {
+        let frontend = *frontend;
+        let forward_key = CtKey {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto,
+            dir: CT_DIR_FORWARD,
+            _pad: [0; 2],
+        };
+        let closing = l4.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+        let new_connection = l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let mut chosen: Option<(u32, u16, u32)> = None;
+        if let Some(entry) = LB_CONNTRACK.get_ptr_mut(&forward_key) {
+            let entry = unsafe { &mut *entry };
+            // A fresh SYN on a tuple whose flow ended, or whose backend left, picks again;
+            // everything else sticks to the backend it had, even one no longer configured.
+            let keep = !new_connection
+                || (entry.flags & ct_flags::CLOSING == 0 && backend_is(entry.backend_id, entry.nat_addr, entry.nat_port));
+            if keep {
+                let now = unsafe { bpf_ktime_get_coarse_ns() };
+                if closing && entry.flags & ct_flags::CLOSING == 0 {
+                    entry.flags |= ct_flags::CLOSING;
+                }
+                if now.wrapping_sub(entry.last_seen_ns) > CT_REFRESH_NS {
+                    entry.last_seen_ns = now;
+                }
+                chosen = Some((entry.nat_addr, entry.nat_port, entry.backend_id));
+            }
+        }
+        let (backend_addr, backend_port, backend_id) = match chosen {
+            Some(c) => c,
+            None => {
+                if frontend.backend_count == 0 {
+                    return Ok(xdp_action::XDP_PASS);
+                }
+                let maglev_size = match LB_CONFIG.get(0) {
+                    Some(Config { maglev_size, .. }) if *maglev_size > 0 => *maglev_size,
+                    _ => return Ok(xdp_action::XDP_PASS),
+                };
+                let slot = flow_hash(src_addr, dst_addr, src_port, dst_port, proto) % maglev_size;
+                let backend_id = match LB_MAGLEV.get(frontend.maglev_offset + slot) {
+                    Some(id) if *id != 0 => *id,
+                    _ => return Ok(xdp_action::XDP_PASS),
+                };
+                let backend = match LB_BACKENDS.get(backend_id) {
+                    Some(b) if b.state == backend_state::ACTIVE => *b,
+                    _ => return Ok(xdp_action::XDP_PASS),
+                };
+                let now = unsafe { bpf_ktime_get_coarse_ns() };
+                let forward = CtEntry {
+                    nat_addr: backend.addr,
+                    nat_port: backend.port,
+                    flags: 0,
+                    _pad: 0,
+                    backend_id,
+                    frontend_id: frontend.frontend_id,
+                    last_seen_ns: now,
+                };
+                let reply_key = CtKey {
+                    src_addr: backend.addr,
+                    dst_addr: src_addr,
+                    src_port: backend.port,
+                    dst_port: src_port,
+                    proto,
+                    dir: CT_DIR_REPLY,
+                    _pad: [0; 2],
+                };
+                let reply = CtEntry { nat_addr: dst_addr, nat_port: dst_port, ..forward };
+                // Reply entry first: once the forward entry exists, replies can arrive.
+                let _ = LB_CONNTRACK.insert(&reply_key, &reply, 0);
+                let _ = LB_CONNTRACK.insert(&forward_key, &forward, 0);
+                (backend.addr, backend.port, backend_id)
+            }
+        };
+        count(&LB_FRONTEND_STATS, frontend.frontend_id, packet_len);
+        count(&LB_BACKEND_STATS, backend_id, packet_len);
+        unsafe {
+            rewrite(ip, &l4, &raw mut (*ip).dst_addr, dst_addr, backend_addr, l4.dst_port, dst_port, backend_port);
+        }
+        return Ok(redirect(ctx, eth, ip, &l4));
+    }
+
+    let reply_key = CtKey { src_addr, dst_addr, src_port, dst_port, proto, dir: CT_DIR_REPLY, _pad: [0; 2] };
+    if let Some(entry) = LB_CONNTRACK.get_ptr_mut(&reply_key) {
+        let entry = unsafe { &mut *entry };
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        if now.wrapping_sub(entry.last_seen_ns) > CT_REFRESH_NS {
+            entry.last_seen_ns = now;
+        }
+        let (frontend_addr, frontend_port) = (entry.nat_addr, entry.nat_port);
+        unsafe {
+            rewrite(ip, &l4, &raw mut (*ip).src_addr, src_addr, frontend_addr, l4.src_port, src_port, frontend_port);
+        }
+        return Ok(redirect(ctx, eth, ip, &l4));
+    }
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// Is backend `id` still configured, active, and the same address (ids are reused)?
+#[inline(always)]
+fn backend_is(id: u32, addr: u32, port: u16) -> bool {
+    match LB_BACKENDS.get(id) {
+        Some(b) => b.state == backend_state::ACTIVE && b.addr == addr && b.port == port,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn count(map: &PerCpuArray<Counters>, index: u32, bytes: u64) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        let c = unsafe { &mut *c };
+        c.packets += 1;
+        c.bytes += bytes;
+    }
+}
+
+/// Rewrites one address (source or destination) and the matching port, updating the IPv4 header
+/// checksum and the L4 checksum (which covers the address through the pseudo-header)
+/// incrementally. A UDP checksum of zero stays zero.
+#[inline(always)]
+unsafe fn rewrite(
+    ip: *mut Ipv4Hdr,
+    l4: &L4,
+    addr_field: *mut [u8; 4],
+    old_addr: u32,
+    new_addr: u32,
+    port_field: *mut [u8; 2],
+    old_port: u16,
+    new_port: u16,
+) {
+    unsafe {
+        *addr_field = new_addr.to_ne_bytes();
+        *port_field = new_port.to_ne_bytes();
+        let ip_check = u16::from_ne_bytes((*ip).check);
+        (*ip).check = csum::csum_replace4(ip_check, old_addr, new_addr).to_ne_bytes();
+        let check = u16::from_ne_bytes(*l4.check);
+        let check = if l4.proto == IPPROTO_UDP {
+            csum::udp_csum_replace2(csum::udp_csum_replace4(check, old_addr, new_addr), old_port, new_port)
+        } else {
+            csum::csum_replace2(csum::csum_replace4(check, old_addr, new_addr), old_port, new_port)
+        };
+        *l4.check = check.to_ne_bytes();
+    }
+}
+
+/// Sends a rewritten packet on its way: FIB lookup for the next hop, TTL decrement, MAC rewrite,
+/// then XDP_TX (same interface) or bpf_redirect. Anything the FIB cannot resolve (no neighbour
+/// entry yet, forwarding off, no route) or a TTL about to expire goes to the kernel, which
+/// forwards the already-rewritten packet or answers with ICMP.
+#[inline(always)]
+fn redirect(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, l4: &L4) -> u32 {
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    unsafe {
+        params.family = AF_INET;
+        params.l4_protocol = l4.proto;
+        params.sport = u16::from_ne_bytes(*l4.src_port);
+        params.dport = u16::from_ne_bytes(*l4.dst_port);
+        params.__bindgen_anon_1.tot_len = u16::from_be_bytes((*ip).tot_len);
+        params.__bindgen_anon_2.tos = (*ip).tos;
+        params.ifindex = ctx.ingress_ifindex() as u32;
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
+    }
+    let rc = unsafe {
+        fib_lookup(ctx.as_ptr(), &mut params, size_of::<bpf_fib_lookup>() as i32, 0)
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        return xdp_action::XDP_PASS;
+    }
+    unsafe {
+        let ttl = (*ip).ttl;
+        if ttl <= 1 {
+            return xdp_action::XDP_PASS;
+        }
+        // TTL shares a 16-bit checksum word with the protocol byte.
+        let old_word = u16::from_ne_bytes([ttl, (*ip).proto]);
+        let new_word = u16::from_ne_bytes([ttl - 1, (*ip).proto]);
+        (*ip).ttl = ttl - 1;
+        (*ip).check = csum::csum_replace2(u16::from_ne_bytes((*ip).check), old_word, new_word).to_ne_bytes();
+        (*eth).dst_addr = params.dmac;
+        (*eth).src_addr = params.smac;
+    }
+    if params.ifindex == ctx.ingress_ifindex() as u32 {
+        xdp_action::XDP_TX
+    } else {
+        unsafe { bpf_redirect(params.ifindex, 0) as u32 }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,158 @@
+//! lb-agent: keeps the XDP load balancer's maps in line with Kubernetes objects from a file.
+
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES};
+use lb_userspace::{
+    config,
+    datapath::{self, Datapath, Options},
+    maps::PinnedMaps,
+    reconcile::Reconciler,
+};
+use log::{error, info, warn};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "XDP service load balancer agent")]
+struct Args {
+    /// Multi-document YAML of v1 Service and discovery.k8s.io/v1 EndpointSlice objects; reloaded
+    /// when it changes.
+    #[arg(long)]
+    config: PathBuf,
+    /// Interface to attach the XDP program to (repeat for several).
+    #[arg(long = "interface", required = true)]
+    interfaces: Vec<String>,
+    /// bpffs directory for pinned maps and links (mounted if it is not a bpffs yet).
+    #[arg(long, default_value = "/sys/fs/bpf/lb")]
+    bpffs: PathBuf,
+    /// Maglev table size M per service: a prime such as 251, 1021, 4093, 16381, 65521, 131071.
+    #[arg(long, default_value_t = DEFAULT_MAGLEV_SIZE)]
+    maglev_table_size: u32,
+    /// Service ports (one Maglev table each) the maps can hold.
+    #[arg(long, default_value_t = DEFAULT_MAX_SERVICES)]
+    max_services: u32,
+    #[arg(long, default_value_t = DEFAULT_MAX_FRONTENDS)]
+    max_frontends: u32,
+    #[arg(long, default_value_t = DEFAULT_MAX_BACKENDS)]
+    max_backends: u32,
+    /// Conntrack entries (LRU; two per flow).
+    #[arg(long, default_value_t = DEFAULT_CONNTRACK_SIZE)]
+    conntrack_size: u32,
+    /// How often the config file is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    reload_interval_ms: u64,
+    /// On exit, detach the program and remove the pinned maps (default: keep forwarding).
+    #[arg(long)]
+    cleanup: bool,
+}
+
+/// Identity of the file's current content, cheap to poll; survives editors that replace the file
+/// and ConfigMap symlink swaps because it follows the path each time.
+fn fingerprint(path: &Path) -> Option<(i64, i64, u64, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.mtime(), m.mtime_nsec(), m.size(), m.ino()))
+}
+
+fn reload(path: &Path, reconciler: &mut Reconciler, maps: &mut PinnedMaps) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            error!("config {}: {e}; keeping the last good state", path.display());
+            return;
+        }
+    };
+    let desired = match config::load_str(&text) {
+        Ok((desired, objects)) => {
+            for ignored in &objects.ignored {
+                warn!("config {}: ignoring {ignored}", path.display());
+            }
+            desired
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                error!("config {}: {e}", path.display());
+            }
+            error!("config {} rejected ({} errors); keeping the last good state", path.display(), errors.0.len());
+            return;
+        }
+    };
+    match reconciler.apply(&desired, maps) {
+        Ok(r) => info!(
+            "config {} applied: {} services, {} frontends, {} backends (+{}/-{} services, {} tables rebuilt, +{}/-{} backends)",
+            path.display(),
+            reconciler.service_count(),
+            reconciler.frontend_count(),
+            reconciler.backend_count(),
+            r.services_added,
+            r.services_removed,
+            r.tables_rebuilt,
+            r.backends_added,
+            r.backends_removed
+        ),
+        Err(e) => error!("config {} not applied: {e:#}; keeping the last good state", path.display()),
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    let opts = Options {
+        bpffs: args.bpffs.clone(),
+        maglev_size: args.maglev_table_size,
+        max_services: args.max_services,
+        max_frontends: args.max_frontends,
+        max_backends: args.max_backends,
+        conntrack_size: args.conntrack_size,
+    };
+    std::fs::metadata(&args.config).with_context(|| format!("--config {}", args.config.display()))?;
+
+    let mut datapath = Datapath::load(&opts)?;
+    let mut maps = PinnedMaps::open(&opts.bpffs, true)?;
+    let mut reconciler = Reconciler::adopt(opts.limits(), &maps.snapshot()?);
+    let mut seen = fingerprint(&args.config);
+    reload(&args.config, &mut reconciler, &mut maps);
+    for interface in &args.interfaces {
+        datapath.attach(interface).with_context(|| format!("--interface {interface}"))?;
+    }
+    info!(
+        "lb-agent ready: {} services, {} frontends, {} backends; XDP on {}; maps in {}",
+        reconciler.service_count(),
+        reconciler.frontend_count(),
+        reconciler.backend_count(),
+        args.interfaces.join(","),
+        opts.bpffs.display()
+    );
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(args.reload_interval_ms.max(10)));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tick.tick() => {
+                let now = fingerprint(&args.config);
+                if now != seen {
+                    seen = now;
+                    reload(&args.config, &mut reconciler, &mut maps);
+                }
+            }
+        }
+    }
+    drop(maps);
+    drop(datapath);
+    if args.cleanup {
+        datapath::cleanup(&opts.bpffs)?;
+        info!("lb-agent stopped; program detached and maps removed from {}", opts.bpffs.display());
+    } else {
+        info!("lb-agent stopped; datapath keeps forwarding from the pinned state in {}", opts.bpffs.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,288 @@
+//! lbctl: inspect the load balancer's pinned maps (works while the agent is down).
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_common::{Frontend, FrontendKey, backend_state, frontend_type, ipv4_from_wire, port_from_wire, CT_DIR_FORWARD};
+use lb_userspace::{
+    maps::PinnedMaps,
+    model::{Endpoint, Protocol, service_of},
+    reconcile::frontend_key,
+};
+use serde_json::{Value, json};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Inspect the XDP load balancer's maps")]
+struct Args {
+    /// bpffs directory holding the pinned maps.
+    #[arg(long, default_value = "/sys/fs/bpf/lb", global = true)]
+    bpffs: PathBuf,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Frontends with their service and backends.
+    Services,
+    /// Backends with state and counters.
+    Backends,
+    /// Conntrack entries.
+    Conntrack,
+    /// Per-frontend and per-backend packet/byte counters, conntrack fill.
+    Stats,
+    /// Slot shares of one frontend's Maglev table, e.g. `lbctl maglev 10.96.0.10:80/TCP`.
+    Maglev { frontend: String },
+}
+
+fn addr(wire: u32) -> Ipv4Addr {
+    Ipv4Addr::from(ipv4_from_wire(wire))
+}
+
+fn hostport(a: u32, p: u16) -> String {
+    format!("{}:{}", addr(a), port_from_wire(p))
+}
+
+fn proto_name(p: u8) -> String {
+    Protocol::from_number(p).map_or_else(|| p.to_string(), |p| p.to_string())
+}
+
+fn frontend_name(key: &FrontendKey) -> String {
+    format!("{}/{}", hostport(key.addr, key.port), proto_name(key.proto))
+}
+
+fn parse_frontend(s: &str) -> Result<FrontendKey> {
+    let (hostport, proto) = s.split_once('/').unwrap_or((s, "TCP"));
+    let proto = match proto.to_ascii_uppercase().as_str() {
+        "TCP" => Protocol::Tcp,
+        "UDP" => Protocol::Udp,
+        other => bail!("frontend {s:?}: protocol {other:?} is not TCP or UDP"),
+    };
+    let (ip, port) = hostport.rsplit_once(':').with_context(|| format!("frontend {s:?}: expected IP:PORT[/PROTO]"))?;
+    let addr: Ipv4Addr = ip.parse().with_context(|| format!("frontend {s:?}: {ip:?} is not an IPv4 address"))?;
+    let port: u16 = port.parse().with_context(|| format!("frontend {s:?}: {port:?} is not a port"))?;
+    Ok(frontend_key(&Endpoint { addr, port, proto }))
+}
+
+/// Prints rows as aligned columns.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn service_names(maps: &PinnedMaps) -> Result<BTreeMap<u32, String>> {
+    let mut names = BTreeMap::new();
+    for item in maps.service_names.iter() {
+        let (id, name) = item?;
+        names.insert(id, name.as_str().to_string());
+    }
+    Ok(names)
+}
+
+fn frontends(maps: &PinnedMaps) -> Result<Vec<(FrontendKey, Frontend)>> {
+    let mut all = Vec::new();
+    for item in maps.frontends.iter() {
+        all.push(item?);
+    }
+    all.sort_by_key(|(k, _)| frontend_name(k));
+    Ok(all)
+}
+
+/// Backend ids in a frontend's Maglev table with their slot counts.
+fn table_shares(maps: &PinnedMaps, frontend: &Frontend, m: u32) -> Result<BTreeMap<u32, usize>> {
+    let mut shares = BTreeMap::new();
+    if frontend.backend_count == 0 {
+        return Ok(shares);
+    }
+    for id in maps.maglev.read(frontend.maglev_offset as usize, m as usize)? {
+        if id != 0 {
+            *shares.entry(id).or_insert(0) += 1;
+        }
+    }
+    Ok(shares)
+}
+
+fn backend_name(maps: &PinnedMaps, id: u32) -> Result<String> {
+    let b = maps.backends.get(&id, 0)?;
+    Ok(hostport(b.addr, b.port))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let maps = PinnedMaps::open(&args.bpffs, false)?;
+    let config = maps.config()?;
+    let json_out = args.output == Output::Json;
+    match &args.command {
+        Command::Services => {
+            let names = service_names(&maps)?;
+            let mut out = Vec::new();
+            for (key, fe) in frontends(&maps)? {
+                let mut backends: Vec<String> = Vec::new();
+                for id in table_shares(&maps, &fe, config.maglev_size)?.keys() {
+                    backends.push(backend_name(&maps, *id)?);
+                }
+                backends.sort();
+                let service_port = names.get(&fe.service_id).cloned().unwrap_or_default();
+                out.push(json!({
+                    "frontend": frontend_name(&key),
+                    "type": frontend_type::name(fe.flags),
+                    "service": service_of(&service_port),
+                    "service_port": service_port,
+                    "backends": backends,
+                }));
+            }
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                let rows: Vec<Vec<String>> = out
+                    .iter()
+                    .map(|o| {
+                        let backends: Vec<&str> = o["backends"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+                        vec![
+                            o["frontend"].as_str().unwrap().to_string(),
+                            o["type"].as_str().unwrap().to_string(),
+                            o["service_port"].as_str().unwrap().to_string(),
+                            backends.join(","),
+                        ]
+                    })
+                    .collect();
+                print_table(&["FRONTEND", "TYPE", "SERVICE", "BACKENDS"], &rows);
+            }
+        }
+        Command::Backends => {
+            let mut out = Vec::new();
+            for (id, b) in maps.backends.iter().enumerate() {
+                let b = b?;
+                if b.state == backend_state::UNUSED {
+                    continue;
+                }
+                let c = PinnedMaps::sum(&maps.backend_stats.get(&(id as u32), 0)?);
+                let state = if b.state == backend_state::ACTIVE { "active" } else { "terminating" };
+                out.push(json!({"id": id, "backend": hostport(b.addr, b.port), "protocol": proto_name(b.proto),
+                    "state": state, "packets": c.packets, "bytes": c.bytes}));
+            }
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                let rows: Vec<Vec<String>> = out
+                    .iter()
+                    .map(|o| ["id", "backend", "protocol", "state", "packets", "bytes"].iter().map(|k| o[*k].to_string().trim_matches('"').to_string()).collect())
+                    .collect();
+                print_table(&["ID", "BACKEND", "PROTO", "STATE", "PACKETS", "BYTES"], &rows);
+            }
+        }
+        Command::Conntrack => {
+            let now = monotonic_ns();
+            let mut out = Vec::new();
+            for item in maps.conntrack.iter() {
+                let (k, e) = item?;
+                out.push(json!({
+                    "direction": if k.dir == CT_DIR_FORWARD { "forward" } else { "reply" },
+                    "protocol": proto_name(k.proto),
+                    "source": hostport(k.src_addr, k.src_port),
+                    "destination": hostport(k.dst_addr, k.dst_port),
+                    "nat": hostport(e.nat_addr, e.nat_port),
+                    "backend_id": e.backend_id,
+                    "closing": e.flags & lb_common::ct_flags::CLOSING != 0,
+                    "idle_seconds": now.saturating_sub(e.last_seen_ns) / 1_000_000_000,
+                }));
+            }
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                let rows: Vec<Vec<String>> = out
+                    .iter()
+                    .map(|o| ["direction", "protocol", "source", "destination", "nat", "backend_id", "idle_seconds"].iter().map(|k| o[*k].to_string().trim_matches('"').to_string()).collect())
+                    .collect();
+                print_table(&["DIR", "PROTO", "SOURCE", "DESTINATION", "NAT", "BACKEND", "IDLE_S"], &rows);
+            }
+        }
+        Command::Stats => {
+            let names = service_names(&maps)?;
+            let mut fe_out = Vec::new();
+            for (key, fe) in frontends(&maps)? {
+                let c = PinnedMaps::sum(&maps.frontend_stats.get(&fe.frontend_id, 0)?);
+                fe_out.push(json!({"frontend": frontend_name(&key), "service": names.get(&fe.service_id).cloned().unwrap_or_default(),
+                    "packets": c.packets, "bytes": c.bytes}));
+            }
+            let mut be_out = Vec::new();
+            for (id, b) in maps.backends.iter().enumerate() {
+                let b = b?;
+                if b.state == backend_state::UNUSED {
+                    continue;
+                }
+                let c = PinnedMaps::sum(&maps.backend_stats.get(&(id as u32), 0)?);
+                be_out.push(json!({"backend": hostport(b.addr, b.port), "packets": c.packets, "bytes": c.bytes}));
+            }
+            let entries = maps.conntrack.keys().count();
+            let capacity = maps.conntrack_capacity()?;
+            let out = json!({"frontends": fe_out, "backends": be_out,
+                "conntrack": {"entries": entries, "capacity": capacity}});
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                let rows: Vec<Vec<String>> = fe_out
+                    .iter()
+                    .map(|o| vec![o["frontend"].as_str().unwrap().into(), o["service"].as_str().unwrap().into(), o["packets"].to_string(), o["bytes"].to_string()])
+                    .collect();
+                print_table(&["FRONTEND", "SERVICE", "PACKETS", "BYTES"], &rows);
+                println!();
+                let rows: Vec<Vec<String>> = be_out
+                    .iter()
+                    .map(|o| vec![o["backend"].as_str().unwrap().into(), o["packets"].to_string(), o["bytes"].to_string()])
+                    .collect();
+                print_table(&["BACKEND", "PACKETS", "BYTES"], &rows);
+                println!("\nconntrack: {entries}/{capacity} entries ({:.1}%)", 100.0 * entries as f64 / capacity.max(1) as f64);
+            }
+        }
+        Command::Maglev { frontend } => {
+            let key = parse_frontend(frontend)?;
+            let fe = maps.frontends.get(&key, 0).with_context(|| format!("frontend {} not found", frontend_name(&key)))?;
+            let m = config.maglev_size;
+            let mut rows = Vec::new();
+            let mut out = Vec::new();
+            for (id, slots) in table_shares(&maps, &fe, m)? {
+                let name = backend_name(&maps, id)?;
+                let share = slots as f64 / m as f64;
+                rows.push(vec![name.clone(), id.to_string(), slots.to_string(), format!("{:.2}%", 100.0 * share)]);
+                out.push(json!({"backend": name, "id": id, "slots": slots, "share": share}));
+            }
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&json!({"frontend": frontend_name(&key), "table_size": m, "backends": out}))?);
+            } else {
+                println!("frontend {} (M = {m})", frontend_name(&key));
+                print_table(&["BACKEND", "ID", "SLOTS", "SHARE"], &rows);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// CLOCK_MONOTONIC, the base of bpf_ktime_get_coarse_ns.
+fn monotonic_ns() -> u64 {
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,517 @@
+//! Kubernetes objects from a multi-document YAML file → validated [`DesiredState`].
+//!
+//! Objects are parsed into the real Kubernetes types (k8s-openapi), so a manifest that works
+//! against an API server works here. Every error names the object and the field. Validation is
+//! all-or-nothing: one bad object rejects the whole file and the last good state stays in force.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::Service,
+        discovery::v1::{EndpointSlice},
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use serde::Deserialize;
+
+use crate::model::{
+    BackendCondition, BackendSpec, DesiredState, Endpoint, FrontendKind, FrontendSpec, Protocol,
+    ServicePort,
+};
+
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// One problem with one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// "Service default/web", "EndpointSlice default/web-abc" or "document 3".
+    pub object: String,
+    /// "spec.ports[0].port"; empty when the problem is the object as a whole.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.object, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.object, self.field, self.message)
+        }
+    }
+}
+
+/// All problems found in one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The objects we understand, as parsed.
+#[derive(Debug, Default, Clone)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    /// Kinds we do not handle (Deployments next to the Services, say): reported, not fatal.
+    pub ignored: Vec<String>,
+}
+
+fn err(object: impl Into<String>, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError { object: object.into(), field: field.into(), message: message.into() }
+}
+
+fn object_name(value: &serde_yaml::Value) -> String {
+    let meta = &value["metadata"];
+    let name = meta["name"].as_str().unwrap_or("<unnamed>");
+    let namespace = meta["namespace"].as_str().unwrap_or("default");
+    format!("{namespace}/{name}")
+}
+
+fn typed<T: serde::de::DeserializeOwned>(
+    value: serde_yaml::Value,
+    object: &str,
+) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        err(object, field, e.into_inner().to_string())
+    })
+}
+
+/// Parses every YAML document of `text`.
+pub fn parse_objects(text: &str) -> Result<Objects, ConfigErrors> {
+    let mut objects = Objects::default();
+    let mut errors = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let doc = format!("document {}", index + 1);
+        let value = match serde_yaml::Value::deserialize(document) {
+            Ok(v) => v,
+            Err(e) => {
+                // A syntax error ends the stream: nothing after it can be trusted.
+                errors.push(err(doc, "", format!("invalid YAML: {e}")));
+                break;
+            }
+        };
+        if value.is_null() {
+            continue;
+        }
+        let api_version = value["apiVersion"].as_str().unwrap_or("").to_string();
+        let Some(kind) = value["kind"].as_str().map(str::to_string) else {
+            errors.push(err(doc, "kind", "missing"));
+            continue;
+        };
+        let object = format!("{kind} {}", object_name(&value));
+        match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Service") => match typed::<Service>(value, &object) {
+                Ok(s) => objects.services.push(s),
+                Err(e) => errors.push(e),
+            },
+            ("discovery.k8s.io/v1", "EndpointSlice") => match typed::<EndpointSlice>(value, &object) {
+                Ok(s) => objects.endpoint_slices.push(s),
+                Err(e) => errors.push(e),
+            },
+            (_, "Service" | "EndpointSlice") => errors.push(err(
+                object,
+                "apiVersion",
+                format!("{api_version:?} not supported (Service is v1, EndpointSlice is discovery.k8s.io/v1)"),
+            )),
+            _ => objects.ignored.push(format!("{doc}: {object} ({api_version})")),
+        }
+    }
+    if errors.is_empty() { Ok(objects) } else { Err(ConfigErrors(errors)) }
+}
+
+fn parse_protocol(value: Option<&str>, object: &str, field: &str) -> Result<Protocol, ConfigError> {
+    match value.unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        other => Err(err(object, field, format!("protocol {other:?} not supported (TCP or UDP)"))),
+    }
+}
+
+fn parse_ipv4(value: &str, object: &str, field: &str) -> Result<Ipv4Addr, ConfigError> {
+    match value.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => Ok(a),
+        Ok(IpAddr::V6(_)) => Err(err(object, field, format!("{value:?}: IPv6 is not supported yet"))),
+        Err(_) => Err(err(object, field, format!("{value:?} is not an IP address"))),
+    }
+}
+
+fn parse_port(value: i32, object: &str, field: &str) -> Result<u16, ConfigError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| err(object, field, format!("{value} is not a port (1-65535)")))
+}
+
+/// One port of an EndpointSlice, normalised.
+struct SlicePort {
+    name: String,
+    port: Option<u16>,
+    proto: Protocol,
+}
+
+/// Endpoint addresses of one slice with their condition.
+struct SliceEndpoints {
+    ports: Vec<SlicePort>,
+    endpoints: Vec<(Ipv4Addr, BackendCondition)>,
+}
+
+/// Validates the objects and joins Services with their EndpointSlices.
+pub fn build_desired(objects: &Objects) -> Result<DesiredState, ConfigErrors> {
+    let mut errors = Vec::new();
+
+    // EndpointSlices grouped by "namespace/service".
+    let mut slices: HashMap<String, Vec<SliceEndpoints>> = HashMap::new();
+    for slice in &objects.endpoint_slices {
+        let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
+        let name = slice.metadata.name.as_deref().unwrap_or("<unnamed>");
+        let object = format!("EndpointSlice {namespace}/{name}");
+        if slice.metadata.name.is_none() {
+            errors.push(err(&object, "metadata.name", "missing"));
+            continue;
+        }
+        let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+            errors.push(err(&object, "metadata.labels", format!("label {SERVICE_NAME_LABEL} missing")));
+            continue;
+        };
+        match slice.address_type.as_str() {
+            "IPv4" => {}
+            // Dual-stack clusters publish an IPv6 slice next to the IPv4 one; skip it quietly.
+            "IPv6" | "FQDN" => continue,
+            other => {
+                errors.push(err(&object, "addressType", format!("{other:?} not supported (IPv4)")));
+                continue;
+            }
+        }
+        let mut parsed = SliceEndpoints { ports: Vec::new(), endpoints: Vec::new() };
+        for (i, port) in slice.ports.iter().flatten().enumerate() {
+            let field = format!("ports[{i}]");
+            let proto = match parse_protocol(port.protocol.as_deref(), &object, &format!("{field}.protocol")) {
+                Ok(p) => p,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let number = match port.port.map(|p| parse_port(p, &object, &format!("{field}.port"))).transpose() {
+                Ok(n) => n,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            parsed.ports.push(SlicePort { name: port.name.clone().unwrap_or_default(), port: number, proto });
+        }
+        for (i, endpoint) in slice.endpoints.iter().enumerate() {
+            let conditions = endpoint.conditions.as_ref();
+            // Kubernetes: a nil condition means "unknown" and ready is to be read as true.
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            let condition = if ready && !terminating {
+                BackendCondition::Active
+            } else if serving && terminating {
+                BackendCondition::Terminating
+            } else {
+                continue;
+            };
+            for (j, address) in endpoint.addresses.iter().enumerate() {
+                match parse_ipv4(address, &object, &format!("endpoints[{i}].addresses[{j}]")) {
+                    Ok(a) => parsed.endpoints.push((a, condition)),
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        slices.entry(format!("{namespace}/{service}")).or_default().push(parsed);
+    }
+
+    let mut desired = DesiredState::default();
+    let mut claimed: BTreeMap<Endpoint, String> = BTreeMap::new();
+    for service in &objects.services {
+        let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
+        let Some(name) = service.metadata.name.as_deref() else {
+            errors.push(err(format!("Service {namespace}/<unnamed>"), "metadata.name", "missing"));
+            continue;
+        };
+        let service_name = format!("{namespace}/{name}");
+        let object = format!("Service {service_name}");
+        let Some(spec) = service.spec.as_ref() else {
+            errors.push(err(&object, "spec", "missing"));
+            continue;
+        };
+        let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+        match service_type {
+            "ClusterIP" | "NodePort" | "LoadBalancer" => {}
+            // No proxying for ExternalName services; kube-proxy ignores them too.
+            "ExternalName" => continue,
+            other => {
+                errors.push(err(&object, "spec.type", format!("{other:?} is not a Service type")));
+                continue;
+            }
+        }
+        let cluster_ip = match spec.cluster_ip.as_deref() {
+            // Headless: DNS only, nothing to balance.
+            Some("None") => continue,
+            None | Some("") => {
+                errors.push(err(
+                    &object,
+                    "spec.clusterIP",
+                    "required (an API server allocates it; a config file must set it)",
+                ));
+                continue;
+            }
+            Some(ip) => match parse_ipv4(ip, &object, "spec.clusterIP") {
+                Ok(a) => a,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            },
+        };
+        let mut external_ips = Vec::new();
+        for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+            match parse_ipv4(ip, &object, &format!("spec.externalIPs[{i}]")) {
+                Ok(a) => external_ips.push(a),
+                Err(e) => errors.push(e),
+            }
+        }
+        let ports = spec.ports.as_deref().unwrap_or_default();
+        if ports.is_empty() {
+            errors.push(err(&object, "spec.ports", "at least one port is required"));
+            continue;
+        }
+        let service_slices = slices.get(&service_name).map(Vec::as_slice).unwrap_or_default();
+        let mut seen_ports: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
+        for (i, port) in ports.iter().enumerate() {
+            let field = format!("spec.ports[{i}]");
+            let port_name = port.name.clone().unwrap_or_default();
+            if port_name.is_empty() && ports.len() > 1 {
+                errors.push(err(&object, format!("{field}.name"), "required when a Service has several ports"));
+                continue;
+            }
+            let proto = match parse_protocol(port.protocol.as_deref(), &object, &format!("{field}.protocol")) {
+                Ok(p) => p,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let number = match parse_port(port.port, &object, &format!("{field}.port")) {
+                Ok(n) => n,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            if let Some(first) = seen_ports.insert((number, proto), i) {
+                errors.push(err(
+                    &object,
+                    format!("{field}.port"),
+                    format!("{number}/{proto} already used by spec.ports[{first}]"),
+                ));
+                continue;
+            }
+            // Numeric targetPort: used when an EndpointSlice port leaves its number out.
+            let target_port = match &port.target_port {
+                None => Some(number),
+                Some(IntOrString::Int(p)) => match parse_port(*p, &object, &format!("{field}.targetPort")) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        errors.push(e);
+                        continue;
+                    }
+                },
+                Some(IntOrString::String(_)) => None,
+            };
+
+            let mut backends: BTreeMap<Endpoint, BackendCondition> = BTreeMap::new();
+            for slice in service_slices {
+                for slice_port in slice.ports.iter().filter(|p| p.name == port_name && p.proto == proto) {
+                    let Some(backend_port) = slice_port.port.or(target_port) else {
+                        let target = match &port.target_port {
+                            Some(IntOrString::String(s)) => s.clone(),
+                            _ => String::new(),
+                        };
+                        errors.push(err(
+                            &object,
+                            format!("{field}.targetPort"),
+                            format!("named port {target:?} has no number in the EndpointSlice"),
+                        ));
+                        continue;
+                    };
+                    for &(addr, condition) in &slice.endpoints {
+                        let endpoint = Endpoint { addr, port: backend_port, proto };
+                        // The same address in two slices: the more usable condition wins.
+                        let entry = backends.entry(endpoint).or_insert(condition);
+                        *entry = (*entry).min(condition);
+                    }
+                }
+            }
+
+            let service_port_name = if port_name.is_empty() {
+                format!("{service_name}:{number}")
+            } else {
+                format!("{service_name}:{port_name}")
+            };
+            let mut frontends = vec![FrontendSpec {
+                endpoint: Endpoint { addr: cluster_ip, port: number, proto },
+                kind: FrontendKind::ClusterIp,
+            }];
+            for &addr in &external_ips {
+                frontends.push(FrontendSpec {
+                    endpoint: Endpoint { addr, port: number, proto },
+                    kind: FrontendKind::ExternalIp,
+                });
+            }
+            for frontend in &frontends {
+                if let Some(other) = claimed.insert(frontend.endpoint, service_port_name.clone()) {
+                    errors.push(err(
+                        &object,
+                        format!("{field}.port"),
+                        format!("frontend {} is already used by {other}", frontend.endpoint),
+                    ));
+                }
+            }
+            frontends.sort();
+            frontends.dedup();
+            desired.services.insert(
+                service_port_name.clone(),
+                ServicePort {
+                    name: service_port_name,
+                    frontends,
+                    backends: backends
+                        .into_iter()
+                        .map(|(endpoint, condition)| BackendSpec { endpoint, condition, weight: 1 })
+                        .collect(),
+                },
+            );
+        }
+    }
+    if errors.is_empty() { Ok(desired) } else { Err(ConfigErrors(errors)) }
+}
+
+/// Parse and validate a whole file.
+pub fn load_str(text: &str) -> Result<(DesiredState, Objects), ConfigErrors> {
+    let objects = parse_objects(text)?;
+    let desired = build_desired(&objects)?;
+    Ok((desired, objects))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: 8080, protocol: TCP}
+  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: ["10.0.1.2"]
+  conditions: {ready: true}
+- addresses: ["10.0.1.1"]
+- addresses: ["10.0.1.3"]
+  conditions: {ready: false}
+- addresses: ["10.0.1.4"]
+  conditions: {ready: false, serving: true, terminating: true}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+"#;
+
+    #[test]
+    fn joins_services_with_slices() {
+        let (desired, objects) = load_str(GOOD).unwrap();
+        assert_eq!(objects.ignored.len(), 1);
+        let http = &desired.services["default/web:http"];
+        assert_eq!(http.frontends.len(), 1);
+        assert_eq!(http.frontends[0].endpoint.to_string(), "10.96.0.10:80/TCP");
+        let backends: Vec<String> =
+            http.backends.iter().map(|b| format!("{} {:?}", b.endpoint, b.condition)).collect();
+        assert_eq!(
+            backends,
+            ["10.0.1.1:8080/TCP Active", "10.0.1.2:8080/TCP Active", "10.0.1.4:8080/TCP Terminating"]
+        );
+        let dns = &desired.services["default/web:dns"];
+        assert_eq!(dns.backends[0].endpoint.to_string(), "10.0.1.1:5353/UDP");
+    }
+
+    fn error_of(text: &str) -> String {
+        load_str(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_object_and_field() {
+        let bad_port = GOOD.replace("port: 80,", "port: 70000,");
+        assert_eq!(error_of(&bad_port), "Service default/web: spec.ports[0].port: 70000 is not a port (1-65535)");
+        let wrong_type = GOOD.replace("port: 80,", "port: eighty,");
+        let e = error_of(&wrong_type);
+        assert!(e.starts_with("Service default/web: spec.ports[0].port: "), "{e}");
+        let bad_ip = GOOD.replace("10.0.1.2", "10.0.1.300");
+        assert_eq!(
+            error_of(&bad_ip),
+            "EndpointSlice default/web-abc: endpoints[0].addresses[0]: \"10.0.1.300\" is not an IP address"
+        );
+        let no_cluster_ip = GOOD.replace("  clusterIP: 10.96.0.10\n", "");
+        assert!(error_of(&no_cluster_ip).starts_with("Service default/web: spec.clusterIP: required"));
+        let sctp = GOOD.replace("protocol: UDP}\n---", "protocol: SCTP}\n---");
+        assert_eq!(
+            error_of(&sctp),
+            "Service default/web: spec.ports[1].protocol: protocol \"SCTP\" not supported (TCP or UDP)"
+        );
+        let no_label = GOOD.replace("  labels: {kubernetes.io/service-name: web}\n", "");
+        assert_eq!(
+            error_of(&no_label),
+            "EndpointSlice default/web-abc: metadata.labels: label kubernetes.io/service-name missing"
+        );
+        let broken = format!("{GOOD}\n---\nkind: [oops");
+        assert!(error_of(&broken).starts_with("document 4: invalid YAML"), "{}", error_of(&broken));
+    }
+
+    #[test]
+    fn duplicate_frontends_are_rejected() {
+        let twice = format!("{GOOD}\n---\n{}", GOOD.split("---").next().unwrap().replace("name: web", "name: web2"));
+        let e = error_of(&twice);
+        assert!(e.contains("Service default/web2: spec.ports[0].port: frontend 10.96.0.10:80/TCP is already used by default/web:http"), "{e}");
+    }
+
+    #[test]
+    fn headless_and_external_name_are_skipped() {
+        let headless = GOOD.replace("clusterIP: 10.96.0.10", "clusterIP: None");
+        assert!(load_str(&headless).unwrap().0.services.is_empty());
+    }
+}

@@ -1,0 +1,13 @@
+//! lb-agent and lbctl: the control plane of the XDP load balancer.
+//!
+//! config (Kubernetes objects from YAML) → model (validated desired state) → reconcile (diff
+//! against what the maps hold, safe write order) → maps (pinned BPF maps).
+
+pub mod config;
+pub mod datapath;
+pub mod maps;
+pub mod model;
+pub mod reconcile;
+
+/// The XDP object built from `lb-ebpf` by `build.rs`.
+pub static LB_EBPF: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

@@ -1,0 +1,211 @@
+//! The pinned BPF maps, opened by path: the agent writes them, `lbctl` reads them (also while the
+//! agent is down).
+
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    ptr::NonNull,
+};
+
+use anyhow::{Context, Result, bail};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use lb_common::{
+    Backend, Config, Counters, CtEntry, CtKey, Frontend, FrontendKey, ServiceName, map_names,
+};
+
+/// What the reconciler needs from the datapath's maps. The in-memory implementation in
+/// `reconcile` tests checks the write order without a kernel.
+pub trait Datastore {
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()>;
+    fn write_maglev(&mut self, offset: u32, table: &[u32]) -> Result<()>;
+    fn read_maglev(&self, offset: u32, len: u32) -> Result<Vec<u32>>;
+    fn set_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> Result<()>;
+    fn remove_frontend(&mut self, key: &FrontendKey) -> Result<()>;
+    fn set_service_name(&mut self, id: u32, name: &str) -> Result<()>;
+    fn remove_service_name(&mut self, id: u32) -> Result<()>;
+    fn reset_frontend_stats(&mut self, id: u32) -> Result<()>;
+    fn reset_backend_stats(&mut self, id: u32) -> Result<()>;
+}
+
+/// A shared, writable mapping of the flat Maglev array (created with BPF_F_MMAPABLE): a whole
+/// table is a memcpy instead of M map updates.
+pub struct MaglevMmap {
+    ptr: NonNull<u32>,
+    len: usize,
+    _map: MapData,
+}
+
+impl MaglevMmap {
+    pub fn open(path: &Path, writable: bool) -> Result<Self> {
+        let map = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
+        let info = map.info().context("reading Maglev map info")?;
+        let len = info.max_entries() as usize;
+        let bytes = len * size_of::<u32>();
+        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        // SAFETY: mapping a BPF array map fd of `bytes` bytes; the kernel validates the size.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), bytes, prot, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0)
+        };
+        if ptr == libc::MAP_FAILED {
+            bail!("mmap of {} failed: {}", path.display(), std::io::Error::last_os_error());
+        }
+        Ok(Self { ptr: NonNull::new(ptr.cast()).expect("mmap returned null"), len, _map: map })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn read(&self, offset: usize, len: usize) -> Result<Vec<u32>> {
+        if offset + len > self.len {
+            bail!("Maglev read {offset}+{len} beyond {} entries", self.len);
+        }
+        // SAFETY: in bounds of the live mapping; u32 reads of kernel-shared memory.
+        Ok((0..len).map(|i| unsafe { self.ptr.as_ptr().add(offset + i).read_volatile() }).collect())
+    }
+
+    pub fn write(&mut self, offset: usize, table: &[u32]) -> Result<()> {
+        if offset + table.len() > self.len {
+            bail!("Maglev write {offset}+{} beyond {} entries", table.len(), self.len);
+        }
+        // SAFETY: in bounds; the block being written is referenced by no frontend yet.
+        unsafe { std::ptr::copy_nonoverlapping(table.as_ptr(), self.ptr.as_ptr().add(offset), table.len()) };
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl Drop for MaglevMmap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what open() mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * size_of::<u32>()) };
+    }
+}
+
+/// All maps of the datapath, opened from their pins under one bpffs directory.
+pub struct PinnedMaps {
+    pub dir: PathBuf,
+    pub frontends: HashMap<MapData, FrontendKey, Frontend>,
+    pub backends: Array<MapData, Backend>,
+    pub maglev: MaglevMmap,
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub config: Array<MapData, Config>,
+    pub frontend_stats: PerCpuArray<MapData, Counters>,
+    pub backend_stats: PerCpuArray<MapData, Counters>,
+    pub service_names: HashMap<MapData, u32, ServiceName>,
+}
+
+fn open_map(dir: &Path, name: &str) -> Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!("opening pinned map {} (is lb-agent running, or was it run with this --bpffs?)", path.display())
+    })?;
+    Map::from_map_data(data).with_context(|| format!("map {}", path.display()))
+}
+
+impl PinnedMaps {
+    pub fn open(dir: &Path, writable: bool) -> Result<Self> {
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            frontends: HashMap::try_from(open_map(dir, map_names::FRONTENDS)?)?,
+            backends: Array::try_from(open_map(dir, map_names::BACKENDS)?)?,
+            maglev: MaglevMmap::open(&dir.join(map_names::MAGLEV), writable)?,
+            conntrack: HashMap::try_from(open_map(dir, map_names::CONNTRACK)?)?,
+            config: Array::try_from(open_map(dir, map_names::CONFIG)?)?,
+            frontend_stats: PerCpuArray::try_from(open_map(dir, map_names::FRONTEND_STATS)?)?,
+            backend_stats: PerCpuArray::try_from(open_map(dir, map_names::BACKEND_STATS)?)?,
+            service_names: HashMap::try_from(open_map(dir, map_names::SERVICE_NAMES)?)?,
+        })
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        Ok(self.config.get(&0, 0)?)
+    }
+
+    /// Sums a per-CPU counter.
+    pub fn sum(values: &PerCpuValues<Counters>) -> Counters {
+        values.iter().fold(Counters::default(), |a, c| Counters { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
+    }
+
+    fn zero_counters() -> Result<PerCpuValues<Counters>> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        Ok(PerCpuValues::try_from(vec![Counters::default(); cpus])?)
+    }
+}
+
+impl Datastore for PinnedMaps {
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.backends.set(id, backend, 0).with_context(|| format!("writing backend {id}"))
+    }
+
+    fn write_maglev(&mut self, offset: u32, table: &[u32]) -> Result<()> {
+        self.maglev.write(offset as usize, table)
+    }
+
+    fn read_maglev(&self, offset: u32, len: u32) -> Result<Vec<u32>> {
+        self.maglev.read(offset as usize, len as usize)
+    }
+
+    fn set_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> Result<()> {
+        self.frontends.insert(key, frontend, 0).context("writing frontend")
+    }
+
+    fn remove_frontend(&mut self, key: &FrontendKey) -> Result<()> {
+        self.frontends.remove(key).context("removing frontend")
+    }
+
+    fn set_service_name(&mut self, id: u32, name: &str) -> Result<()> {
+        self.service_names.insert(id, ServiceName::new(name), 0).context("writing service name")
+    }
+
+    fn remove_service_name(&mut self, id: u32) -> Result<()> {
+        self.service_names.remove(&id).context("removing service name")
+    }
+
+    fn reset_frontend_stats(&mut self, id: u32) -> Result<()> {
+        self.frontend_stats.set(id, Self::zero_counters()?, 0).context("resetting frontend counters")
+    }
+
+    fn reset_backend_stats(&mut self, id: u32) -> Result<()> {
+        self.backend_stats.set(id, Self::zero_counters()?, 0).context("resetting backend counters")
+    }
+}
+
+/// What the maps hold, for an agent that starts over pinned maps from an earlier run.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub frontends: Vec<(FrontendKey, Frontend)>,
+    pub backends: Vec<(u32, Backend)>,
+    pub service_names: Vec<(u32, String)>,
+}
+
+impl PinnedMaps {
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let mut snapshot = Snapshot::default();
+        for item in self.frontends.iter() {
+            snapshot.frontends.push(item?);
+        }
+        for (id, backend) in self.backends.iter().enumerate() {
+            let backend = backend?;
+            if backend.state != lb_common::backend_state::UNUSED {
+                snapshot.backends.push((id as u32, backend));
+            }
+        }
+        for item in self.service_names.iter() {
+            let (id, name) = item?;
+            snapshot.service_names.push((id, name.as_str().to_string()));
+        }
+        Ok(snapshot)
+    }
+}
+
+impl PinnedMaps {
+    pub fn conntrack_capacity(&self) -> Result<u32> {
+        let data = MapData::from_pin(self.dir.join(map_names::CONNTRACK))?;
+        Ok(data.info()?.max_entries())
+    }
+}

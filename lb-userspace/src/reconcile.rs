@@ -1,0 +1,543 @@
+//! Desired state → map writes, in an order that is safe under traffic:
+//! backends first, then each changed Maglev table into a free block, then the frontends flipped
+//! to it (one atomic hash update each), then stale frontends removed; blocks and ids that were
+//! released go to the back of FIFO free lists, so a packet that looked a frontend up just before
+//! the flip never reads a block that is being rewritten.
+//!
+//! Capacity is checked before the first write: a state that does not fit is rejected whole.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use anyhow::{Result, bail};
+use lb_common::{
+    Backend, Frontend, FrontendKey, backend_state, ipv4_from_wire, ipv4_to_wire, maglev, port_from_wire,
+    port_to_wire,
+};
+use log::info;
+
+use crate::{
+    maps::{Datastore, Snapshot},
+    model::{BackendCondition, DesiredState, Endpoint, Protocol},
+};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub maglev_size: u32,
+    pub maglev_blocks: u32,
+    pub max_services: u32,
+    pub max_frontends: u32,
+    pub max_backends: u32,
+}
+
+pub fn frontend_key(e: &Endpoint) -> FrontendKey {
+    FrontendKey::new(e.addr.octets(), e.port, e.proto.number())
+}
+
+fn endpoint_of(addr: u32, port: u16, proto: u8) -> Option<Endpoint> {
+    Some(Endpoint { addr: ipv4_from_wire(addr).into(), port: port_from_wire(port), proto: Protocol::from_number(proto)? })
+}
+
+#[derive(Debug, Clone)]
+struct ServiceState {
+    id: u32,
+    block: u32,
+    /// (backend, weight) pairs the table in `block` was built from; None when adopted from an
+    /// earlier run, so the first apply rebuilds it.
+    table_input: Option<Vec<(Endpoint, u32)>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FrontendState {
+    id: u32,
+    value: Frontend,
+    /// Name of the owning service port.
+    owner_service_id: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BackendState {
+    id: u32,
+    state: u8,
+}
+
+/// What one apply changed, for logs and tests.
+#[derive(Debug, Default, Clone)]
+pub struct ApplyReport {
+    pub services_added: usize,
+    pub services_removed: usize,
+    pub tables_rebuilt: usize,
+    pub frontends_written: usize,
+    pub frontends_removed: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+    pub tables: Vec<TableChange>,
+}
+
+/// A rebuilt Maglev table of a service that already had one.
+#[derive(Debug, Clone)]
+pub struct TableChange {
+    pub service: String,
+    pub slots: u32,
+    pub slots_moved: usize,
+    /// The fraction a perfect consistent hash would move: the share of removed or added backends.
+    pub ideal_fraction: f64,
+}
+
+pub struct Reconciler {
+    limits: Limits,
+    services: BTreeMap<String, ServiceState>,
+    frontends: BTreeMap<Endpoint, FrontendState>,
+    backends: BTreeMap<Endpoint, BackendState>,
+    free_service_ids: VecDeque<u32>,
+    free_frontend_ids: VecDeque<u32>,
+    free_backend_ids: VecDeque<u32>,
+    free_blocks: VecDeque<u32>,
+}
+
+impl Reconciler {
+    pub fn new(limits: Limits) -> Self {
+        Self::adopt(limits, &Snapshot::default())
+    }
+
+    /// Starts from what pinned maps of an earlier run hold: ids stay stable (conntrack entries
+    /// and counters refer to them) and every adopted table is rebuilt into a fresh block on the
+    /// first apply.
+    pub fn adopt(limits: Limits, snapshot: &Snapshot) -> Self {
+        let names: BTreeMap<u32, &str> = snapshot.service_names.iter().map(|(id, n)| (*id, n.as_str())).collect();
+        let mut services = BTreeMap::new();
+        let mut frontends = BTreeMap::new();
+        let mut used_blocks = BTreeSet::new();
+        for (key, value) in &snapshot.frontends {
+            let Some(endpoint) = endpoint_of(key.addr, key.port, key.proto) else { continue };
+            let block = value.maglev_offset / limits.maglev_size.max(1);
+            if value.service_id >= limits.max_services || block >= limits.maglev_blocks || value.frontend_id >= limits.max_frontends {
+                continue;
+            }
+            used_blocks.insert(block);
+            let name = names.get(&value.service_id).map_or_else(|| format!("<service {}>", value.service_id), |n| n.to_string());
+            services.entry(name).or_insert(ServiceState { id: value.service_id, block, table_input: None });
+            frontends.insert(endpoint, FrontendState { id: value.frontend_id, value: *value, owner_service_id: value.service_id });
+        }
+        let mut backends = BTreeMap::new();
+        for (id, backend) in &snapshot.backends {
+            if *id == 0 || *id >= limits.max_backends {
+                continue;
+            }
+            if let Some(endpoint) = endpoint_of(backend.addr, backend.port, backend.proto) {
+                backends.insert(endpoint, BackendState { id: *id, state: backend.state });
+            }
+        }
+        let used_services: BTreeSet<u32> = services.values().map(|s| s.id).collect();
+        let used_frontends: BTreeSet<u32> = frontends.values().map(|f| f.id).collect();
+        let used_backends: BTreeSet<u32> = backends.values().map(|b| b.id).collect();
+        Self {
+            limits,
+            free_service_ids: (0..limits.max_services).filter(|i| !used_services.contains(i)).collect(),
+            free_frontend_ids: (0..limits.max_frontends).filter(|i| !used_frontends.contains(i)).collect(),
+            // Backend id 0 means "none".
+            free_backend_ids: (1..limits.max_backends).filter(|i| !used_backends.contains(i)).collect(),
+            free_blocks: (0..limits.maglev_blocks).filter(|i| !used_blocks.contains(i)).collect(),
+            services,
+            frontends,
+            backends,
+        }
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Maglev input of one service: its active backends with weights, sorted.
+    fn table_input(service: &crate::model::ServicePort) -> Vec<(Endpoint, u32)> {
+        service
+            .backends
+            .iter()
+            .filter(|b| b.condition == BackendCondition::Active && b.weight > 0)
+            .map(|b| (b.endpoint, b.weight))
+            .collect()
+    }
+
+    /// Rejects a desired state that cannot be applied whole.
+    fn check_capacity(&self, desired: &DesiredState) -> Result<()> {
+        let l = &self.limits;
+        if desired.services.len() > l.max_services as usize {
+            bail!("{} service ports exceed the capacity of {} (--max-services)", desired.services.len(), l.max_services);
+        }
+        let mut frontends: BTreeSet<Endpoint> = self.frontends.keys().copied().collect();
+        frontends.extend(desired.services.values().flat_map(|s| s.frontends.iter().map(|f| f.endpoint)));
+        if frontends.len() > l.max_frontends as usize {
+            bail!("{} frontends (old and new during the update) exceed the capacity of {}", frontends.len(), l.max_frontends);
+        }
+        let mut backends: BTreeSet<Endpoint> = self.backends.keys().copied().collect();
+        backends.extend(desired.services.values().flat_map(|s| s.backends.iter().map(|b| b.endpoint)));
+        if backends.len() >= l.max_backends as usize {
+            bail!("{} backends (old and new during the update) exceed the capacity of {}", backends.len(), l.max_backends - 1);
+        }
+        let new_tables = desired
+            .services
+            .iter()
+            .filter(|(name, s)| self.services.get(*name).is_none_or(|cur| cur.table_input.as_ref() != Some(&Self::table_input(s))))
+            .count();
+        if new_tables > self.free_blocks.len() {
+            bail!(
+                "{new_tables} Maglev tables to write but only {} free blocks; raise --max-services",
+                self.free_blocks.len()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn apply(&mut self, desired: &DesiredState, store: &mut impl Datastore) -> Result<ApplyReport> {
+        self.check_capacity(desired)?;
+        let m = self.limits.maglev_size;
+        let mut report = ApplyReport::default();
+        let mut released_blocks = Vec::new();
+        let desired_frontends: BTreeSet<Endpoint> =
+            desired.services.values().flat_map(|s| s.frontends.iter().map(|f| f.endpoint)).collect();
+
+        // 1. Backends: new ones get an id and their entry before any table can point at them.
+        let mut wanted: BTreeMap<Endpoint, u8> = BTreeMap::new();
+        for service in desired.services.values() {
+            for b in &service.backends {
+                let state = match b.condition {
+                    BackendCondition::Active => backend_state::ACTIVE,
+                    BackendCondition::Terminating => backend_state::TERMINATING,
+                };
+                let entry = wanted.entry(b.endpoint).or_insert(state);
+                if state == backend_state::ACTIVE {
+                    *entry = state;
+                }
+            }
+        }
+        for (endpoint, &state) in &wanted {
+            let value = Backend {
+                addr: ipv4_to_wire(endpoint.addr.octets()),
+                port: port_to_wire(endpoint.port),
+                proto: endpoint.proto.number(),
+                state,
+            };
+            match self.backends.get_mut(endpoint) {
+                Some(current) if current.state == state => {}
+                Some(current) => {
+                    store.set_backend(current.id, &value)?;
+                    current.state = state;
+                }
+                None => {
+                    let id = self.free_backend_ids.pop_front().expect("capacity checked");
+                    store.reset_backend_stats(id)?;
+                    store.set_backend(id, &value)?;
+                    self.backends.insert(*endpoint, BackendState { id, state });
+                    report.backends_added += 1;
+                }
+            }
+        }
+
+        // 2. Services that are gone: their frontends go (unless another service takes the
+        //    address over below), then their names; blocks are released at the end.
+        let removed: Vec<String> = self.services.keys().filter(|n| !desired.services.contains_key(*n)).cloned().collect();
+        for name in removed {
+            let state = self.services.remove(&name).expect("listed above");
+            let stale: Vec<Endpoint> = self
+                .frontends
+                .iter()
+                .filter(|(e, f)| f.owner_service_id == state.id && !desired_frontends.contains(e))
+                .map(|(e, _)| *e)
+                .collect();
+            for endpoint in stale {
+                let f = self.frontends.remove(&endpoint).expect("listed above");
+                store.remove_frontend(&frontend_key(&endpoint))?;
+                self.free_frontend_ids.push_back(f.id);
+                report.frontends_removed += 1;
+            }
+            store.remove_service_name(state.id)?;
+            self.free_service_ids.push_back(state.id);
+            released_blocks.push(state.block);
+            report.services_removed += 1;
+        }
+
+        // 3. Each desired service: table into a free block if its backends changed, then flip.
+        for (name, service) in &desired.services {
+            let input = Self::table_input(service);
+            let existing = self.services.get(name).cloned();
+            let rebuild = existing.as_ref().is_none_or(|s| s.table_input.as_ref() != Some(&input));
+            let block = if rebuild {
+                let names: Vec<String> = input.iter().map(|(e, _)| e.to_string()).collect();
+                let backends: Vec<maglev::MaglevBackend<'_>> = input
+                    .iter()
+                    .zip(&names)
+                    .map(|((_, weight), name)| maglev::MaglevBackend { name: name.as_bytes(), weight: *weight })
+                    .collect();
+                let slots = maglev::build_table(&backends, m).map_err(|e| anyhow::anyhow!("service {name}: {e}"))?;
+                let table: Vec<u32> = slots
+                    .iter()
+                    .map(|&s| if s == 0 { 0 } else { self.backends[&input[s as usize - 1].0].id })
+                    .collect();
+                let block = self.free_blocks.pop_front().expect("capacity checked");
+                if let Some(old) = &existing {
+                    let before = store.read_maglev(old.block * m, m)?;
+                    report.tables.push(table_change(name, &before, &table, m));
+                    released_blocks.push(old.block);
+                }
+                store.write_maglev(block * m, &table)?;
+                report.tables_rebuilt += 1;
+                block
+            } else {
+                existing.as_ref().expect("not rebuilt means it exists").block
+            };
+            let service_id = match &existing {
+                Some(s) => s.id,
+                None => {
+                    let id = self.free_service_ids.pop_front().expect("capacity checked");
+                    store.set_service_name(id, name)?;
+                    report.services_added += 1;
+                    id
+                }
+            };
+            for frontend in &service.frontends {
+                let current = self.frontends.get(&frontend.endpoint).copied();
+                let frontend_id = match current {
+                    Some(f) => f.id,
+                    None => {
+                        let id = self.free_frontend_ids.pop_front().expect("capacity checked");
+                        store.reset_frontend_stats(id)?;
+                        id
+                    }
+                };
+                let value = Frontend {
+                    service_id,
+                    frontend_id,
+                    maglev_offset: block * m,
+                    backend_count: input.len().min(u16::MAX as usize) as u16,
+                    flags: frontend.kind.flags(),
+                };
+                if current.is_none_or(|f| f.value != value) {
+                    store.set_frontend(&frontend_key(&frontend.endpoint), &value)?;
+                    report.frontends_written += 1;
+                }
+                self.frontends.insert(frontend.endpoint, FrontendState { id: frontend_id, value, owner_service_id: service_id });
+            }
+            self.services.insert(name.clone(), ServiceState { id: service_id, block, table_input: Some(input) });
+        }
+
+        // 4. Frontends nobody wants any more.
+        let stale: Vec<Endpoint> = self.frontends.keys().filter(|e| !desired_frontends.contains(e)).copied().collect();
+        for endpoint in stale {
+            let f = self.frontends.remove(&endpoint).expect("listed above");
+            store.remove_frontend(&frontend_key(&endpoint))?;
+            self.free_frontend_ids.push_back(f.id);
+            report.frontends_removed += 1;
+        }
+
+        // 5. Backends no service references: open flows keep their cached address in conntrack.
+        let unused: Vec<Endpoint> = self.backends.keys().filter(|e| !wanted.contains_key(e)).copied().collect();
+        for endpoint in unused {
+            let b = self.backends.remove(&endpoint).expect("listed above");
+            store.set_backend(b.id, &Backend::default())?;
+            self.free_backend_ids.push_back(b.id);
+            report.backends_removed += 1;
+        }
+
+        // 6. Blocks no frontend points at any more.
+        self.free_blocks.extend(released_blocks);
+
+        for change in &report.tables {
+            info!(
+                "service {}: Maglev table rebuilt, {}/{} slots moved ({:.2}%, ideal {:.2}%)",
+                change.service,
+                change.slots_moved,
+                change.slots,
+                100.0 * change.slots_moved as f64 / change.slots as f64,
+                100.0 * change.ideal_fraction
+            );
+        }
+        Ok(report)
+    }
+}
+
+fn table_change(service: &str, before: &[u32], after: &[u32], m: u32) -> TableChange {
+    let old: BTreeSet<u32> = before.iter().copied().filter(|&i| i != 0).collect();
+    let new: BTreeSet<u32> = after.iter().copied().filter(|&i| i != 0).collect();
+    let removed = old.difference(&new).count() as f64 / old.len().max(1) as f64;
+    let added = new.difference(&old).count() as f64 / new.len().max(1) as f64;
+    TableChange {
+        service: service.to_string(),
+        slots: m,
+        slots_moved: maglev::slots_moved(before, after),
+        ideal_fraction: removed.max(added),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config;
+
+    /// A datastore in memory that also checks the safety rule: a frontend is only ever written
+    /// pointing at a block whose table is complete and whose backends all exist.
+    #[derive(Default)]
+    struct MemStore {
+        m: u32,
+        backends: HashMap<u32, Backend>,
+        maglev: HashMap<u32, Vec<u32>>,
+        frontends: HashMap<FrontendKey, Frontend>,
+        names: HashMap<u32, String>,
+        log: Vec<String>,
+    }
+
+    impl Datastore for MemStore {
+        fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+            self.log.push(format!("backend {id}"));
+            self.backends.insert(id, *backend);
+            Ok(())
+        }
+        fn write_maglev(&mut self, offset: u32, table: &[u32]) -> Result<()> {
+            assert_eq!(table.len() as u32, self.m);
+            assert!(
+                !self.frontends.values().any(|f| f.maglev_offset == offset),
+                "block at {offset} rewritten while a frontend points at it"
+            );
+            for id in table.iter().filter(|&&i| i != 0) {
+                assert!(self.backends.get(id).is_some_and(|b| b.state == backend_state::ACTIVE), "table names backend {id} before it exists");
+            }
+            self.log.push(format!("maglev {offset}"));
+            self.maglev.insert(offset, table.to_vec());
+            Ok(())
+        }
+        fn read_maglev(&self, offset: u32, _len: u32) -> Result<Vec<u32>> {
+            Ok(self.maglev[&offset].clone())
+        }
+        fn set_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> Result<()> {
+            let table = self.maglev.get(&frontend.maglev_offset).expect("frontend flipped to an unwritten block");
+            for id in table.iter().filter(|&&i| i != 0) {
+                assert!(self.backends.get(id).is_some_and(|b| b.state == backend_state::ACTIVE));
+            }
+            self.log.push(format!("frontend {}", frontend.frontend_id));
+            self.frontends.insert(*key, *frontend);
+            Ok(())
+        }
+        fn remove_frontend(&mut self, key: &FrontendKey) -> Result<()> {
+            self.frontends.remove(key).expect("removing a frontend that is not there");
+            Ok(())
+        }
+        fn set_service_name(&mut self, id: u32, name: &str) -> Result<()> {
+            self.names.insert(id, name.to_string());
+            Ok(())
+        }
+        fn remove_service_name(&mut self, id: u32) -> Result<()> {
+            self.names.remove(&id);
+            Ok(())
+        }
+        fn reset_frontend_stats(&mut self, _id: u32) -> Result<()> {
+            Ok(())
+        }
+        fn reset_backend_stats(&mut self, _id: u32) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    const LIMITS: Limits = Limits { maglev_size: 251, maglev_blocks: 6, max_services: 4, max_frontends: 8, max_backends: 16 };
+
+    fn desired(backends: &[&str]) -> DesiredState {
+        let endpoints: Vec<String> = backends.iter().map(|b| format!("- addresses: [\"{b}\"]")).collect();
+        let text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  clusterIP: 10.96.0.10\n  externalIPs: [192.0.2.10]\n  ports: [{{port: 80, targetPort: 8080}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{}\n",
+            endpoints.join("\n")
+        );
+        config::load_str(&text).unwrap().0
+    }
+
+    fn store() -> MemStore {
+        MemStore { m: LIMITS.maglev_size, ..Default::default() }
+    }
+
+    #[test]
+    fn first_apply_writes_backends_then_table_then_frontends() {
+        let mut store = store();
+        let mut r = Reconciler::new(LIMITS);
+        let report = r.apply(&desired(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), &mut store).unwrap();
+        assert_eq!((report.services_added, report.backends_added, report.frontends_written), (1, 3, 2));
+        assert_eq!(store.log[..3], ["backend 1", "backend 2", "backend 3"]);
+        assert_eq!(store.log[3], "maglev 0");
+        assert_eq!(store.frontends.len(), 2);
+        // Reapplying the same state writes nothing.
+        store.log.clear();
+        let report = r.apply(&desired(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), &mut store).unwrap();
+        assert_eq!(report.tables_rebuilt, 0);
+        assert!(store.log.is_empty(), "{:?}", store.log);
+    }
+
+    #[test]
+    fn backend_removal_uses_a_fresh_block_and_reports_disruption() {
+        let mut store = store();
+        let mut r = Reconciler::new(LIMITS);
+        r.apply(&desired(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), &mut store).unwrap();
+        let report = r.apply(&desired(&["10.0.0.1", "10.0.0.2"]), &mut store).unwrap();
+        assert_eq!(report.tables_rebuilt, 1);
+        assert_eq!(report.backends_removed, 1);
+        let change = &report.tables[0];
+        assert!((change.ideal_fraction - 1.0 / 3.0).abs() < 1e-9);
+        // Only the removed backend's slots (about a third) move.
+        let moved = change.slots_moved as f64 / change.slots as f64;
+        assert!(moved < 0.36, "{moved}");
+        let offsets: BTreeSet<u32> = store.frontends.values().map(|f| f.maglev_offset).collect();
+        assert_eq!(offsets, BTreeSet::from([LIMITS.maglev_size]));
+        // The removed backend's entry is cleared.
+        assert_eq!(store.backends[&3], Backend::default());
+    }
+
+    #[test]
+    fn state_that_does_not_fit_is_rejected_before_any_write() {
+        let mut store = store();
+        let mut r = Reconciler::new(LIMITS);
+        let many: Vec<String> = (1..=20).map(|i| format!("10.0.1.{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let e = r.apply(&desired(&many), &mut store).unwrap_err();
+        assert!(e.to_string().contains("exceed the capacity of 15"), "{e}");
+        assert!(store.log.is_empty());
+    }
+
+    #[test]
+    fn adopting_pinned_state_keeps_ids_and_rebuilds_tables() {
+        let mut store = store();
+        let mut r = Reconciler::new(LIMITS);
+        r.apply(&desired(&["10.0.0.1", "10.0.0.2"]), &mut store).unwrap();
+        let snapshot = Snapshot {
+            frontends: store.frontends.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends: store.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            service_names: store.names.iter().map(|(k, v)| (*k, v.clone())).collect(),
+        };
+        let ids_before: BTreeSet<u32> = store.frontends.values().map(|f| f.frontend_id).collect();
+        let mut adopted = Reconciler::adopt(LIMITS, &snapshot);
+        let report = adopted.apply(&desired(&["10.0.0.1", "10.0.0.2"]), &mut store).unwrap();
+        assert_eq!(report.backends_added, 0);
+        assert_eq!(report.services_added, 0);
+        assert_eq!(report.tables_rebuilt, 1);
+        assert_eq!(report.tables[0].slots_moved, 0, "same backends, same table");
+        let ids_after: BTreeSet<u32> = store.frontends.values().map(|f| f.frontend_id).collect();
+        assert_eq!(ids_before, ids_after);
+    }
+
+    #[test]
+    fn removing_the_service_clears_everything() {
+        let mut store = store();
+        let mut r = Reconciler::new(LIMITS);
+        r.apply(&desired(&["10.0.0.1"]), &mut store).unwrap();
+        r.apply(&DesiredState::default(), &mut store).unwrap();
+        assert!(store.frontends.is_empty());
+        assert!(store.names.is_empty());
+        assert!(store.backends.values().all(|b| *b == Backend::default()));
+        assert_eq!((r.service_count(), r.frontend_count(), r.backend_count()), (0, 0, 0));
+    }
+}
