@@ -123,8 +123,8 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
     let l4 = match proto {
         IPPROTO_TCP => {
             let tcp: *mut TcpHdr = ptr_at(ctx, l4_off)?;
-            // Flags live in the 14th byte of the TCP header.
-            let flags: *const u8 = ptr_at(ctx, l4_off + 13)?;
+            // Flags live in the 14th byte of the TCP header (inside the bounds-checked header).
+            let flags = unsafe { (tcp as *const u8).add(13) };
             unsafe {
                 L4 {
                     proto,

@@ -28,9 +28,10 @@ pub trait Datastore {
 }
 
 /// A shared, writable mapping of the flat Maglev array (created with BPF_F_MMAPABLE): a whole
-/// table is a memcpy instead of M map updates.
+/// table is a memory copy instead of M map updates. The kernel lays array elements out 8 bytes
+/// apart whatever their size, so each u32 slot occupies the low half of a u64.
 pub struct MaglevMmap {
-    ptr: NonNull<u32>,
+    ptr: NonNull<u64>,
     len: usize,
     _map: MapData,
 }
@@ -40,7 +41,7 @@ impl MaglevMmap {
         let map = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
         let info = map.info().context("reading Maglev map info")?;
         let len = info.max_entries() as usize;
-        let bytes = len * size_of::<u32>();
+        let bytes = len * size_of::<u64>();
         let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
         // SAFETY: mapping a BPF array map fd of `bytes` bytes; the kernel validates the size.
         let ptr = unsafe {
@@ -65,7 +66,7 @@ impl MaglevMmap {
             bail!("Maglev read {offset}+{len} beyond {} entries", self.len);
         }
         // SAFETY: in bounds of the live mapping; u32 reads of kernel-shared memory.
-        Ok((0..len).map(|i| unsafe { self.ptr.as_ptr().add(offset + i).read_volatile() }).collect())
+        Ok((0..len).map(|i| unsafe { self.ptr.as_ptr().add(offset + i).read_volatile() } as u32).collect())
     }
 
     pub fn write(&mut self, offset: usize, table: &[u32]) -> Result<()> {
@@ -73,7 +74,9 @@ impl MaglevMmap {
             bail!("Maglev write {offset}+{} beyond {} entries", table.len(), self.len);
         }
         // SAFETY: in bounds; the block being written is referenced by no frontend yet.
-        unsafe { std::ptr::copy_nonoverlapping(table.as_ptr(), self.ptr.as_ptr().add(offset), table.len()) };
+        for (i, &id) in table.iter().enumerate() {
+            unsafe { self.ptr.as_ptr().add(offset + i).write(u64::from(id)) };
+        }
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
@@ -82,7 +85,7 @@ impl MaglevMmap {
 impl Drop for MaglevMmap {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what open() mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * size_of::<u32>()) };
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * size_of::<u64>()) };
     }
 }
 

@@ -1,1 +1,301 @@
+//! Test topology in network namespaces the tests make themselves:
+//!
+//! ```text
+//! client ns (10.0.0.1) ── veth ── lb ns (the node: lb-agent + XDP) ── veth ── backend ns i (10.0.i.2)
+//! ```
+//! The client routes the service range 10.96.0.0/12 via the lb ns; each backend routes everything
+//! via the lb ns. Each backend runs `lb-test-server`, which answers TCP and UDP with its name.
+//! Everything is removed on drop, also when a test fails. No packet leaves these namespaces.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const TCP_PORT: u16 = 80;
+pub const UDP_PORT: u16 = 53;
+pub const BACKEND_TCP_PORT: u16 = 8080;
+pub const BACKEND_UDP_PORT: u16 = 8053;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub fn sh(cmd: &str) -> Result<()> {
+    let out = Command::new("sh").args(["-c", cmd]).output().with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// A binary built next to the running test or tool (target/debug or target/release).
+pub fn sibling_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    for candidate in [dir.join(name), dir.join("..").join(name)] {
+        if candidate.exists() {
+            return candidate;
+        }
+    }
+    panic!("{name} not found next to {}; build it first (cargo xtask test does)", exe.display());
+}
+
+/// Runs `f` on a thread whose network namespace is `ns`; sockets it opens live in `ns`.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on this thread only; the fd is valid for the call.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            panic!("setns {path}: {}", std::io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+pub struct Topology {
+    pub prefix: String,
+    pub client: String,
+    pub node: String,
+    pub backends: Vec<String>,
+    /// Node-side interface names (client side first).
+    pub node_interfaces: Vec<String>,
+    pub dir: PathBuf,
+    servers: Vec<Child>,
+    agent: Option<Child>,
+}
+
+impl Topology {
+    /// Builds client, node and `n` backend namespaces with their links and servers.
+    pub fn new(n: usize) -> Result<Self> {
+        let id = format!("{}{}", std::process::id() % 100_000, COUNTER.fetch_add(1, Ordering::SeqCst));
+        let prefix = format!("lbt{id}");
+        let dir = std::env::temp_dir().join(format!("lb-test-{prefix}"));
+        fs::create_dir_all(&dir)?;
+        let mut topo = Topology {
+            client: format!("{prefix}-c"),
+            node: format!("{prefix}-n"),
+            backends: (1..=n).map(|i| format!("{prefix}-b{i}")).collect(),
+            node_interfaces: Vec::new(),
+            prefix,
+            dir,
+            servers: Vec::new(),
+            agent: None,
+        };
+        topo.build()?;
+        Ok(topo)
+    }
+
+    fn build(&mut self) -> Result<()> {
+        let (c, n) = (self.client.clone(), self.node.clone());
+        for ns in [&c, &n].into_iter().chain(&self.backends) {
+            sh(&format!("ip netns add {ns}"))?;
+            sh(&format!("ip -n {ns} link set lo up"))?;
+        }
+        sh(&format!("ip netns exec {n} sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0"))?;
+        // Client link. veth names are per namespace, so short fixed names are fine.
+        sh(&format!("ip link add eth0 netns {c} type veth peer name c0 netns {n}"))?;
+        sh(&format!("ip -n {c} addr add 10.0.0.1/24 dev eth0 && ip -n {c} link set eth0 up"))?;
+        sh(&format!("ip -n {n} addr add 10.0.0.254/24 dev c0 && ip -n {n} link set c0 up"))?;
+        sh(&format!("ip -n {c} route add 10.96.0.0/12 via 10.0.0.254"))?;
+        sh(&format!("ip -n {c} route add 10.0.0.0/8 via 10.0.0.254"))?;
+        self.node_interfaces.push("c0".into());
+        // XDP_REDIRECT into a veth needs NAPI on the receiving peer: GRO on gives it that.
+        // TX checksum offload off: a veth otherwise hands XDP packets whose L4 checksum is only
+        // the partial pseudo-header sum, which a real NIC never delivers.
+        sh(&format!("ip netns exec {c} ethtool -K eth0 gro on tx off"))?;
+        for (i, b) in self.backends.clone().iter().enumerate() {
+            let i = i + 1;
+            let nif = format!("b{i}");
+            sh(&format!("ip link add eth0 netns {b} type veth peer name {nif} netns {n}"))?;
+            sh(&format!("ip -n {b} addr add 10.0.{i}.2/24 dev eth0 && ip -n {b} link set eth0 up"))?;
+            sh(&format!("ip -n {b} route add default via 10.0.{i}.1"))?;
+            sh(&format!("ip -n {n} addr add 10.0.{i}.1/24 dev {nif} && ip -n {n} link set {nif} up"))?;
+            sh(&format!("ip netns exec {b} ethtool -K eth0 gro on tx off"))?;
+            self.node_interfaces.push(nif);
+            let server = Command::new("ip")
+                .args(["netns", "exec", b])
+                .arg(sibling_binary("lb-test-server"))
+                .args(["--name", &format!("backend-{i}")])
+                .args(["--tcp", &format!("10.0.{i}.2:{BACKEND_TCP_PORT}")])
+                .args(["--udp", &format!("10.0.{i}.2:{BACKEND_UDP_PORT}")])
+                .stdin(Stdio::null())
+                .spawn()?;
+            self.servers.push(server);
+        }
+        // Wait until every server answers directly (without the load balancer).
+        for i in 1..=self.backends.len() {
+            let target: SocketAddr = format!("10.0.{i}.2:{BACKEND_TCP_PORT}").parse()?;
+            self.wait_until(Duration::from_secs(5), &format!("server {i}"), move |t| {
+                t.client(move || TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` in the client namespace.
+    pub fn client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        in_netns(&self.client, f)
+    }
+
+    pub fn wait_until(&self, timeout: Duration, what: &str, mut f: impl FnMut(&Self) -> bool) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if f(self) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("timed out waiting for {what}")
+    }
+
+    pub fn bpffs(&self) -> PathBuf {
+        self.dir.join("bpffs")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("services.yaml")
+    }
+
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Writes the config atomically (as a ConfigMap update would) and returns its path.
+    pub fn write_config(&self, text: &str) -> Result<PathBuf> {
+        let tmp = self.dir.join("services.yaml.tmp");
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, self.config_path())?;
+        Ok(self.config_path())
+    }
+
+    /// Starts lb-agent in the node namespace on all node interfaces and waits for its ready line.
+    pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
+        let log = fs::File::create(self.dir.join("agent.log"))?;
+        // Mounted here, in the test's mount namespace: a bpffs the agent mounted inside
+        // `ip netns exec` would be invisible to lbctl outside it.
+        lb_userspace::datapath::ensure_bpffs(&self.bpffs())?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.node]).arg(sibling_binary("lb-agent"));
+        cmd.arg("--config").arg(self.config_path()).arg("--bpffs").arg(self.bpffs());
+        cmd.args(["--max-services", "64", "--conntrack-size", "65536", "--reload-interval-ms", "100"]);
+        for i in &self.node_interfaces {
+            cmd.args(["--interface", i]);
+        }
+        cmd.args(extra).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        self.agent = Some(cmd.spawn()?);
+        let start = Instant::now();
+        while !self.agent_log().contains("lb-agent ready") {
+            if let Some(status) = self.agent.as_mut().unwrap().try_wait()? {
+                bail!("lb-agent exited ({status}):\n{}", self.agent_log());
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!("lb-agent not ready after 20 s:\n{}", self.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Stops the agent with SIGTERM and waits for it.
+    pub fn stop_agent(&mut self) -> Result<()> {
+        if let Some(mut agent) = self.agent.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+            agent.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Runs lbctl against this topology's pinned maps.
+    pub fn lbctl(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(sibling_binary("lbctl")).arg("--bpffs").arg(self.bpffs()).args(args).output()?;
+        if !out.status.success() {
+            bail!("lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// The demo/test config: one Service (TCP 80 + UDP 53) over the given backend numbers.
+    pub fn service_yaml(backends: &[usize]) -> String {
+        let endpoints: String =
+            backends.iter().map(|i| format!("- addresses: [\"10.0.{i}.2\"]\n  conditions: {{ready: true}}\n")).collect();
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: default}}\nspec:\n  clusterIP: {CLUSTER_IP}\n  ports:\n  \
+             - {{name: tcp, port: {TCP_PORT}, targetPort: {BACKEND_TCP_PORT}, protocol: TCP}}\n  \
+             - {{name: udp, port: {UDP_PORT}, targetPort: {BACKEND_UDP_PORT}, protocol: UDP}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: echo}}\n\
+             addressType: IPv4\nports:\n- {{name: tcp, port: {BACKEND_TCP_PORT}, protocol: TCP}}\n- {{name: udp, port: {BACKEND_UDP_PORT}, protocol: UDP}}\n\
+             endpoints:\n{endpoints}"
+        )
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = self.stop_agent();
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let bpffs = self.bpffs();
+        if bpffs.exists() {
+            let _ = lb_userspace::datapath::cleanup(&bpffs);
+            let _ = Command::new("umount").arg(&bpffs).status();
+        }
+        for ns in [&self.client, &self.node].into_iter().chain(&self.backends) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP connection to a service that asks "who are you" and reads the backend's name.
+pub struct Conversation {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Conversation {
+    pub fn open(to: SocketAddr) -> Result<Self> {
+        let stream = TcpStream::connect_timeout(&to, Duration::from_secs(2)).with_context(|| format!("connect {to}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Self { stream, reader })
+    }
+
+    pub fn peer(&self) -> Result<SocketAddr> {
+        Ok(self.stream.peer_addr()?)
+    }
+
+    pub fn ask(&mut self) -> Result<String> {
+        self.stream.write_all(b"who\n")?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        if line.is_empty() {
+            bail!("connection closed");
+        }
+        Ok(line.trim().to_string())
+    }
+}
+
+/// One UDP exchange from an unconnected socket: returns (reply source, backend name).
+pub fn udp_ask(to: SocketAddr) -> Result<(SocketAddr, String)> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    socket.send_to(b"who", to)?;
+    let mut buf = [0u8; 256];
+    let (n, from) = socket.recv_from(&mut buf).context("no UDP reply")?;
+    Ok((from, String::from_utf8_lossy(&buf[..n]).trim().to_string()))
+}
 

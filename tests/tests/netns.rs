@@ -1,0 +1,138 @@
+//! Real packets through veth namespaces: client → node (lb-agent + XDP) → backends.
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use lb_tests::{CLUSTER_IP, Conversation, TCP_PORT, Topology, UDP_PORT, udp_ask};
+
+fn vip(port: u16) -> SocketAddr {
+    SocketAddr::from((CLUSTER_IP, port))
+}
+
+#[test]
+fn clusterip_tcp_and_udp_are_balanced_and_reverse_natted() {
+    let mut topo = Topology::new(3).unwrap();
+    topo.write_config(&Topology::service_yaml(&[1, 2, 3])).unwrap();
+    topo.start_agent(&[]).unwrap();
+
+    let (tcp, udp) = topo.client(|| {
+        let mut tcp: BTreeMap<String, usize> = BTreeMap::new();
+        let mut udp: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..300 {
+            let mut c = Conversation::open(vip(TCP_PORT)).unwrap();
+            // The client only ever sees the ClusterIP: anything else would not match its socket.
+            assert_eq!(c.peer().unwrap(), vip(TCP_PORT));
+            *tcp.entry(c.ask().unwrap()).or_default() += 1;
+        }
+        for _ in 0..300 {
+            let (from, name) = udp_ask(vip(UDP_PORT)).unwrap();
+            assert_eq!(from, vip(UDP_PORT), "UDP reply must come from the ClusterIP");
+            *udp.entry(name).or_default() += 1;
+        }
+        (tcp, udp)
+    });
+    println!("TCP answers per backend: {tcp:?}\nUDP answers per backend: {udp:?}");
+    assert_eq!(tcp.values().sum::<usize>(), 300);
+    assert_eq!(udp.values().sum::<usize>(), 300);
+    for i in 1..=3 {
+        let name = format!("backend-{i}");
+        assert!(tcp.get(&name).copied().unwrap_or(0) > 30, "TCP to {name}: {tcp:?}");
+        assert!(udp.get(&name).copied().unwrap_or(0) > 30, "UDP to {name}: {udp:?}");
+    }
+
+    // The datapath counted what it forwarded, and lbctl shows it.
+    let stats: serde_json::Value = serde_json::from_str(&topo.lbctl(&["stats", "-o", "json"]).unwrap()).unwrap();
+    let tcp_frontend = stats["frontends"].as_array().unwrap().iter().find(|f| f["frontend"] == "10.96.0.10:80/TCP").unwrap();
+    assert!(tcp_frontend["packets"].as_u64().unwrap() >= 300 * 4, "{stats}");
+    let services: serde_json::Value = serde_json::from_str(&topo.lbctl(&["services", "-o", "json"]).unwrap()).unwrap();
+    let tcp_service = services.as_array().unwrap().iter().find(|s| s["frontend"] == "10.96.0.10:80/TCP").unwrap();
+    assert_eq!(tcp_service["type"], "ClusterIP");
+    assert_eq!(tcp_service["service"], "default/echo");
+    assert_eq!(
+        tcp_service["backends"],
+        serde_json::json!(["10.0.1.2:8080", "10.0.2.2:8080", "10.0.3.2:8080"])
+    );
+}
+
+#[test]
+fn removed_backend_gets_no_new_flows_but_keeps_its_open_connection() {
+    let mut topo = Topology::new(3).unwrap();
+    topo.write_config(&Topology::service_yaml(&[1, 2, 3])).unwrap();
+    topo.start_agent(&[]).unwrap();
+
+    // Open connections until one lands on backend-1, and keep it open.
+    let mut open = topo
+        .client(|| {
+            for _ in 0..200 {
+                let mut c = Conversation::open(vip(TCP_PORT)).unwrap();
+                if c.ask().unwrap() == "backend-1" {
+                    return Some(c);
+                }
+            }
+            None
+        })
+        .expect("no connection reached backend-1");
+
+    topo.write_config(&Topology::service_yaml(&[2, 3])).unwrap();
+    // New flows must avoid backend-1 within a second of the change.
+    std::thread::sleep(Duration::from_millis(1000));
+    let log = topo.agent_log();
+    assert!(log.contains("slots moved"), "agent did not report the table change:\n{log}");
+
+    let (counts, still_open) = topo.client(move || {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..150 {
+            let mut c = Conversation::open(vip(TCP_PORT)).unwrap();
+            *counts.entry(c.ask().unwrap()).or_default() += 1;
+        }
+        // The connection opened before the change still talks to backend-1.
+        let answers: Vec<String> = (0..5).map(|_| open.ask().unwrap()).collect();
+        (counts, answers)
+    });
+    println!("after removing backend-1: {counts:?}");
+    assert!(!counts.contains_key("backend-1"), "backend-1 got new flows: {counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 150);
+    assert!(still_open.iter().all(|a| a == "backend-1"), "{still_open:?}");
+}
+
+#[test]
+fn bad_config_is_rejected_and_last_good_state_keeps_forwarding() {
+    let mut topo = Topology::new(2).unwrap();
+    topo.write_config(&Topology::service_yaml(&[1, 2])).unwrap();
+    topo.start_agent(&[]).unwrap();
+    let bad = Topology::service_yaml(&[1]).replace("port: 80,", "port: 99999,");
+    topo.write_config(&bad).unwrap();
+    topo.wait_until(Duration::from_secs(3), "rejection in the log", |t| t.agent_log().contains("rejected")).unwrap();
+    let log = topo.agent_log();
+    assert!(log.contains("Service default/echo: spec.ports[0].port: 99999 is not a port"), "{log}");
+    let names = topo.client(|| {
+        let mut names = std::collections::BTreeSet::new();
+        for _ in 0..60 {
+            names.insert(Conversation::open(vip(TCP_PORT)).unwrap().ask().unwrap());
+        }
+        names
+    });
+    assert_eq!(names.len(), 2, "both backends of the last good state still serve: {names:?}");
+}
+
+#[test]
+fn agent_restart_keeps_forwarding_and_lbctl_works_while_it_is_down() {
+    let mut topo = Topology::new(2).unwrap();
+    topo.write_config(&Topology::service_yaml(&[1, 2])).unwrap();
+    topo.start_agent(&[]).unwrap();
+    let mut held = topo.client(|| Conversation::open(vip(TCP_PORT)).unwrap());
+    let first = held.ask().unwrap();
+    topo.stop_agent().unwrap();
+    // Agent down: pinned program and maps keep forwarding; lbctl reads the pins.
+    let services = topo.lbctl(&["services"]).unwrap();
+    assert!(services.contains("10.96.0.10:80/TCP"), "{services}");
+    let (again, fresh) = topo.client(move || {
+        let again = held.ask().unwrap();
+        let fresh = Conversation::open(vip(TCP_PORT)).unwrap().ask().unwrap();
+        (again, fresh)
+    });
+    assert_eq!(again, first);
+    assert!(fresh.starts_with("backend-"));
+    topo.start_agent(&[]).unwrap();
+    let fresh = topo.client(|| Conversation::open(vip(TCP_PORT)).unwrap().ask().unwrap());
+    assert!(fresh.starts_with("backend-"));
+}
