@@ -65,7 +65,7 @@ impl MaglevMmap {
         if offset + len > self.len {
             bail!("Maglev read {offset}+{len} beyond {} entries", self.len);
         }
-        // SAFETY: in bounds of the live mapping; u32 reads of kernel-shared memory.
+        // SAFETY: in bounds of the live mapping; u64 element reads of kernel-shared memory.
         Ok((0..len).map(|i| unsafe { self.ptr.as_ptr().add(offset + i).read_volatile() } as u32).collect())
     }
 

@@ -102,7 +102,7 @@ fn setup() -> Result<()> {
             .env("LLVM_PREFIX", &prefix))?;
     }
 
-    if !Path::new("/sys/fs/bpf").join(".").exists() || !is_bpffs("/sys/fs/bpf") {
+    if !is_bpffs("/sys/fs/bpf") {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
     Ok(())
