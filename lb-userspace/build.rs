@@ -5,7 +5,11 @@ fn main() -> anyhow::Result<()> {
     let root = root.to_str().expect("utf-8 path");
     println!("cargo:rerun-if-changed={root}/../lb-common/src");
     aya_build::build_ebpf(
-        [aya_build::Package { name: "lb-ebpf", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "lb-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::default(),
     )
 }

@@ -16,7 +16,13 @@ pub const fn fmix64(mut k: u64) -> u64 {
 
 /// Hash of a flow's 5-tuple (values as on the wire).
 #[inline(always)]
-pub const fn flow_hash(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> u32 {
+pub const fn flow_hash(
+    src_addr: u32,
+    dst_addr: u32,
+    src_port: u16,
+    dst_port: u16,
+    proto: u8,
+) -> u32 {
     let addrs = ((src_addr as u64) << 32) | dst_addr as u64;
     let rest = ((src_port as u64) << 32) | ((dst_port as u64) << 16) | proto as u64;
     let h = fmix64(addrs ^ fmix64(rest ^ FLOW_SEED));

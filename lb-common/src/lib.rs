@@ -222,7 +222,12 @@ pub const fn port_from_wire(port: u16) -> u16 {
 
 impl FrontendKey {
     pub const fn new(addr: [u8; 4], port: u16, proto: u8) -> Self {
-        Self { addr: ipv4_to_wire(addr), port: port_to_wire(port), proto, _pad: 0 }
+        Self {
+            addr: ipv4_to_wire(addr),
+            port: port_to_wire(port),
+            proto,
+            _pad: 0,
+        }
     }
 }
 
@@ -232,7 +237,10 @@ impl ServiceName {
         let len = bytes.len().min(SERVICE_NAME_LEN);
         let mut out = [0u8; SERVICE_NAME_LEN];
         out[..len].copy_from_slice(&bytes[..len]);
-        Self { len: len as u32, name: out }
+        Self {
+            len: len as u32,
+            name: out,
+        }
     }
 
     pub fn as_str(&self) -> &str {

@@ -14,7 +14,9 @@ const SEED_OFFSET: u64 = 0x6d61_676c_6576_3031; // "maglev01"
 const SEED_SKIP: u64 = 0x6d61_676c_6576_3032; // "maglev02"
 
 /// Table sizes offered to operators (the same primes Cilium accepts).
-pub const TABLE_SIZES: [u32; 11] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 65537, 131071];
+pub const TABLE_SIZES: [u32; 11] = [
+    251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 65537, 131071,
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MaglevError {
@@ -31,7 +33,9 @@ impl core::fmt::Display for MaglevError {
                 f,
                 "maglev table size {m} must be a prime between 251 and 131071 (for example {TABLE_SIZES:?})"
             ),
-            MaglevError::DuplicateBackend(a, b) => write!(f, "backends {a} and {b} have the same name"),
+            MaglevError::DuplicateBackend(a, b) => {
+                write!(f, "backends {a} and {b} have the same name")
+            }
         }
     }
 }
@@ -71,7 +75,9 @@ pub struct MaglevBackend<'a> {
 pub fn build_table(backends: &[MaglevBackend<'_>], m: u32) -> Result<Vec<u32>, MaglevError> {
     validate_table_size(m)?;
     let mut table = vec![0u32; m as usize];
-    let mut order: Vec<usize> = (0..backends.len()).filter(|&i| backends[i].weight > 0).collect();
+    let mut order: Vec<usize> = (0..backends.len())
+        .filter(|&i| backends[i].weight > 0)
+        .collect();
     order.sort_by(|&a, &b| backends[a].name.cmp(backends[b].name));
     for pair in order.windows(2) {
         if backends[pair[0]].name == backends[pair[1]].name {
@@ -131,11 +137,26 @@ mod tests {
     use super::*;
 
     fn names(n: usize, salt: &str) -> Vec<String> {
-        (0..n).map(|i| format!("10.{}.{}.{}:8080{salt}", i / 65536 % 256, i / 256 % 256, i % 256)).collect()
+        (0..n)
+            .map(|i| {
+                format!(
+                    "10.{}.{}.{}:8080{salt}",
+                    i / 65536 % 256,
+                    i / 256 % 256,
+                    i % 256
+                )
+            })
+            .collect()
     }
 
     fn backends(names: &[String]) -> Vec<MaglevBackend<'_>> {
-        names.iter().map(|n| MaglevBackend { name: n.as_bytes(), weight: 1 }).collect()
+        names
+            .iter()
+            .map(|n| MaglevBackend {
+                name: n.as_bytes(),
+                weight: 1,
+            })
+            .collect()
     }
 
     fn shares(table: &[u32], n: usize) -> Vec<usize> {
@@ -149,13 +170,20 @@ mod tests {
     /// The table with slot values mapped to backend names, so tables built from different
     /// backend lists can be compared.
     fn by_name<'a>(table: &[u32], names: &'a [String]) -> Vec<&'a str> {
-        table.iter().map(|&s| names[s as usize - 1].as_str()).collect()
+        table
+            .iter()
+            .map(|&s| names[s as usize - 1].as_str())
+            .collect()
     }
 
     #[test]
     fn rejects_non_prime_or_out_of_range_sizes() {
         for m in [0, 1, 250, 16380, 65536, 131_072, 262_139] {
-            assert_eq!(validate_table_size(m), Err(MaglevError::BadTableSize(m)), "{m}");
+            assert_eq!(
+                validate_table_size(m),
+                Err(MaglevError::BadTableSize(m)),
+                "{m}"
+            );
         }
         for m in TABLE_SIZES {
             assert_eq!(validate_table_size(m), Ok(()));
@@ -170,17 +198,38 @@ mod tests {
 
     #[test]
     fn duplicate_names_are_rejected() {
-        let b = [MaglevBackend { name: b"a", weight: 1 }, MaglevBackend { name: b"a", weight: 1 }];
-        assert!(matches!(build_table(&b, 251), Err(MaglevError::DuplicateBackend(_, _))));
+        let b = [
+            MaglevBackend {
+                name: b"a",
+                weight: 1,
+            },
+            MaglevBackend {
+                name: b"a",
+                weight: 1,
+            },
+        ];
+        assert!(matches!(
+            build_table(&b, 251),
+            Err(MaglevError::DuplicateBackend(_, _))
+        ));
     }
 
     #[test]
     fn weights_change_shares_proportionally() {
         let n = names(3, "");
         let b = [
-            MaglevBackend { name: n[0].as_bytes(), weight: 1 },
-            MaglevBackend { name: n[1].as_bytes(), weight: 2 },
-            MaglevBackend { name: n[2].as_bytes(), weight: 0 },
+            MaglevBackend {
+                name: n[0].as_bytes(),
+                weight: 1,
+            },
+            MaglevBackend {
+                name: n[1].as_bytes(),
+                weight: 2,
+            },
+            MaglevBackend {
+                name: n[2].as_bytes(),
+                weight: 0,
+            },
         ];
         let t = build_table(&b, 16381).unwrap();
         let s = shares(&t, 3);
@@ -196,10 +245,18 @@ mod tests {
         let full = build_table(&backends(&all), m).unwrap();
         let mut worst = 0.0f64;
         for removed in [0, n / 2, n - 1] {
-            let rest: Vec<String> =
-                all.iter().enumerate().filter(|(i, _)| *i != removed).map(|(_, s)| s.clone()).collect();
+            let rest: Vec<String> = all
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != removed)
+                .map(|(_, s)| s.clone())
+                .collect();
             let smaller = build_table(&backends(&rest), m).unwrap();
-            let moved = by_name(&full, &all).iter().zip(by_name(&smaller, &rest)).filter(|(a, b)| *a != b).count();
+            let moved = by_name(&full, &all)
+                .iter()
+                .zip(by_name(&smaller, &rest))
+                .filter(|(a, b)| *a != b)
+                .count();
             worst = worst.max(moved as f64 / m as f64 * n as f64);
         }
         worst
@@ -209,9 +266,17 @@ mod tests {
     /// removed backend's 1/N) while M/N stays large, as in the paper's operating range.
     #[test]
     fn removal_disruption_close_to_ideal() {
-        for (m, n) in [(16381u32, 3usize), (16381, 5), (16381, 10), (65537, 10), (131071, 20)] {
+        for (m, n) in [
+            (16381u32, 3usize),
+            (16381, 5),
+            (16381, 10),
+            (65537, 10),
+            (131071, 20),
+        ] {
             let worst = removal_disruption(m, n);
-            std::println!("maglev M={m} N={n}: removing 1 backend moves {worst:.4}/N of slots (limit 1.05/N)");
+            std::println!(
+                "maglev M={m} N={n}: removing 1 backend moves {worst:.4}/N of slots (limit 1.05/N)"
+            );
             assert!(worst <= 1.05, "M={m} N={n}: moved {worst}/N");
         }
     }
@@ -222,7 +287,10 @@ mod tests {
     fn removal_disruption_at_small_m_over_n() {
         for (m, n, bound) in [(16381u32, 100usize, 3.0f64), (65537, 1000, 8.0)] {
             let worst = removal_disruption(m, n);
-            std::println!("maglev M={m} N={n}: removing 1 backend moves {worst:.4}/N of slots (M/N={})", m as usize / n);
+            std::println!(
+                "maglev M={m} N={n}: removing 1 backend moves {worst:.4}/N of slots (M/N={})",
+                m as usize / n
+            );
             assert!(worst <= bound, "M={m} N={n}: moved {worst}/N");
         }
     }

@@ -21,10 +21,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, Config, Counters, CtEntry, CtKey, CT_DIR_FORWARD, CT_DIR_REPLY, DEFAULT_CONNTRACK_SIZE,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAGLEV_SIZE, Frontend,
-    FrontendKey, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SPARE_BLOCKS, backend_state, csum, ct_flags,
-    hash::flow_hash,
+    Backend, CT_DIR_FORWARD, CT_DIR_REPLY, Config, Counters, CtEntry, CtKey,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS,
+    DEFAULT_MAX_SERVICES, Frontend, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SPARE_BLOCKS,
+    backend_state, csum, ct_flags, hash::flow_hash,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -52,8 +52,10 @@ static LB_BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 /// Flat array of Maglev blocks (block × M + slot → backend id), mmapped by the agent, which
 /// writes a whole table into a free block before pointing frontends at it.
 #[map]
-static LB_MAGLEV: Array<u32> =
-    Array::pinned((DEFAULT_MAX_SERVICES + MAGLEV_SPARE_BLOCKS) * DEFAULT_MAGLEV_SIZE, BPF_F_MMAPABLE);
+static LB_MAGLEV: Array<u32> = Array::pinned(
+    (DEFAULT_MAX_SERVICES + MAGLEV_SPARE_BLOCKS) * DEFAULT_MAGLEV_SIZE,
+    BPF_F_MMAPABLE,
+);
 
 #[map]
 static LB_CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(DEFAULT_CONNTRACK_SIZE, 0);
@@ -155,7 +157,12 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
     let dst_port = u16::from_ne_bytes(unsafe { *l4.dst_port });
     let packet_len = (ctx.data_end() - ctx.data()) as u64;
 
-    let frontend_key = FrontendKey { addr: dst_addr, port: dst_port, proto, _pad: 0 };
+    let frontend_key = FrontendKey {
+        addr: dst_addr,
+        port: dst_port,
+        proto,
+        _pad: 0,
+    };
     if let Some(frontend) = unsafe { LB_FRONTENDS.get(&frontend_key) } {
         let frontend = *frontend;
         let forward_key = CtKey {
@@ -175,7 +182,8 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
             // A fresh SYN on a tuple whose flow ended, or whose backend left, picks again;
             // everything else sticks to the backend it had, even one no longer configured.
             let keep = !new_connection
-                || (entry.flags & ct_flags::CLOSING == 0 && backend_is(entry.backend_id, entry.nat_addr, entry.nat_port));
+                || (entry.flags & ct_flags::CLOSING == 0
+                    && backend_is(entry.backend_id, entry.nat_addr, entry.nat_port));
             if keep {
                 let now = unsafe { bpf_ktime_get_coarse_ns() };
                 if closing && entry.flags & ct_flags::CLOSING == 0 {
@@ -225,7 +233,11 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
                     dir: CT_DIR_REPLY,
                     _pad: [0; 2],
                 };
-                let reply = CtEntry { nat_addr: dst_addr, nat_port: dst_port, ..forward };
+                let reply = CtEntry {
+                    nat_addr: dst_addr,
+                    nat_port: dst_port,
+                    ..forward
+                };
                 // Reply entry first: once the forward entry exists, replies can arrive.
                 let _ = LB_CONNTRACK.insert(&reply_key, &reply, 0);
                 let _ = LB_CONNTRACK.insert(&forward_key, &forward, 0);
@@ -235,12 +247,29 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         count(&LB_FRONTEND_STATS, frontend.frontend_id, packet_len);
         count(&LB_BACKEND_STATS, backend_id, packet_len);
         unsafe {
-            rewrite(ip, &l4, &raw mut (*ip).dst_addr, dst_addr, backend_addr, l4.dst_port, dst_port, backend_port);
+            rewrite(
+                ip,
+                &l4,
+                &raw mut (*ip).dst_addr,
+                dst_addr,
+                backend_addr,
+                l4.dst_port,
+                dst_port,
+                backend_port,
+            );
         }
         return Ok(redirect(ctx, eth, ip, &l4));
     }
 
-    let reply_key = CtKey { src_addr, dst_addr, src_port, dst_port, proto, dir: CT_DIR_REPLY, _pad: [0; 2] };
+    let reply_key = CtKey {
+        src_addr,
+        dst_addr,
+        src_port,
+        dst_port,
+        proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
     if let Some(entry) = LB_CONNTRACK.get_ptr_mut(&reply_key) {
         let entry = unsafe { &mut *entry };
         let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -249,7 +278,16 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         }
         let (frontend_addr, frontend_port) = (entry.nat_addr, entry.nat_port);
         unsafe {
-            rewrite(ip, &l4, &raw mut (*ip).src_addr, src_addr, frontend_addr, l4.src_port, src_port, frontend_port);
+            rewrite(
+                ip,
+                &l4,
+                &raw mut (*ip).src_addr,
+                src_addr,
+                frontend_addr,
+                l4.src_port,
+                src_port,
+                frontend_port,
+            );
         }
         return Ok(redirect(ctx, eth, ip, &l4));
     }
@@ -295,9 +333,17 @@ unsafe fn rewrite(
         (*ip).check = csum::csum_replace4(ip_check, old_addr, new_addr).to_ne_bytes();
         let check = u16::from_ne_bytes(*l4.check);
         let check = if l4.proto == IPPROTO_UDP {
-            csum::udp_csum_replace2(csum::udp_csum_replace4(check, old_addr, new_addr), old_port, new_port)
+            csum::udp_csum_replace2(
+                csum::udp_csum_replace4(check, old_addr, new_addr),
+                old_port,
+                new_port,
+            )
         } else {
-            csum::csum_replace2(csum::csum_replace4(check, old_addr, new_addr), old_port, new_port)
+            csum::csum_replace2(
+                csum::csum_replace4(check, old_addr, new_addr),
+                old_port,
+                new_port,
+            )
         };
         *l4.check = check.to_ne_bytes();
     }
@@ -322,7 +368,12 @@ fn redirect(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, l4: &L4) -> u3
         params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
     }
     let rc = unsafe {
-        fib_lookup(ctx.as_ptr(), &mut params, size_of::<bpf_fib_lookup>() as i32, 0)
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS {
         return xdp_action::XDP_PASS;
@@ -336,7 +387,8 @@ fn redirect(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, l4: &L4) -> u3
         let old_word = u16::from_ne_bytes([ttl, (*ip).proto]);
         let new_word = u16::from_ne_bytes([ttl - 1, (*ip).proto]);
         (*ip).ttl = ttl - 1;
-        (*ip).check = csum::csum_replace2(u16::from_ne_bytes((*ip).check), old_word, new_word).to_ne_bytes();
+        (*ip).check =
+            csum::csum_replace2(u16::from_ne_bytes((*ip).check), old_word, new_word).to_ne_bytes();
         (*eth).dst_addr = params.dmac;
         (*eth).src_addr = params.smac;
     }

@@ -11,10 +11,7 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::{
-        core::v1::Service,
-        discovery::v1::{EndpointSlice},
-    },
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use serde::Deserialize;
@@ -73,8 +70,16 @@ pub struct Objects {
     pub ignored: Vec<String>,
 }
 
-fn err(object: impl Into<String>, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError { object: object.into(), field: field.into(), message: message.into() }
+fn err(
+    object: impl Into<String>,
+    field: impl Into<String>,
+    message: impl Into<String>,
+) -> ConfigError {
+    ConfigError {
+        object: object.into(),
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 fn object_name(value: &serde_yaml::Value) -> String {
@@ -135,22 +140,38 @@ pub fn parse_objects(text: &str) -> Result<Objects, ConfigErrors> {
             _ => objects.ignored.push(format!("{doc}: {object} ({api_version})")),
         }
     }
-    if errors.is_empty() { Ok(objects) } else { Err(ConfigErrors(errors)) }
+    if errors.is_empty() {
+        Ok(objects)
+    } else {
+        Err(ConfigErrors(errors))
+    }
 }
 
 fn parse_protocol(value: Option<&str>, object: &str, field: &str) -> Result<Protocol, ConfigError> {
     match value.unwrap_or("TCP") {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
-        other => Err(err(object, field, format!("protocol {other:?} not supported (TCP or UDP)"))),
+        other => Err(err(
+            object,
+            field,
+            format!("protocol {other:?} not supported (TCP or UDP)"),
+        )),
     }
 }
 
 fn parse_ipv4(value: &str, object: &str, field: &str) -> Result<Ipv4Addr, ConfigError> {
     match value.parse::<IpAddr>() {
         Ok(IpAddr::V4(a)) => Ok(a),
-        Ok(IpAddr::V6(_)) => Err(err(object, field, format!("{value:?}: IPv6 is not supported yet"))),
-        Err(_) => Err(err(object, field, format!("{value:?} is not an IP address"))),
+        Ok(IpAddr::V6(_)) => Err(err(
+            object,
+            field,
+            format!("{value:?}: IPv6 is not supported yet"),
+        )),
+        Err(_) => Err(err(
+            object,
+            field,
+            format!("{value:?} is not an IP address"),
+        )),
     }
 }
 
@@ -188,8 +209,17 @@ pub fn build_desired(objects: &Objects) -> Result<DesiredState, ConfigErrors> {
             errors.push(err(&object, "metadata.name", "missing"));
             continue;
         }
-        let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-            errors.push(err(&object, "metadata.labels", format!("label {SERVICE_NAME_LABEL} missing")));
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            errors.push(err(
+                &object,
+                "metadata.labels",
+                format!("label {SERVICE_NAME_LABEL} missing"),
+            ));
             continue;
         };
         match slice.address_type.as_str() {
@@ -197,28 +227,47 @@ pub fn build_desired(objects: &Objects) -> Result<DesiredState, ConfigErrors> {
             // Dual-stack clusters publish an IPv6 slice next to the IPv4 one; skip it quietly.
             "IPv6" | "FQDN" => continue,
             other => {
-                errors.push(err(&object, "addressType", format!("{other:?} not supported (IPv4)")));
+                errors.push(err(
+                    &object,
+                    "addressType",
+                    format!("{other:?} not supported (IPv4)"),
+                ));
                 continue;
             }
         }
-        let mut parsed = SliceEndpoints { ports: Vec::new(), endpoints: Vec::new() };
+        let mut parsed = SliceEndpoints {
+            ports: Vec::new(),
+            endpoints: Vec::new(),
+        };
         for (i, port) in slice.ports.iter().flatten().enumerate() {
             let field = format!("ports[{i}]");
-            let proto = match parse_protocol(port.protocol.as_deref(), &object, &format!("{field}.protocol")) {
+            let proto = match parse_protocol(
+                port.protocol.as_deref(),
+                &object,
+                &format!("{field}.protocol"),
+            ) {
                 Ok(p) => p,
                 Err(e) => {
                     errors.push(e);
                     continue;
                 }
             };
-            let number = match port.port.map(|p| parse_port(p, &object, &format!("{field}.port"))).transpose() {
+            let number = match port
+                .port
+                .map(|p| parse_port(p, &object, &format!("{field}.port")))
+                .transpose()
+            {
                 Ok(n) => n,
                 Err(e) => {
                     errors.push(e);
                     continue;
                 }
             };
-            parsed.ports.push(SlicePort { name: port.name.clone().unwrap_or_default(), port: number, proto });
+            parsed.ports.push(SlicePort {
+                name: port.name.clone().unwrap_or_default(),
+                port: number,
+                proto,
+            });
         }
         for (i, endpoint) in slice.endpoints.iter().enumerate() {
             let conditions = endpoint.conditions.as_ref();
@@ -240,7 +289,10 @@ pub fn build_desired(objects: &Objects) -> Result<DesiredState, ConfigErrors> {
                 }
             }
         }
-        slices.entry(format!("{namespace}/{service}")).or_default().push(parsed);
+        slices
+            .entry(format!("{namespace}/{service}"))
+            .or_default()
+            .push(parsed);
     }
 
     let mut desired = DesiredState::default();
@@ -248,7 +300,11 @@ pub fn build_desired(objects: &Objects) -> Result<DesiredState, ConfigErrors> {
     for service in &objects.services {
         let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
         let Some(name) = service.metadata.name.as_deref() else {
-            errors.push(err(format!("Service {namespace}/<unnamed>"), "metadata.name", "missing"));
+            errors.push(err(
+                format!("Service {namespace}/<unnamed>"),
+                "metadata.name",
+                "missing",
+            ));
             continue;
         };
         let service_name = format!("{namespace}/{name}");
@@ -263,7 +319,11 @@ pub fn build_desired(objects: &Objects) -> Result<DesiredState, ConfigErrors> {
             // No proxying for ExternalName services; kube-proxy ignores them too.
             "ExternalName" => continue,
             other => {
-                errors.push(err(&object, "spec.type", format!("{other:?} is not a Service type")));
+                errors.push(err(
+                    &object,
+                    "spec.type",
+                    format!("{other:?} is not a Service type"),
+                ));
                 continue;
             }
         }
@@ -298,16 +358,27 @@ pub fn build_desired(objects: &Objects) -> Result<DesiredState, ConfigErrors> {
             errors.push(err(&object, "spec.ports", "at least one port is required"));
             continue;
         }
-        let service_slices = slices.get(&service_name).map(Vec::as_slice).unwrap_or_default();
+        let service_slices = slices
+            .get(&service_name)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         let mut seen_ports: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
         for (i, port) in ports.iter().enumerate() {
             let field = format!("spec.ports[{i}]");
             let port_name = port.name.clone().unwrap_or_default();
             if port_name.is_empty() && ports.len() > 1 {
-                errors.push(err(&object, format!("{field}.name"), "required when a Service has several ports"));
+                errors.push(err(
+                    &object,
+                    format!("{field}.name"),
+                    "required when a Service has several ports",
+                ));
                 continue;
             }
-            let proto = match parse_protocol(port.protocol.as_deref(), &object, &format!("{field}.protocol")) {
+            let proto = match parse_protocol(
+                port.protocol.as_deref(),
+                &object,
+                &format!("{field}.protocol"),
+            ) {
                 Ok(p) => p,
                 Err(e) => {
                     errors.push(e);
@@ -332,19 +403,25 @@ pub fn build_desired(objects: &Objects) -> Result<DesiredState, ConfigErrors> {
             // Numeric targetPort: used when an EndpointSlice port leaves its number out.
             let target_port = match &port.target_port {
                 None => Some(number),
-                Some(IntOrString::Int(p)) => match parse_port(*p, &object, &format!("{field}.targetPort")) {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        errors.push(e);
-                        continue;
+                Some(IntOrString::Int(p)) => {
+                    match parse_port(*p, &object, &format!("{field}.targetPort")) {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            errors.push(e);
+                            continue;
+                        }
                     }
-                },
+                }
                 Some(IntOrString::String(_)) => None,
             };
 
             let mut backends: BTreeMap<Endpoint, BackendCondition> = BTreeMap::new();
             for slice in service_slices {
-                for slice_port in slice.ports.iter().filter(|p| p.name == port_name && p.proto == proto) {
+                for slice_port in slice
+                    .ports
+                    .iter()
+                    .filter(|p| p.name == port_name && p.proto == proto)
+                {
                     let Some(backend_port) = slice_port.port.or(target_port) else {
                         let target = match &port.target_port {
                             Some(IntOrString::String(s)) => s.clone(),
@@ -358,7 +435,11 @@ pub fn build_desired(objects: &Objects) -> Result<DesiredState, ConfigErrors> {
                         continue;
                     };
                     for &(addr, condition) in &slice.endpoints {
-                        let endpoint = Endpoint { addr, port: backend_port, proto };
+                        let endpoint = Endpoint {
+                            addr,
+                            port: backend_port,
+                            proto,
+                        };
                         // The same address in two slices: the more usable condition wins.
                         let entry = backends.entry(endpoint).or_insert(condition);
                         *entry = (*entry).min(condition);
@@ -372,12 +453,20 @@ pub fn build_desired(objects: &Objects) -> Result<DesiredState, ConfigErrors> {
                 format!("{service_name}:{port_name}")
             };
             let mut frontends = vec![FrontendSpec {
-                endpoint: Endpoint { addr: cluster_ip, port: number, proto },
+                endpoint: Endpoint {
+                    addr: cluster_ip,
+                    port: number,
+                    proto,
+                },
                 kind: FrontendKind::ClusterIp,
             }];
             for &addr in &external_ips {
                 frontends.push(FrontendSpec {
-                    endpoint: Endpoint { addr, port: number, proto },
+                    endpoint: Endpoint {
+                        addr,
+                        port: number,
+                        proto,
+                    },
                     kind: FrontendKind::ExternalIp,
                 });
             }
@@ -399,13 +488,21 @@ pub fn build_desired(objects: &Objects) -> Result<DesiredState, ConfigErrors> {
                     frontends,
                     backends: backends
                         .into_iter()
-                        .map(|(endpoint, condition)| BackendSpec { endpoint, condition, weight: 1 })
+                        .map(|(endpoint, condition)| BackendSpec {
+                            endpoint,
+                            condition,
+                            weight: 1,
+                        })
                         .collect(),
                 },
             );
         }
     }
-    if errors.is_empty() { Ok(desired) } else { Err(ConfigErrors(errors)) }
+    if errors.is_empty() {
+        Ok(desired)
+    } else {
+        Err(ConfigErrors(errors))
+    }
 }
 
 /// Parse and validate a whole file.
@@ -460,11 +557,18 @@ metadata: {name: web}
         let http = &desired.services["default/web:http"];
         assert_eq!(http.frontends.len(), 1);
         assert_eq!(http.frontends[0].endpoint.to_string(), "10.96.0.10:80/TCP");
-        let backends: Vec<String> =
-            http.backends.iter().map(|b| format!("{} {:?}", b.endpoint, b.condition)).collect();
+        let backends: Vec<String> = http
+            .backends
+            .iter()
+            .map(|b| format!("{} {:?}", b.endpoint, b.condition))
+            .collect();
         assert_eq!(
             backends,
-            ["10.0.1.1:8080/TCP Active", "10.0.1.2:8080/TCP Active", "10.0.1.4:8080/TCP Terminating"]
+            [
+                "10.0.1.1:8080/TCP Active",
+                "10.0.1.2:8080/TCP Active",
+                "10.0.1.4:8080/TCP Terminating"
+            ]
         );
         let dns = &desired.services["default/web:dns"];
         assert_eq!(dns.backends[0].endpoint.to_string(), "10.0.1.1:5353/UDP");
@@ -477,17 +581,25 @@ metadata: {name: web}
     #[test]
     fn errors_name_object_and_field() {
         let bad_port = GOOD.replace("port: 80,", "port: 70000,");
-        assert_eq!(error_of(&bad_port), "Service default/web: spec.ports[0].port: 70000 is not a port (1-65535)");
+        assert_eq!(
+            error_of(&bad_port),
+            "Service default/web: spec.ports[0].port: 70000 is not a port (1-65535)"
+        );
         let wrong_type = GOOD.replace("port: 80,", "port: eighty,");
         let e = error_of(&wrong_type);
-        assert!(e.starts_with("Service default/web: spec.ports[0].port: "), "{e}");
+        assert!(
+            e.starts_with("Service default/web: spec.ports[0].port: "),
+            "{e}"
+        );
         let bad_ip = GOOD.replace("10.0.1.2", "10.0.1.300");
         assert_eq!(
             error_of(&bad_ip),
             "EndpointSlice default/web-abc: endpoints[0].addresses[0]: \"10.0.1.300\" is not an IP address"
         );
         let no_cluster_ip = GOOD.replace("  clusterIP: 10.96.0.10\n", "");
-        assert!(error_of(&no_cluster_ip).starts_with("Service default/web: spec.clusterIP: required"));
+        assert!(
+            error_of(&no_cluster_ip).starts_with("Service default/web: spec.clusterIP: required")
+        );
         let sctp = GOOD.replace("protocol: UDP}\n---", "protocol: SCTP}\n---");
         assert_eq!(
             error_of(&sctp),
@@ -499,12 +611,22 @@ metadata: {name: web}
             "EndpointSlice default/web-abc: metadata.labels: label kubernetes.io/service-name missing"
         );
         let broken = format!("{GOOD}\n---\nkind: [oops");
-        assert!(error_of(&broken).starts_with("document 4: invalid YAML"), "{}", error_of(&broken));
+        assert!(
+            error_of(&broken).starts_with("document 4: invalid YAML"),
+            "{}",
+            error_of(&broken)
+        );
     }
 
     #[test]
     fn duplicate_frontends_are_rejected() {
-        let twice = format!("{GOOD}\n---\n{}", GOOD.split("---").next().unwrap().replace("name: web", "name: web2"));
+        let twice = format!(
+            "{GOOD}\n---\n{}",
+            GOOD.split("---")
+                .next()
+                .unwrap()
+                .replace("name: web", "name: web2")
+        );
         let e = error_of(&twice);
         assert!(e.contains("Service default/web2: spec.ports[0].port: frontend 10.96.0.10:80/TCP is already used by default/web:http"), "{e}");
     }

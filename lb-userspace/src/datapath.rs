@@ -76,15 +76,32 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid NUL-terminated path and a zeroed out-struct.
     if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
-        bail!("statfs {}: {}", dir.display(), std::io::Error::last_os_error());
+        bail!(
+            "statfs {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
     }
     if st.f_type as i64 == BPF_FS_MAGIC {
         return Ok(());
     }
     let fstype = CString::new("bpf")?;
     // SAFETY: plain mount(2) with NUL-terminated strings.
-    if unsafe { libc::mount(fstype.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) } != 0 {
-        bail!("{} is not on a bpffs and mounting one failed: {}", dir.display(), std::io::Error::last_os_error());
+    if unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            path.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        bail!(
+            "{} is not on a bpffs and mounting one failed: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
     }
     info!("mounted bpffs at {}", dir.display());
     Ok(())
@@ -99,7 +116,8 @@ impl Datapath {
     /// Loads the program; maps already pinned under `opts.bpffs` are reused (traffic state and
     /// conntrack survive an agent restart), after checking they have the sizes asked for.
     pub fn load(opts: &Options) -> Result<Self> {
-        lb_common::maglev::validate_table_size(opts.maglev_size).map_err(|e| anyhow::anyhow!("--maglev-table-size: {e}"))?;
+        lb_common::maglev::validate_table_size(opts.maglev_size)
+            .map_err(|e| anyhow::anyhow!("--maglev-table-size: {e}"))?;
         ensure_bpffs(&opts.bpffs)?;
         for (name, expected) in opts.sizes()? {
             let path = opts.bpffs.join(name);
@@ -131,12 +149,41 @@ impl Datapath {
                 .pin(&names_path)
                 .with_context(|| format!("pinning {}", names_path.display()))?;
         }
-        let mut config: Array<_, Config> = Array::try_from(ebpf.map_mut(map_names::CONFIG).context("config map")?)?;
-        config.set(0, Config { maglev_size: opts.maglev_size, maglev_blocks: opts.maglev_blocks() }, 0)?;
+        let mut config: Array<_, Config> =
+            Array::try_from(ebpf.map_mut(map_names::CONFIG).context("config map")?)?;
+        config.set(
+            0,
+            Config {
+                maglev_size: opts.maglev_size,
+                maglev_blocks: opts.maglev_blocks(),
+            },
+            0,
+        )?;
 
         let program: &mut Xdp = ebpf.program_mut("lb").context("program lb")?.try_into()?;
-        program.load().context("loading XDP program lb (verifier)")?;
-        Ok(Self { ebpf, opts: opts.clone() })
+        program
+            .load()
+            .context("loading XDP program lb (verifier)")?;
+        Ok(Self {
+            ebpf,
+            opts: opts.clone(),
+        })
+    }
+
+    /// Program `name` of the object, loaded on first use: the agent only runs `lb`; tests and
+    /// benchmarks also run the empty `lb_pass` through BPF_PROG_TEST_RUN.
+    pub fn program(&mut self, name: &str) -> Result<&mut Xdp> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name} in the object"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("loading XDP program {name} (verifier)"))?;
+        }
+        Ok(program)
     }
 
     fn link_path(&self, interface: &str) -> PathBuf {
@@ -148,23 +195,33 @@ impl Datapath {
     pub fn attach(&mut self, interface: &str) -> Result<()> {
         let path = self.link_path(interface);
         fs::create_dir_all(path.parent().expect("has parent"))?;
-        let program: &mut Xdp = self.ebpf.program_mut("lb").context("program lb")?.try_into()?;
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut("lb")
+            .context("program lb")?
+            .try_into()?;
         let id = if path.exists() {
             let fd_link = PinnedLink::from_pin(&path)
                 .with_context(|| format!("opening pinned link {}", path.display()))?
                 .unpin()?;
-            program.attach_to_link(XdpLink::try_from(fd_link)?).with_context(|| format!("replacing program on {interface}"))?
+            program
+                .attach_to_link(XdpLink::try_from(fd_link)?)
+                .with_context(|| format!("replacing program on {interface}"))?
         } else {
             match program.attach(interface, XdpMode::Driver) {
                 Ok(id) => id,
                 Err(e) => {
                     warn!("{interface}: native XDP failed ({e}); using generic XDP");
-                    program.attach(interface, XdpMode::Skb).with_context(|| format!("attaching XDP to {interface}"))?
+                    program
+                        .attach(interface, XdpMode::Skb)
+                        .with_context(|| format!("attaching XDP to {interface}"))?
                 }
             }
         };
         let link = program.take_link(id)?;
-        FdLink::try_from(link)?.pin(&path).with_context(|| format!("pinning link {}", path.display()))?;
+        FdLink::try_from(link)?
+            .pin(&path)
+            .with_context(|| format!("pinning link {}", path.display()))?;
         Ok(())
     }
 }

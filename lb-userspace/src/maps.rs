@@ -42,15 +42,34 @@ impl MaglevMmap {
         let info = map.info().context("reading Maglev map info")?;
         let len = info.max_entries() as usize;
         let bytes = len * size_of::<u64>();
-        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
         // SAFETY: mapping a BPF array map fd of `bytes` bytes; the kernel validates the size.
         let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), bytes, prot, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                prot,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
         };
         if ptr == libc::MAP_FAILED {
-            bail!("mmap of {} failed: {}", path.display(), std::io::Error::last_os_error());
+            bail!(
+                "mmap of {} failed: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
         }
-        Ok(Self { ptr: NonNull::new(ptr.cast()).expect("mmap returned null"), len, _map: map })
+        Ok(Self {
+            ptr: NonNull::new(ptr.cast()).expect("mmap returned null"),
+            len,
+            _map: map,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -66,12 +85,18 @@ impl MaglevMmap {
             bail!("Maglev read {offset}+{len} beyond {} entries", self.len);
         }
         // SAFETY: in bounds of the live mapping; u64 element reads of kernel-shared memory.
-        Ok((0..len).map(|i| unsafe { self.ptr.as_ptr().add(offset + i).read_volatile() } as u32).collect())
+        Ok((0..len)
+            .map(|i| unsafe { self.ptr.as_ptr().add(offset + i).read_volatile() } as u32)
+            .collect())
     }
 
     pub fn write(&mut self, offset: usize, table: &[u32]) -> Result<()> {
         if offset + table.len() > self.len {
-            bail!("Maglev write {offset}+{} beyond {} entries", table.len(), self.len);
+            bail!(
+                "Maglev write {offset}+{} beyond {} entries",
+                table.len(),
+                self.len
+            );
         }
         // SAFETY: in bounds; the block being written is referenced by no frontend yet.
         for (i, &id) in table.iter().enumerate() {
@@ -105,7 +130,10 @@ pub struct PinnedMaps {
 fn open_map(dir: &Path, name: &str) -> Result<Map> {
     let path = dir.join(name);
     let data = MapData::from_pin(&path).with_context(|| {
-        format!("opening pinned map {} (is lb-agent running, or was it run with this --bpffs?)", path.display())
+        format!(
+            "opening pinned map {} (is lb-agent running, or was it run with this --bpffs?)",
+            path.display()
+        )
     })?;
     Map::from_map_data(data).with_context(|| format!("map {}", path.display()))
 }
@@ -131,7 +159,10 @@ impl PinnedMaps {
 
     /// Sums a per-CPU counter.
     pub fn sum(values: &PerCpuValues<Counters>) -> Counters {
-        values.iter().fold(Counters::default(), |a, c| Counters { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
+        values.iter().fold(Counters::default(), |a, c| Counters {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        })
     }
 
     fn zero_counters() -> Result<PerCpuValues<Counters>> {
@@ -142,7 +173,9 @@ impl PinnedMaps {
 
 impl Datastore for PinnedMaps {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-        self.backends.set(id, backend, 0).with_context(|| format!("writing backend {id}"))
+        self.backends
+            .set(id, backend, 0)
+            .with_context(|| format!("writing backend {id}"))
     }
 
     fn write_maglev(&mut self, offset: u32, table: &[u32]) -> Result<()> {
@@ -154,7 +187,9 @@ impl Datastore for PinnedMaps {
     }
 
     fn set_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> Result<()> {
-        self.frontends.insert(key, frontend, 0).context("writing frontend")
+        self.frontends
+            .insert(key, frontend, 0)
+            .context("writing frontend")
     }
 
     fn remove_frontend(&mut self, key: &FrontendKey) -> Result<()> {
@@ -162,19 +197,27 @@ impl Datastore for PinnedMaps {
     }
 
     fn set_service_name(&mut self, id: u32, name: &str) -> Result<()> {
-        self.service_names.insert(id, ServiceName::new(name), 0).context("writing service name")
+        self.service_names
+            .insert(id, ServiceName::new(name), 0)
+            .context("writing service name")
     }
 
     fn remove_service_name(&mut self, id: u32) -> Result<()> {
-        self.service_names.remove(&id).context("removing service name")
+        self.service_names
+            .remove(&id)
+            .context("removing service name")
     }
 
     fn reset_frontend_stats(&mut self, id: u32) -> Result<()> {
-        self.frontend_stats.set(id, Self::zero_counters()?, 0).context("resetting frontend counters")
+        self.frontend_stats
+            .set(id, Self::zero_counters()?, 0)
+            .context("resetting frontend counters")
     }
 
     fn reset_backend_stats(&mut self, id: u32) -> Result<()> {
-        self.backend_stats.set(id, Self::zero_counters()?, 0).context("resetting backend counters")
+        self.backend_stats
+            .set(id, Self::zero_counters()?, 0)
+            .context("resetting backend counters")
     }
 }
 

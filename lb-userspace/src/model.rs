@@ -111,8 +111,11 @@ impl DesiredState {
     }
 
     pub fn backend_count(&self) -> usize {
-        let mut all: Vec<Endpoint> =
-            self.services.values().flat_map(|s| s.backends.iter().map(|b| b.endpoint)).collect();
+        let mut all: Vec<Endpoint> = self
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.endpoint))
+            .collect();
         all.sort();
         all.dedup();
         all.len()
@@ -121,5 +124,7 @@ impl DesiredState {
 
 /// "ns/name:port" → "ns/name".
 pub fn service_of(service_port: &str) -> &str {
-    service_port.rsplit_once(':').map_or(service_port, |(svc, _)| svc)
+    service_port
+        .rsplit_once(':')
+        .map_or(service_port, |(svc, _)| svc)
 }

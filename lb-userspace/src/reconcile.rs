@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use anyhow::{Result, bail};
 use lb_common::{
-    Backend, Frontend, FrontendKey, backend_state, ipv4_from_wire, ipv4_to_wire, maglev, port_from_wire,
-    port_to_wire,
+    Backend, Frontend, FrontendKey, backend_state, ipv4_from_wire, ipv4_to_wire, maglev,
+    port_from_wire, port_to_wire,
 };
 use log::info;
 
@@ -34,7 +34,11 @@ pub fn frontend_key(e: &Endpoint) -> FrontendKey {
 }
 
 fn endpoint_of(addr: u32, port: u16, proto: u8) -> Option<Endpoint> {
-    Some(Endpoint { addr: ipv4_from_wire(addr).into(), port: port_from_wire(port), proto: Protocol::from_number(proto)? })
+    Some(Endpoint {
+        addr: ipv4_from_wire(addr).into(),
+        port: port_from_wire(port),
+        proto: Protocol::from_number(proto)?,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -103,20 +107,43 @@ impl Reconciler {
     /// and counters refer to them) and every adopted table is rebuilt into a fresh block on the
     /// first apply.
     pub fn adopt(limits: Limits, snapshot: &Snapshot) -> Self {
-        let names: BTreeMap<u32, &str> = snapshot.service_names.iter().map(|(id, n)| (*id, n.as_str())).collect();
+        let names: BTreeMap<u32, &str> = snapshot
+            .service_names
+            .iter()
+            .map(|(id, n)| (*id, n.as_str()))
+            .collect();
         let mut services = BTreeMap::new();
         let mut frontends = BTreeMap::new();
         let mut used_blocks = BTreeSet::new();
         for (key, value) in &snapshot.frontends {
-            let Some(endpoint) = endpoint_of(key.addr, key.port, key.proto) else { continue };
+            let Some(endpoint) = endpoint_of(key.addr, key.port, key.proto) else {
+                continue;
+            };
             let block = value.maglev_offset / limits.maglev_size.max(1);
-            if value.service_id >= limits.max_services || block >= limits.maglev_blocks || value.frontend_id >= limits.max_frontends {
+            if value.service_id >= limits.max_services
+                || block >= limits.maglev_blocks
+                || value.frontend_id >= limits.max_frontends
+            {
                 continue;
             }
             used_blocks.insert(block);
-            let name = names.get(&value.service_id).map_or_else(|| format!("<service {}>", value.service_id), |n| n.to_string());
-            services.entry(name).or_insert(ServiceState { id: value.service_id, block, table_input: None });
-            frontends.insert(endpoint, FrontendState { id: value.frontend_id, value: *value, owner_service_id: value.service_id });
+            let name = names.get(&value.service_id).map_or_else(
+                || format!("<service {}>", value.service_id),
+                |n| n.to_string(),
+            );
+            services.entry(name).or_insert(ServiceState {
+                id: value.service_id,
+                block,
+                table_input: None,
+            });
+            frontends.insert(
+                endpoint,
+                FrontendState {
+                    id: value.frontend_id,
+                    value: *value,
+                    owner_service_id: value.service_id,
+                },
+            );
         }
         let mut backends = BTreeMap::new();
         for (id, backend) in &snapshot.backends {
@@ -124,7 +151,13 @@ impl Reconciler {
                 continue;
             }
             if let Some(endpoint) = endpoint_of(backend.addr, backend.port, backend.proto) {
-                backends.insert(endpoint, BackendState { id: *id, state: backend.state });
+                backends.insert(
+                    endpoint,
+                    BackendState {
+                        id: *id,
+                        state: backend.state,
+                    },
+                );
             }
         }
         let used_services: BTreeSet<u32> = services.values().map(|s| s.id).collect();
@@ -132,11 +165,19 @@ impl Reconciler {
         let used_backends: BTreeSet<u32> = backends.values().map(|b| b.id).collect();
         Self {
             limits,
-            free_service_ids: (0..limits.max_services).filter(|i| !used_services.contains(i)).collect(),
-            free_frontend_ids: (0..limits.max_frontends).filter(|i| !used_frontends.contains(i)).collect(),
+            free_service_ids: (0..limits.max_services)
+                .filter(|i| !used_services.contains(i))
+                .collect(),
+            free_frontend_ids: (0..limits.max_frontends)
+                .filter(|i| !used_frontends.contains(i))
+                .collect(),
             // Backend id 0 means "none".
-            free_backend_ids: (1..limits.max_backends).filter(|i| !used_backends.contains(i)).collect(),
-            free_blocks: (0..limits.maglev_blocks).filter(|i| !used_blocks.contains(i)).collect(),
+            free_backend_ids: (1..limits.max_backends)
+                .filter(|i| !used_backends.contains(i))
+                .collect(),
+            free_blocks: (0..limits.maglev_blocks)
+                .filter(|i| !used_blocks.contains(i))
+                .collect(),
             services,
             frontends,
             backends,
@@ -169,22 +210,48 @@ impl Reconciler {
     fn check_capacity(&self, desired: &DesiredState) -> Result<()> {
         let l = &self.limits;
         if desired.services.len() > l.max_services as usize {
-            bail!("{} service ports exceed the capacity of {} (--max-services)", desired.services.len(), l.max_services);
+            bail!(
+                "{} service ports exceed the capacity of {} (--max-services)",
+                desired.services.len(),
+                l.max_services
+            );
         }
         let mut frontends: BTreeSet<Endpoint> = self.frontends.keys().copied().collect();
-        frontends.extend(desired.services.values().flat_map(|s| s.frontends.iter().map(|f| f.endpoint)));
+        frontends.extend(
+            desired
+                .services
+                .values()
+                .flat_map(|s| s.frontends.iter().map(|f| f.endpoint)),
+        );
         if frontends.len() > l.max_frontends as usize {
-            bail!("{} frontends (old and new during the update) exceed the capacity of {}", frontends.len(), l.max_frontends);
+            bail!(
+                "{} frontends (old and new during the update) exceed the capacity of {}",
+                frontends.len(),
+                l.max_frontends
+            );
         }
         let mut backends: BTreeSet<Endpoint> = self.backends.keys().copied().collect();
-        backends.extend(desired.services.values().flat_map(|s| s.backends.iter().map(|b| b.endpoint)));
+        backends.extend(
+            desired
+                .services
+                .values()
+                .flat_map(|s| s.backends.iter().map(|b| b.endpoint)),
+        );
         if backends.len() >= l.max_backends as usize {
-            bail!("{} backends (old and new during the update) exceed the capacity of {}", backends.len(), l.max_backends - 1);
+            bail!(
+                "{} backends (old and new during the update) exceed the capacity of {}",
+                backends.len(),
+                l.max_backends - 1
+            );
         }
         let new_tables = desired
             .services
             .iter()
-            .filter(|(name, s)| self.services.get(*name).is_none_or(|cur| cur.table_input.as_ref() != Some(&Self::table_input(s))))
+            .filter(|(name, s)| {
+                self.services
+                    .get(*name)
+                    .is_none_or(|cur| cur.table_input.as_ref() != Some(&Self::table_input(s)))
+            })
             .count();
         if new_tables > self.free_blocks.len() {
             bail!(
@@ -195,13 +262,20 @@ impl Reconciler {
         Ok(())
     }
 
-    pub fn apply(&mut self, desired: &DesiredState, store: &mut impl Datastore) -> Result<ApplyReport> {
+    pub fn apply(
+        &mut self,
+        desired: &DesiredState,
+        store: &mut impl Datastore,
+    ) -> Result<ApplyReport> {
         self.check_capacity(desired)?;
         let m = self.limits.maglev_size;
         let mut report = ApplyReport::default();
         let mut released_blocks = Vec::new();
-        let desired_frontends: BTreeSet<Endpoint> =
-            desired.services.values().flat_map(|s| s.frontends.iter().map(|f| f.endpoint)).collect();
+        let desired_frontends: BTreeSet<Endpoint> = desired
+            .services
+            .values()
+            .flat_map(|s| s.frontends.iter().map(|f| f.endpoint))
+            .collect();
 
         // 1. Backends: new ones get an id and their entry before any table can point at them.
         let mut wanted: BTreeMap<Endpoint, u8> = BTreeMap::new();
@@ -242,7 +316,12 @@ impl Reconciler {
 
         // 2. Services that are gone: their frontends go (unless another service takes the
         //    address over below), then their names; blocks are released at the end.
-        let removed: Vec<String> = self.services.keys().filter(|n| !desired.services.contains_key(*n)).cloned().collect();
+        let removed: Vec<String> = self
+            .services
+            .keys()
+            .filter(|n| !desired.services.contains_key(*n))
+            .cloned()
+            .collect();
         for name in removed {
             let state = self.services.remove(&name).expect("listed above");
             let stale: Vec<Endpoint> = self
@@ -267,18 +346,30 @@ impl Reconciler {
         for (name, service) in &desired.services {
             let input = Self::table_input(service);
             let existing = self.services.get(name).cloned();
-            let rebuild = existing.as_ref().is_none_or(|s| s.table_input.as_ref() != Some(&input));
+            let rebuild = existing
+                .as_ref()
+                .is_none_or(|s| s.table_input.as_ref() != Some(&input));
             let block = if rebuild {
                 let names: Vec<String> = input.iter().map(|(e, _)| e.to_string()).collect();
                 let backends: Vec<maglev::MaglevBackend<'_>> = input
                     .iter()
                     .zip(&names)
-                    .map(|((_, weight), name)| maglev::MaglevBackend { name: name.as_bytes(), weight: *weight })
+                    .map(|((_, weight), name)| maglev::MaglevBackend {
+                        name: name.as_bytes(),
+                        weight: *weight,
+                    })
                     .collect();
-                let slots = maglev::build_table(&backends, m).map_err(|e| anyhow::anyhow!("service {name}: {e}"))?;
+                let slots = maglev::build_table(&backends, m)
+                    .map_err(|e| anyhow::anyhow!("service {name}: {e}"))?;
                 let table: Vec<u32> = slots
                     .iter()
-                    .map(|&s| if s == 0 { 0 } else { self.backends[&input[s as usize - 1].0].id })
+                    .map(|&s| {
+                        if s == 0 {
+                            0
+                        } else {
+                            self.backends[&input[s as usize - 1].0].id
+                        }
+                    })
                     .collect();
                 let block = self.free_blocks.pop_front().expect("capacity checked");
                 if let Some(old) = &existing {
@@ -290,7 +381,10 @@ impl Reconciler {
                 report.tables_rebuilt += 1;
                 block
             } else {
-                existing.as_ref().expect("not rebuilt means it exists").block
+                existing
+                    .as_ref()
+                    .expect("not rebuilt means it exists")
+                    .block
             };
             let service_id = match &existing {
                 Some(s) => s.id,
@@ -306,7 +400,10 @@ impl Reconciler {
                 let frontend_id = match current {
                     Some(f) => f.id,
                     None => {
-                        let id = self.free_frontend_ids.pop_front().expect("capacity checked");
+                        let id = self
+                            .free_frontend_ids
+                            .pop_front()
+                            .expect("capacity checked");
                         store.reset_frontend_stats(id)?;
                         id
                     }
@@ -322,13 +419,32 @@ impl Reconciler {
                     store.set_frontend(&frontend_key(&frontend.endpoint), &value)?;
                     report.frontends_written += 1;
                 }
-                self.frontends.insert(frontend.endpoint, FrontendState { id: frontend_id, value, owner_service_id: service_id });
+                self.frontends.insert(
+                    frontend.endpoint,
+                    FrontendState {
+                        id: frontend_id,
+                        value,
+                        owner_service_id: service_id,
+                    },
+                );
             }
-            self.services.insert(name.clone(), ServiceState { id: service_id, block, table_input: Some(input) });
+            self.services.insert(
+                name.clone(),
+                ServiceState {
+                    id: service_id,
+                    block,
+                    table_input: Some(input),
+                },
+            );
         }
 
         // 4. Frontends nobody wants any more.
-        let stale: Vec<Endpoint> = self.frontends.keys().filter(|e| !desired_frontends.contains(e)).copied().collect();
+        let stale: Vec<Endpoint> = self
+            .frontends
+            .keys()
+            .filter(|e| !desired_frontends.contains(e))
+            .copied()
+            .collect();
         for endpoint in stale {
             let f = self.frontends.remove(&endpoint).expect("listed above");
             store.remove_frontend(&frontend_key(&endpoint))?;
@@ -337,7 +453,12 @@ impl Reconciler {
         }
 
         // 5. Backends no service references: open flows keep their cached address in conntrack.
-        let unused: Vec<Endpoint> = self.backends.keys().filter(|e| !wanted.contains_key(e)).copied().collect();
+        let unused: Vec<Endpoint> = self
+            .backends
+            .keys()
+            .filter(|e| !wanted.contains_key(e))
+            .copied()
+            .collect();
         for endpoint in unused {
             let b = self.backends.remove(&endpoint).expect("listed above");
             store.set_backend(b.id, &Backend::default())?;
@@ -407,7 +528,12 @@ mod tests {
                 "block at {offset} rewritten while a frontend points at it"
             );
             for id in table.iter().filter(|&&i| i != 0) {
-                assert!(self.backends.get(id).is_some_and(|b| b.state == backend_state::ACTIVE), "table names backend {id} before it exists");
+                assert!(
+                    self.backends
+                        .get(id)
+                        .is_some_and(|b| b.state == backend_state::ACTIVE),
+                    "table names backend {id} before it exists"
+                );
             }
             self.log.push(format!("maglev {offset}"));
             self.maglev.insert(offset, table.to_vec());
@@ -417,16 +543,25 @@ mod tests {
             Ok(self.maglev[&offset].clone())
         }
         fn set_frontend(&mut self, key: &FrontendKey, frontend: &Frontend) -> Result<()> {
-            let table = self.maglev.get(&frontend.maglev_offset).expect("frontend flipped to an unwritten block");
+            let table = self
+                .maglev
+                .get(&frontend.maglev_offset)
+                .expect("frontend flipped to an unwritten block");
             for id in table.iter().filter(|&&i| i != 0) {
-                assert!(self.backends.get(id).is_some_and(|b| b.state == backend_state::ACTIVE));
+                assert!(
+                    self.backends
+                        .get(id)
+                        .is_some_and(|b| b.state == backend_state::ACTIVE)
+                );
             }
             self.log.push(format!("frontend {}", frontend.frontend_id));
             self.frontends.insert(*key, *frontend);
             Ok(())
         }
         fn remove_frontend(&mut self, key: &FrontendKey) -> Result<()> {
-            self.frontends.remove(key).expect("removing a frontend that is not there");
+            self.frontends
+                .remove(key)
+                .expect("removing a frontend that is not there");
             Ok(())
         }
         fn set_service_name(&mut self, id: u32, name: &str) -> Result<()> {
@@ -445,10 +580,19 @@ mod tests {
         }
     }
 
-    const LIMITS: Limits = Limits { maglev_size: 251, maglev_blocks: 6, max_services: 4, max_frontends: 8, max_backends: 16 };
+    const LIMITS: Limits = Limits {
+        maglev_size: 251,
+        maglev_blocks: 6,
+        max_services: 4,
+        max_frontends: 8,
+        max_backends: 16,
+    };
 
     fn desired(backends: &[&str]) -> DesiredState {
-        let endpoints: Vec<String> = backends.iter().map(|b| format!("- addresses: [\"{b}\"]")).collect();
+        let endpoints: Vec<String> = backends
+            .iter()
+            .map(|b| format!("- addresses: [\"{b}\"]"))
+            .collect();
         let text = format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  clusterIP: 10.96.0.10\n  externalIPs: [192.0.2.10]\n  ports: [{{port: 80, targetPort: 8080}}]\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\n\
@@ -459,21 +603,35 @@ mod tests {
     }
 
     fn store() -> MemStore {
-        MemStore { m: LIMITS.maglev_size, ..Default::default() }
+        MemStore {
+            m: LIMITS.maglev_size,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn first_apply_writes_backends_then_table_then_frontends() {
         let mut store = store();
         let mut r = Reconciler::new(LIMITS);
-        let report = r.apply(&desired(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), &mut store).unwrap();
-        assert_eq!((report.services_added, report.backends_added, report.frontends_written), (1, 3, 2));
+        let report = r
+            .apply(&desired(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), &mut store)
+            .unwrap();
+        assert_eq!(
+            (
+                report.services_added,
+                report.backends_added,
+                report.frontends_written
+            ),
+            (1, 3, 2)
+        );
         assert_eq!(store.log[..3], ["backend 1", "backend 2", "backend 3"]);
         assert_eq!(store.log[3], "maglev 0");
         assert_eq!(store.frontends.len(), 2);
         // Reapplying the same state writes nothing.
         store.log.clear();
-        let report = r.apply(&desired(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), &mut store).unwrap();
+        let report = r
+            .apply(&desired(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), &mut store)
+            .unwrap();
         assert_eq!(report.tables_rebuilt, 0);
         assert!(store.log.is_empty(), "{:?}", store.log);
     }
@@ -482,8 +640,11 @@ mod tests {
     fn backend_removal_uses_a_fresh_block_and_reports_disruption() {
         let mut store = store();
         let mut r = Reconciler::new(LIMITS);
-        r.apply(&desired(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), &mut store).unwrap();
-        let report = r.apply(&desired(&["10.0.0.1", "10.0.0.2"]), &mut store).unwrap();
+        r.apply(&desired(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), &mut store)
+            .unwrap();
+        let report = r
+            .apply(&desired(&["10.0.0.1", "10.0.0.2"]), &mut store)
+            .unwrap();
         assert_eq!(report.tables_rebuilt, 1);
         assert_eq!(report.backends_removed, 1);
         let change = &report.tables[0];
@@ -512,7 +673,8 @@ mod tests {
     fn adopting_pinned_state_keeps_ids_and_rebuilds_tables() {
         let mut store = store();
         let mut r = Reconciler::new(LIMITS);
-        r.apply(&desired(&["10.0.0.1", "10.0.0.2"]), &mut store).unwrap();
+        r.apply(&desired(&["10.0.0.1", "10.0.0.2"]), &mut store)
+            .unwrap();
         let snapshot = Snapshot {
             frontends: store.frontends.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: store.backends.iter().map(|(k, v)| (*k, *v)).collect(),
@@ -520,7 +682,9 @@ mod tests {
         };
         let ids_before: BTreeSet<u32> = store.frontends.values().map(|f| f.frontend_id).collect();
         let mut adopted = Reconciler::adopt(LIMITS, &snapshot);
-        let report = adopted.apply(&desired(&["10.0.0.1", "10.0.0.2"]), &mut store).unwrap();
+        let report = adopted
+            .apply(&desired(&["10.0.0.1", "10.0.0.2"]), &mut store)
+            .unwrap();
         assert_eq!(report.backends_added, 0);
         assert_eq!(report.services_added, 0);
         assert_eq!(report.tables_rebuilt, 1);
@@ -538,6 +702,9 @@ mod tests {
         assert!(store.frontends.is_empty());
         assert!(store.names.is_empty());
         assert!(store.backends.values().all(|b| *b == Backend::default()));
-        assert_eq!((r.service_count(), r.frontend_count(), r.backend_count()), (0, 0, 0));
+        assert_eq!(
+            (r.service_count(), r.frontend_count(), r.backend_count()),
+            (0, 0, 0)
+        );
     }
 }

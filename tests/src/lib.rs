@@ -12,13 +12,16 @@ use std::{
     io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     os::fd::AsRawFd,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
+
+pub mod frames;
+pub mod lab;
 
 pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const TCP_PORT: u16 = 80;
@@ -29,9 +32,15 @@ pub const BACKEND_UDP_PORT: u16 = 8053;
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub fn sh(cmd: &str) -> Result<()> {
-    let out = Command::new("sh").args(["-c", cmd]).output().with_context(|| format!("running {cmd}"))?;
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
     if !out.status.success() {
-        bail!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{cmd}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -45,7 +54,10 @@ pub fn sibling_binary(name: &str) -> PathBuf {
             return candidate;
         }
     }
-    panic!("{name} not found next to {}; build it first (cargo xtask test does)", exe.display());
+    panic!(
+        "{name} not found next to {}; build it first (cargo xtask test does)",
+        exe.display()
+    );
 }
 
 /// Runs `f` on a thread whose network namespace is `ns`; sockets it opens live in `ns`.
@@ -78,7 +90,11 @@ pub struct Topology {
 impl Topology {
     /// Builds client, node and `n` backend namespaces with their links and servers.
     pub fn new(n: usize) -> Result<Self> {
-        let id = format!("{}{}", std::process::id() % 100_000, COUNTER.fetch_add(1, Ordering::SeqCst));
+        let id = format!(
+            "{}{}",
+            std::process::id() % 100_000,
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
         let prefix = format!("lbt{id}");
         let dir = std::env::temp_dir().join(format!("lb-test-{prefix}"));
         fs::create_dir_all(&dir)?;
@@ -102,11 +118,19 @@ impl Topology {
             sh(&format!("ip netns add {ns}"))?;
             sh(&format!("ip -n {ns} link set lo up"))?;
         }
-        sh(&format!("ip netns exec {n} sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0"))?;
+        sh(&format!(
+            "ip netns exec {n} sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0"
+        ))?;
         // Client link. veth names are per namespace, so short fixed names are fine.
-        sh(&format!("ip link add eth0 netns {c} type veth peer name c0 netns {n}"))?;
-        sh(&format!("ip -n {c} addr add 10.0.0.1/24 dev eth0 && ip -n {c} link set eth0 up"))?;
-        sh(&format!("ip -n {n} addr add 10.0.0.254/24 dev c0 && ip -n {n} link set c0 up"))?;
+        sh(&format!(
+            "ip link add eth0 netns {c} type veth peer name c0 netns {n}"
+        ))?;
+        sh(&format!(
+            "ip -n {c} addr add 10.0.0.1/24 dev eth0 && ip -n {c} link set eth0 up"
+        ))?;
+        sh(&format!(
+            "ip -n {n} addr add 10.0.0.254/24 dev c0 && ip -n {n} link set c0 up"
+        ))?;
         sh(&format!("ip -n {c} route add 10.96.0.0/12 via 10.0.0.254"))?;
         sh(&format!("ip -n {c} route add 10.0.0.0/8 via 10.0.0.254"))?;
         self.node_interfaces.push("c0".into());
@@ -117,10 +141,16 @@ impl Topology {
         for (i, b) in self.backends.clone().iter().enumerate() {
             let i = i + 1;
             let nif = format!("b{i}");
-            sh(&format!("ip link add eth0 netns {b} type veth peer name {nif} netns {n}"))?;
-            sh(&format!("ip -n {b} addr add 10.0.{i}.2/24 dev eth0 && ip -n {b} link set eth0 up"))?;
+            sh(&format!(
+                "ip link add eth0 netns {b} type veth peer name {nif} netns {n}"
+            ))?;
+            sh(&format!(
+                "ip -n {b} addr add 10.0.{i}.2/24 dev eth0 && ip -n {b} link set eth0 up"
+            ))?;
             sh(&format!("ip -n {b} route add default via 10.0.{i}.1"))?;
-            sh(&format!("ip -n {n} addr add 10.0.{i}.1/24 dev {nif} && ip -n {n} link set {nif} up"))?;
+            sh(&format!(
+                "ip -n {n} addr add 10.0.{i}.1/24 dev {nif} && ip -n {n} link set {nif} up"
+            ))?;
             sh(&format!("ip netns exec {b} ethtool -K eth0 gro on tx off"))?;
             self.node_interfaces.push(nif);
             let server = Command::new("ip")
@@ -137,7 +167,9 @@ impl Topology {
         for i in 1..=self.backends.len() {
             let target: SocketAddr = format!("10.0.{i}.2:{BACKEND_TCP_PORT}").parse()?;
             self.wait_until(Duration::from_secs(5), &format!("server {i}"), move |t| {
-                t.client(move || TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok())
+                t.client(move || {
+                    TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok()
+                })
             })?;
         }
         Ok(())
@@ -148,7 +180,12 @@ impl Topology {
         in_netns(&self.client, f)
     }
 
-    pub fn wait_until(&self, timeout: Duration, what: &str, mut f: impl FnMut(&Self) -> bool) -> Result<()> {
+    pub fn wait_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut f: impl FnMut(&Self) -> bool,
+    ) -> Result<()> {
         let start = Instant::now();
         while start.elapsed() < timeout {
             if f(self) {
@@ -186,13 +223,28 @@ impl Topology {
         // `ip netns exec` would be invisible to lbctl outside it.
         lb_userspace::datapath::ensure_bpffs(&self.bpffs())?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.node]).arg(sibling_binary("lb-agent"));
-        cmd.arg("--config").arg(self.config_path()).arg("--bpffs").arg(self.bpffs());
-        cmd.args(["--max-services", "64", "--conntrack-size", "65536", "--reload-interval-ms", "100"]);
+        cmd.args(["netns", "exec", &self.node])
+            .arg(sibling_binary("lb-agent"));
+        cmd.arg("--config")
+            .arg(self.config_path())
+            .arg("--bpffs")
+            .arg(self.bpffs());
+        cmd.args([
+            "--max-services",
+            "64",
+            "--conntrack-size",
+            "65536",
+            "--reload-interval-ms",
+            "100",
+        ]);
         for i in &self.node_interfaces {
             cmd.args(["--interface", i]);
         }
-        cmd.args(extra).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        cmd.args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         self.agent = Some(cmd.spawn()?);
         let start = Instant::now();
         while !self.agent_log().contains("lb-agent ready") {
@@ -219,7 +271,11 @@ impl Topology {
 
     /// Runs lbctl against this topology's pinned maps.
     pub fn lbctl(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(sibling_binary("lbctl")).arg("--bpffs").arg(self.bpffs()).args(args).output()?;
+        let out = Command::new(sibling_binary("lbctl"))
+            .arg("--bpffs")
+            .arg(self.bpffs())
+            .args(args)
+            .output()?;
         if !out.status.success() {
             bail!("lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -228,8 +284,10 @@ impl Topology {
 
     /// The demo/test config: one Service (TCP 80 + UDP 53) over the given backend numbers.
     pub fn service_yaml(backends: &[usize]) -> String {
-        let endpoints: String =
-            backends.iter().map(|i| format!("- addresses: [\"10.0.{i}.2\"]\n  conditions: {{ready: true}}\n")).collect();
+        let endpoints: String = backends
+            .iter()
+            .map(|i| format!("- addresses: [\"10.0.{i}.2\"]\n  conditions: {{ready: true}}\n"))
+            .collect();
         format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: default}}\nspec:\n  clusterIP: {CLUSTER_IP}\n  ports:\n  \
              - {{name: tcp, port: {TCP_PORT}, targetPort: {BACKEND_TCP_PORT}, protocol: TCP}}\n  \
@@ -268,7 +326,8 @@ pub struct Conversation {
 
 impl Conversation {
     pub fn open(to: SocketAddr) -> Result<Self> {
-        let stream = TcpStream::connect_timeout(&to, Duration::from_secs(2)).with_context(|| format!("connect {to}"))?;
+        let stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+            .with_context(|| format!("connect {to}"))?;
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;
         let reader = BufReader::new(stream.try_clone()?);
         Ok(Self { stream, reader })
@@ -298,4 +357,3 @@ pub fn udp_ask(to: SocketAddr) -> Result<(SocketAddr, String)> {
     let (n, from) = socket.recv_from(&mut buf).context("no UDP reply")?;
     Ok((from, String::from_utf8_lossy(&buf[..n]).trim().to_string()))
 }
-

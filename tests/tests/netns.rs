@@ -11,7 +11,8 @@ fn vip(port: u16) -> SocketAddr {
 #[test]
 fn clusterip_tcp_and_udp_are_balanced_and_reverse_natted() {
     let mut topo = Topology::new(3).unwrap();
-    topo.write_config(&Topology::service_yaml(&[1, 2, 3])).unwrap();
+    topo.write_config(&Topology::service_yaml(&[1, 2, 3]))
+        .unwrap();
     topo.start_agent(&[]).unwrap();
 
     let (tcp, udp) = topo.client(|| {
@@ -25,7 +26,11 @@ fn clusterip_tcp_and_udp_are_balanced_and_reverse_natted() {
         }
         for _ in 0..300 {
             let (from, name) = udp_ask(vip(UDP_PORT)).unwrap();
-            assert_eq!(from, vip(UDP_PORT), "UDP reply must come from the ClusterIP");
+            assert_eq!(
+                from,
+                vip(UDP_PORT),
+                "UDP reply must come from the ClusterIP"
+            );
             *udp.entry(name).or_default() += 1;
         }
         (tcp, udp)
@@ -35,16 +40,37 @@ fn clusterip_tcp_and_udp_are_balanced_and_reverse_natted() {
     assert_eq!(udp.values().sum::<usize>(), 300);
     for i in 1..=3 {
         let name = format!("backend-{i}");
-        assert!(tcp.get(&name).copied().unwrap_or(0) > 30, "TCP to {name}: {tcp:?}");
-        assert!(udp.get(&name).copied().unwrap_or(0) > 30, "UDP to {name}: {udp:?}");
+        assert!(
+            tcp.get(&name).copied().unwrap_or(0) > 30,
+            "TCP to {name}: {tcp:?}"
+        );
+        assert!(
+            udp.get(&name).copied().unwrap_or(0) > 30,
+            "UDP to {name}: {udp:?}"
+        );
     }
 
     // The datapath counted what it forwarded, and lbctl shows it.
-    let stats: serde_json::Value = serde_json::from_str(&topo.lbctl(&["stats", "-o", "json"]).unwrap()).unwrap();
-    let tcp_frontend = stats["frontends"].as_array().unwrap().iter().find(|f| f["frontend"] == "10.96.0.10:80/TCP").unwrap();
-    assert!(tcp_frontend["packets"].as_u64().unwrap() >= 300 * 4, "{stats}");
-    let services: serde_json::Value = serde_json::from_str(&topo.lbctl(&["services", "-o", "json"]).unwrap()).unwrap();
-    let tcp_service = services.as_array().unwrap().iter().find(|s| s["frontend"] == "10.96.0.10:80/TCP").unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_str(&topo.lbctl(&["stats", "-o", "json"]).unwrap()).unwrap();
+    let tcp_frontend = stats["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["frontend"] == "10.96.0.10:80/TCP")
+        .unwrap();
+    assert!(
+        tcp_frontend["packets"].as_u64().unwrap() >= 300 * 4,
+        "{stats}"
+    );
+    let services: serde_json::Value =
+        serde_json::from_str(&topo.lbctl(&["services", "-o", "json"]).unwrap()).unwrap();
+    let tcp_service = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["frontend"] == "10.96.0.10:80/TCP")
+        .unwrap();
     assert_eq!(tcp_service["type"], "ClusterIP");
     assert_eq!(tcp_service["service"], "default/echo");
     assert_eq!(
@@ -56,7 +82,8 @@ fn clusterip_tcp_and_udp_are_balanced_and_reverse_natted() {
 #[test]
 fn removed_backend_gets_no_new_flows_but_keeps_its_open_connection() {
     let mut topo = Topology::new(3).unwrap();
-    topo.write_config(&Topology::service_yaml(&[1, 2, 3])).unwrap();
+    topo.write_config(&Topology::service_yaml(&[1, 2, 3]))
+        .unwrap();
     topo.start_agent(&[]).unwrap();
 
     // Open connections until one lands on backend-1, and keep it open.
@@ -76,7 +103,10 @@ fn removed_backend_gets_no_new_flows_but_keeps_its_open_connection() {
     // New flows must avoid backend-1 within a second of the change.
     std::thread::sleep(Duration::from_millis(1000));
     let log = topo.agent_log();
-    assert!(log.contains("slots moved"), "agent did not report the table change:\n{log}");
+    assert!(
+        log.contains("slots moved"),
+        "agent did not report the table change:\n{log}"
+    );
 
     let (counts, still_open) = topo.client(move || {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -89,9 +119,15 @@ fn removed_backend_gets_no_new_flows_but_keeps_its_open_connection() {
         (counts, answers)
     });
     println!("after removing backend-1: {counts:?}");
-    assert!(!counts.contains_key("backend-1"), "backend-1 got new flows: {counts:?}");
+    assert!(
+        !counts.contains_key("backend-1"),
+        "backend-1 got new flows: {counts:?}"
+    );
     assert_eq!(counts.values().sum::<usize>(), 150);
-    assert!(still_open.iter().all(|a| a == "backend-1"), "{still_open:?}");
+    assert!(
+        still_open.iter().all(|a| a == "backend-1"),
+        "{still_open:?}"
+    );
 }
 
 #[test]
@@ -101,9 +137,15 @@ fn bad_config_is_rejected_and_last_good_state_keeps_forwarding() {
     topo.start_agent(&[]).unwrap();
     let bad = Topology::service_yaml(&[1]).replace("port: 80,", "port: 99999,");
     topo.write_config(&bad).unwrap();
-    topo.wait_until(Duration::from_secs(3), "rejection in the log", |t| t.agent_log().contains("rejected")).unwrap();
+    topo.wait_until(Duration::from_secs(3), "rejection in the log", |t| {
+        t.agent_log().contains("rejected")
+    })
+    .unwrap();
     let log = topo.agent_log();
-    assert!(log.contains("Service default/echo: spec.ports[0].port: 99999 is not a port"), "{log}");
+    assert!(
+        log.contains("Service default/echo: spec.ports[0].port: 99999 is not a port"),
+        "{log}"
+    );
     let names = topo.client(|| {
         let mut names = std::collections::BTreeSet::new();
         for _ in 0..60 {
@@ -111,7 +153,11 @@ fn bad_config_is_rejected_and_last_good_state_keeps_forwarding() {
         }
         names
     });
-    assert_eq!(names.len(), 2, "both backends of the last good state still serve: {names:?}");
+    assert_eq!(
+        names.len(),
+        2,
+        "both backends of the last good state still serve: {names:?}"
+    );
 }
 
 #[test]

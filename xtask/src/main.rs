@@ -33,7 +33,10 @@ enum Task {
 const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ethtool", "ethtool")];
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -46,7 +49,10 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn have(program: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {program} >/dev/null 2>&1")]).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn cargo() -> Command {
@@ -66,38 +72,76 @@ unsafe extern "C" {
 }
 
 fn setup() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().filter(|(cmd, _)| !have(cmd)).map(|(_, pkg)| *pkg).collect();
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     if !missing.is_empty() {
         run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
 
     let sysroot = String::from_utf8(
-        Command::new("rustc").args(["+nightly", "--print", "sysroot"]).output().context("rustc +nightly")?.stdout,
+        Command::new("rustc")
+            .args(["+nightly", "--print", "sysroot"])
+            .output()
+            .context("rustc +nightly")?
+            .stdout,
     )?;
     let sysroot = PathBuf::from(sysroot.trim());
     if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
 
-    let linker_ok = Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success());
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !linker_ok {
         // bpf-linker must link against the very libLLVM the nightly compiler uses.
         let lib = std::fs::read_dir(sysroot.join("lib"))?
             .filter_map(|e| e.ok())
             .map(|e| e.path())
-            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.")))
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libLLVM.so."))
+            })
             .context("nightly toolchain has no libLLVM.so.*")?;
         let name = lib.file_name().unwrap().to_str().unwrap().to_string();
-        let major: String = name.trim_start_matches("libLLVM.so.").chars().take_while(char::is_ascii_digit).collect();
+        let major: String = name
+            .trim_start_matches("libLLVM.so.")
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
         let prefix = PathBuf::from("/opt/rust-llvm");
         std::fs::create_dir_all(prefix.join("lib"))?;
-        for link in [prefix.join("lib/libLLVM.so"), prefix.join("lib").join(&name)] {
+        for link in [
+            prefix.join("lib/libLLVM.so"),
+            prefix.join("lib").join(&name),
+        ] {
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(&lib, &link)?;
         }
         run(Command::new("cargo")
-            .args(["+nightly", "install", "bpf-linker", "--locked", "--no-default-features", "--features"])
+            .args([
+                "+nightly",
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--no-default-features",
+                "--features",
+            ])
             .arg(format!("llvm-{major}"))
             .env("LLVM_PREFIX", &prefix))?;
     }
@@ -109,7 +153,10 @@ fn setup() -> Result<()> {
 }
 
 fn is_bpffs(path: &str) -> bool {
-    Command::new("stat").args(["-f", "-c", "%T", path]).output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "bpf_fs")
+    Command::new("stat")
+        .args(["-f", "-c", "%T", path])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "bpf_fs")
 }
 
 fn main() -> Result<()> {
@@ -118,7 +165,9 @@ fn main() -> Result<()> {
         Task::Setup => setup(),
         Task::Test => {
             if !is_root() {
-                bail!("cargo xtask test sends packets through network namespaces and loads XDP programs: run it as root");
+                bail!(
+                    "cargo xtask test sends packets through network namespaces and loads XDP programs: run it as root"
+                );
             }
             setup()?;
             run(cargo().args(["test", "-p", "lb-common", "--features", "user"]))?;
@@ -133,7 +182,9 @@ fn main() -> Result<()> {
             }
             setup()?;
             run(cargo().args(["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))?;
-            run(cargo().args(["run", "-q", "-p", "lb-tests", "--bin", "lb-demo", "--"]).arg(root().join("examples/demo.yaml")))
+            run(cargo()
+                .args(["run", "-q", "-p", "lb-tests", "--bin", "lb-demo", "--"])
+                .arg(root().join("examples/demo.yaml")))
         }
         Task::FmtCheck => run(cargo().args(["fmt", "--all", "--check"])),
     }

@@ -8,7 +8,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use lb_common::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES};
+use lb_common::{
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS,
+    DEFAULT_MAX_SERVICES,
+};
 use lb_userspace::{
     config,
     datapath::{self, Datapath, Options},
@@ -63,7 +66,10 @@ fn reload(path: &Path, reconciler: &mut Reconciler, maps: &mut PinnedMaps) {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
-            error!("config {}: {e}; keeping the last good state", path.display());
+            error!(
+                "config {}: {e}; keeping the last good state",
+                path.display()
+            );
             return;
         }
     };
@@ -78,7 +84,11 @@ fn reload(path: &Path, reconciler: &mut Reconciler, maps: &mut PinnedMaps) {
             for e in &errors.0 {
                 error!("config {}: {e}", path.display());
             }
-            error!("config {} rejected ({} errors); keeping the last good state", path.display(), errors.0.len());
+            error!(
+                "config {} rejected ({} errors); keeping the last good state",
+                path.display(),
+                errors.0.len()
+            );
             return;
         }
     };
@@ -95,7 +105,10 @@ fn reload(path: &Path, reconciler: &mut Reconciler, maps: &mut PinnedMaps) {
             r.backends_added,
             r.backends_removed
         ),
-        Err(e) => error!("config {} not applied: {e:#}; keeping the last good state", path.display()),
+        Err(e) => error!(
+            "config {} not applied: {e:#}; keeping the last good state",
+            path.display()
+        ),
     }
 }
 
@@ -111,7 +124,8 @@ async fn main() -> Result<()> {
         max_backends: args.max_backends,
         conntrack_size: args.conntrack_size,
     };
-    std::fs::metadata(&args.config).with_context(|| format!("--config {}", args.config.display()))?;
+    std::fs::metadata(&args.config)
+        .with_context(|| format!("--config {}", args.config.display()))?;
 
     let mut datapath = Datapath::load(&opts)?;
     let mut maps = PinnedMaps::open(&opts.bpffs, true)?;
@@ -119,7 +133,9 @@ async fn main() -> Result<()> {
     let mut seen = fingerprint(&args.config);
     reload(&args.config, &mut reconciler, &mut maps);
     for interface in &args.interfaces {
-        datapath.attach(interface).with_context(|| format!("--interface {interface}"))?;
+        datapath
+            .attach(interface)
+            .with_context(|| format!("--interface {interface}"))?;
     }
     info!(
         "lb-agent ready: {} services, {} frontends, {} backends; XDP on {}; maps in {}",
@@ -150,9 +166,15 @@ async fn main() -> Result<()> {
     drop(datapath);
     if args.cleanup {
         datapath::cleanup(&opts.bpffs)?;
-        info!("lb-agent stopped; program detached and maps removed from {}", opts.bpffs.display());
+        info!(
+            "lb-agent stopped; program detached and maps removed from {}",
+            opts.bpffs.display()
+        );
     } else {
-        info!("lb-agent stopped; datapath keeps forwarding from the pinned state in {}", opts.bpffs.display());
+        info!(
+            "lb-agent stopped; datapath keeps forwarding from the pinned state in {}",
+            opts.bpffs.display()
+        );
     }
     Ok(())
 }

@@ -4,7 +4,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_common::{Frontend, FrontendKey, backend_state, frontend_type, ipv4_from_wire, port_from_wire, CT_DIR_FORWARD};
+use lb_common::{
+    CT_DIR_FORWARD, Frontend, FrontendKey, backend_state, frontend_type, ipv4_from_wire,
+    port_from_wire,
+};
 use lb_userspace::{
     maps::PinnedMaps,
     model::{Endpoint, Protocol, service_of},
@@ -67,9 +70,15 @@ fn parse_frontend(s: &str) -> Result<FrontendKey> {
         "UDP" => Protocol::Udp,
         other => bail!("frontend {s:?}: protocol {other:?} is not TCP or UDP"),
     };
-    let (ip, port) = hostport.rsplit_once(':').with_context(|| format!("frontend {s:?}: expected IP:PORT[/PROTO]"))?;
-    let addr: Ipv4Addr = ip.parse().with_context(|| format!("frontend {s:?}: {ip:?} is not an IPv4 address"))?;
-    let port: u16 = port.parse().with_context(|| format!("frontend {s:?}: {port:?} is not a port"))?;
+    let (ip, port) = hostport
+        .rsplit_once(':')
+        .with_context(|| format!("frontend {s:?}: expected IP:PORT[/PROTO]"))?;
+    let addr: Ipv4Addr = ip
+        .parse()
+        .with_context(|| format!("frontend {s:?}: {ip:?} is not an IPv4 address"))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("frontend {s:?}: {port:?} is not a port"))?;
     Ok(frontend_key(&Endpoint { addr, port, proto }))
 }
 
@@ -82,7 +91,11 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(header.to_vec());
@@ -115,7 +128,10 @@ fn table_shares(maps: &PinnedMaps, frontend: &Frontend, m: u32) -> Result<BTreeM
     if frontend.backend_count == 0 {
         return Ok(shares);
     }
-    for id in maps.maglev.read(frontend.maglev_offset as usize, m as usize)? {
+    for id in maps
+        .maglev
+        .read(frontend.maglev_offset as usize, m as usize)?
+    {
         if id != 0 {
             *shares.entry(id).or_insert(0) += 1;
         }
@@ -158,7 +174,12 @@ fn main() -> Result<()> {
                 let rows: Vec<Vec<String>> = out
                     .iter()
                     .map(|o| {
-                        let backends: Vec<&str> = o["backends"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+                        let backends: Vec<&str> = o["backends"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .collect();
                         vec![
                             o["frontend"].as_str().unwrap().to_string(),
                             o["type"].as_str().unwrap().to_string(),
@@ -178,7 +199,11 @@ fn main() -> Result<()> {
                     continue;
                 }
                 let c = PinnedMaps::sum(&maps.backend_stats.get(&(id as u32), 0)?);
-                let state = if b.state == backend_state::ACTIVE { "active" } else { "terminating" };
+                let state = if b.state == backend_state::ACTIVE {
+                    "active"
+                } else {
+                    "terminating"
+                };
                 out.push(json!({"id": id, "backend": hostport(b.addr, b.port), "protocol": proto_name(b.proto),
                     "state": state, "packets": c.packets, "bytes": c.bytes}));
             }
@@ -187,9 +212,17 @@ fn main() -> Result<()> {
             } else {
                 let rows: Vec<Vec<String>> = out
                     .iter()
-                    .map(|o| ["id", "backend", "protocol", "state", "packets", "bytes"].iter().map(|k| o[*k].to_string().trim_matches('"').to_string()).collect())
+                    .map(|o| {
+                        ["id", "backend", "protocol", "state", "packets", "bytes"]
+                            .iter()
+                            .map(|k| o[*k].to_string().trim_matches('"').to_string())
+                            .collect()
+                    })
                     .collect();
-                print_table(&["ID", "BACKEND", "PROTO", "STATE", "PACKETS", "BYTES"], &rows);
+                print_table(
+                    &["ID", "BACKEND", "PROTO", "STATE", "PACKETS", "BYTES"],
+                    &rows,
+                );
             }
         }
         Command::Conntrack => {
@@ -213,9 +246,33 @@ fn main() -> Result<()> {
             } else {
                 let rows: Vec<Vec<String>> = out
                     .iter()
-                    .map(|o| ["direction", "protocol", "source", "destination", "nat", "backend_id", "idle_seconds"].iter().map(|k| o[*k].to_string().trim_matches('"').to_string()).collect())
+                    .map(|o| {
+                        [
+                            "direction",
+                            "protocol",
+                            "source",
+                            "destination",
+                            "nat",
+                            "backend_id",
+                            "idle_seconds",
+                        ]
+                        .iter()
+                        .map(|k| o[*k].to_string().trim_matches('"').to_string())
+                        .collect()
+                    })
                     .collect();
-                print_table(&["DIR", "PROTO", "SOURCE", "DESTINATION", "NAT", "BACKEND", "IDLE_S"], &rows);
+                print_table(
+                    &[
+                        "DIR",
+                        "PROTO",
+                        "SOURCE",
+                        "DESTINATION",
+                        "NAT",
+                        "BACKEND",
+                        "IDLE_S",
+                    ],
+                    &rows,
+                );
             }
         }
         Command::Stats => {
@@ -244,32 +301,61 @@ fn main() -> Result<()> {
             } else {
                 let rows: Vec<Vec<String>> = fe_out
                     .iter()
-                    .map(|o| vec![o["frontend"].as_str().unwrap().into(), o["service"].as_str().unwrap().into(), o["packets"].to_string(), o["bytes"].to_string()])
+                    .map(|o| {
+                        vec![
+                            o["frontend"].as_str().unwrap().into(),
+                            o["service"].as_str().unwrap().into(),
+                            o["packets"].to_string(),
+                            o["bytes"].to_string(),
+                        ]
+                    })
                     .collect();
                 print_table(&["FRONTEND", "SERVICE", "PACKETS", "BYTES"], &rows);
                 println!();
                 let rows: Vec<Vec<String>> = be_out
                     .iter()
-                    .map(|o| vec![o["backend"].as_str().unwrap().into(), o["packets"].to_string(), o["bytes"].to_string()])
+                    .map(|o| {
+                        vec![
+                            o["backend"].as_str().unwrap().into(),
+                            o["packets"].to_string(),
+                            o["bytes"].to_string(),
+                        ]
+                    })
                     .collect();
                 print_table(&["BACKEND", "PACKETS", "BYTES"], &rows);
-                println!("\nconntrack: {entries}/{capacity} entries ({:.1}%)", 100.0 * entries as f64 / capacity.max(1) as f64);
+                println!(
+                    "\nconntrack: {entries}/{capacity} entries ({:.1}%)",
+                    100.0 * entries as f64 / capacity.max(1) as f64
+                );
             }
         }
         Command::Maglev { frontend } => {
             let key = parse_frontend(frontend)?;
-            let fe = maps.frontends.get(&key, 0).with_context(|| format!("frontend {} not found", frontend_name(&key)))?;
+            let fe = maps
+                .frontends
+                .get(&key, 0)
+                .with_context(|| format!("frontend {} not found", frontend_name(&key)))?;
             let m = config.maglev_size;
             let mut rows = Vec::new();
             let mut out = Vec::new();
             for (id, slots) in table_shares(&maps, &fe, m)? {
                 let name = backend_name(&maps, id)?;
                 let share = slots as f64 / m as f64;
-                rows.push(vec![name.clone(), id.to_string(), slots.to_string(), format!("{:.2}%", 100.0 * share)]);
+                rows.push(vec![
+                    name.clone(),
+                    id.to_string(),
+                    slots.to_string(),
+                    format!("{:.2}%", 100.0 * share),
+                ]);
                 out.push(json!({"backend": name, "id": id, "slots": slots, "share": share}));
             }
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&json!({"frontend": frontend_name(&key), "table_size": m, "backends": out}))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &json!({"frontend": frontend_name(&key), "table_size": m, "backends": out})
+                    )?
+                );
             } else {
                 println!("frontend {} (M = {m})", frontend_name(&key));
                 print_table(&["BACKEND", "ID", "SLOTS", "SHARE"], &rows);

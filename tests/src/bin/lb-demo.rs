@@ -6,12 +6,18 @@ use std::{collections::BTreeMap, net::SocketAddr};
 use lb_tests::{CLUSTER_IP, Conversation, TCP_PORT, Topology, UDP_PORT, udp_ask};
 
 fn main() -> anyhow::Result<()> {
-    let config = std::env::args().nth(1).unwrap_or_else(|| "examples/demo.yaml".into());
+    let config = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "examples/demo.yaml".into());
     let text = std::fs::read_to_string(&config)?;
     let mut topo = Topology::new(3)?;
     topo.write_config(&text)?;
     topo.start_agent(&[])?;
-    println!("lb-agent running in namespace {} on {}", topo.node, topo.node_interfaces.join(","));
+    println!(
+        "lb-agent running in namespace {} on {}",
+        topo.node,
+        topo.node_interfaces.join(",")
+    );
     let (tcp, udp) = topo.client(|| -> anyhow::Result<_> {
         let mut tcp: BTreeMap<String, usize> = BTreeMap::new();
         let mut udp: BTreeMap<String, usize> = BTreeMap::new();

@@ -11,7 +11,9 @@ fn main() -> anyhow::Result<()> {
     let (mut tcp, mut udp) = (None, None);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let value = args.next().ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
+        let value = args
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
         match flag.as_str() {
             "--name" => name = value,
             "--tcp" => tcp = Some(value),
