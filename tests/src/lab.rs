@@ -26,6 +26,7 @@ use lb_userspace::{
     config,
     datapath::{self, Datapath, Options},
     maps::PinnedMaps,
+    model::DesiredState,
     reconcile::Reconciler,
 };
 use pnet::util::MacAddr;
@@ -128,6 +129,11 @@ impl XdpLab {
     /// gives every backend address a neighbour entry on `bk`.
     pub fn apply_yaml(&mut self, yaml: &str) -> Result<()> {
         let (desired, _) = config::load_str(yaml).map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.apply(&desired)
+    }
+
+    /// Applies a desired state to the maps and gives every backend a neighbour entry on `bk`.
+    pub fn apply(&mut self, desired: &DesiredState) -> Result<()> {
         let mut addrs: Vec<Ipv4Addr> = desired
             .services
             .values()

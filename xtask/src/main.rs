@@ -1,4 +1,4 @@
-//! Orchestration: `cargo xtask setup | test | demo | fmt-check`. Building the eBPF object is
+//! Orchestration: `cargo xtask setup | test | demo | bench | fmt-check`. Building the eBPF object is
 //! aya-build's job (lb-userspace/build.rs), not this one's.
 
 use std::{
@@ -25,12 +25,33 @@ enum Task {
     Test,
     /// Setup, build, and run the veth demo from examples/demo.yaml.
     Demo,
+    /// Setup, then every benchmark under bench/ (tables, CSV and PNG in bench/results/).
+    Bench {
+        /// Short smoke run into target/bench-quick (what CI runs): proves the benchmarks work.
+        #[arg(long)]
+        quick: bool,
+        /// Only these benchmarks (comma-separated), as `lb-bench --only`.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// cargo fmt --check.
     FmtCheck,
 }
 
-/// Debian packages the tests and demo use, by the command that proves each is installed.
-const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ethtool", "ethtool")];
+/// Debian packages the tests, demo and benchmarks use, by the command (or, starting with `/`,
+/// the file) that proves each is installed. The benchmarks' plots need fontconfig, freetype and
+/// a font.
+const PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("pkg-config", "pkg-config"),
+    ("/usr/include/fontconfig/fontconfig.h", "libfontconfig-dev"),
+    ("/usr/include/freetype2/ft2build.h", "libfreetype-dev"),
+    (
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "fonts-dejavu-core",
+    ),
+];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -49,6 +70,9 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn have(program: &str) -> bool {
+    if program.starts_with('/') {
+        return Path::new(program).exists();
+    }
     Command::new("sh")
         .args(["-c", &format!("command -v {program} >/dev/null 2>&1")])
         .status()
@@ -185,6 +209,25 @@ fn main() -> Result<()> {
             run(cargo()
                 .args(["run", "-q", "-p", "lb-tests", "--bin", "lb-demo", "--"])
                 .arg(root().join("examples/demo.yaml")))
+        }
+        Task::Bench { quick, only } => {
+            if !is_root() {
+                bail!(
+                    "cargo xtask bench loads XDP programs and makes network namespaces: run it as root"
+                );
+            }
+            setup()?;
+            let mut cmd = cargo();
+            cmd.args(["run", "--release", "-q", "-p", "lb-bench", "--"]);
+            if quick {
+                cmd.arg("--quick")
+                    .arg("--out")
+                    .arg(root().join("target/bench-quick"));
+            }
+            if let Some(only) = only {
+                cmd.args(["--only", &only]);
+            }
+            run(&mut cmd)
         }
         Task::FmtCheck => run(cargo().args(["fmt", "--all", "--check"])),
     }

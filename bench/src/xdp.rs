@@ -1,0 +1,364 @@
+//! Benchmark 1: per-packet cost of the XDP program with BPF_PROG_TEST_RUN, against the empty
+//! `lb_pass` program from the same object, at 1, 1k, 10k and 100k frontends.
+//!
+//! Two methods, because BPF_PROG_TEST_RUN repeats one frame:
+//! - `repeat` runs one frame R times in the kernel and reports the mean. After its first run a
+//!   flow's frame is a conntrack hit, so this measures established flows, replies and misses.
+//! - `new flow` runs K frames that each carry a new source port, once each, and averages the
+//!   kernel's per-run time: the full first-packet path (frontend, conntrack miss, Maglev, two
+//!   conntrack inserts, DNAT, FIB). A single run includes the kernel's timer and starts with
+//!   cold caches (the syscall in between evicts them), so it is compared with the empty program
+//!   and an established flow timed the same way, not with the repeated figures.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+use lb_common::DEFAULT_CONNTRACK_SIZE;
+use lb_tests::{
+    frames::{Frame, TCP_ACK, TCP_SYN},
+    lab::{BACKEND_IF_MAC, CLIENT, CLIENT_IF_MAC, CLIENT_MAC, XdpLab, backend_mac},
+};
+use lb_userspace::{
+    datapath::Options,
+    model::{
+        BackendCondition, BackendSpec, DesiredState, Endpoint, FrontendKind, FrontendSpec,
+        Protocol, ServicePort,
+    },
+};
+
+use crate::report::{Plot, Table, Target, num};
+
+const M: u32 = 251;
+const BACKEND_POOL: u32 = 32;
+
+pub struct Settings {
+    pub frontend_counts: Vec<u32>,
+    pub repeat: u32,
+    pub new_flows: u32,
+    pub trials: usize,
+}
+
+impl Settings {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                frontend_counts: vec![1, 1000],
+                repeat: 100_000,
+                new_flows: 2000,
+                trials: 1,
+            }
+        } else {
+            Self {
+                frontend_counts: vec![1, 1000, 10_000, 100_000],
+                repeat: 1_000_000,
+                new_flows: 20_000,
+                trials: 5,
+            }
+        }
+    }
+}
+
+fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i)
+}
+
+fn backend_addr(k: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, 1, 0, 1 + k as u8)
+}
+
+/// `n` services with one TCP port each (service 0 also has UDP 53), 3 backends each from a
+/// shared pool of 32 addresses.
+pub fn services(n: u32) -> DesiredState {
+    let mut desired = DesiredState::default();
+    for i in 0..n {
+        let picks: Vec<u32> = (0..3).map(|k| (i + k * 7) % BACKEND_POOL).collect();
+        let mut ports = vec![(Protocol::Tcp, 80, 8080, "tcp")];
+        if i == 0 {
+            ports.push((Protocol::Udp, 53, 8053, "udp"));
+        }
+        for (proto, port, target, pname) in ports {
+            let mut backends: Vec<BackendSpec> = picks
+                .iter()
+                .map(|&k| BackendSpec {
+                    endpoint: Endpoint {
+                        addr: backend_addr(k),
+                        port: target,
+                        proto,
+                    },
+                    condition: BackendCondition::Active,
+                    weight: 1,
+                })
+                .collect();
+            backends.sort();
+            backends.dedup();
+            let name = format!("bench/svc-{i}:{pname}");
+            desired.services.insert(
+                name.clone(),
+                ServicePort {
+                    name,
+                    frontends: vec![FrontendSpec {
+                        endpoint: Endpoint {
+                            addr: vip(i),
+                            port,
+                            proto,
+                        },
+                        kind: FrontendKind::ClusterIp,
+                    }],
+                    backends,
+                },
+            );
+        }
+    }
+    desired
+}
+
+pub fn options(services: u32) -> Options {
+    Options {
+        bpffs: Default::default(),
+        maglev_size: M,
+        max_services: services + 1,
+        max_frontends: services + 2,
+        max_backends: 64,
+        conntrack_size: DEFAULT_CONNTRACK_SIZE,
+    }
+}
+
+fn client(f: Frame) -> Vec<u8> {
+    Frame {
+        src_mac: CLIENT_MAC,
+        dst_mac: CLIENT_IF_MAC,
+        ..f
+    }
+    .bytes()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+struct Row {
+    frontends: u32,
+    floor: f64,
+    miss: f64,
+    tcp_syn: f64,
+    tcp_ct_hit: f64,
+    udp_ct_hit: f64,
+    rev_nat: f64,
+    floor_single: f64,
+    ct_hit_single: f64,
+    new_flow: f64,
+}
+
+fn measure(s: &Settings, n: u32) -> Result<Row> {
+    let mut lab = XdpLab::new(options(n))?;
+    let desired = services(n);
+    lab.apply(&desired)?;
+    let frontends = desired.frontend_count() as u32;
+    let (ci, bi) = (lab.client_ifindex, lab.backend_ifindex);
+
+    let target = vip(n / 2);
+    let syn = client(Frame::tcp((CLIENT, 40000), (target, 80), TCP_SYN));
+    let ack = client(Frame::tcp((CLIENT, 40000), (target, 80), TCP_ACK));
+    let udp = client(Frame::udp((CLIENT, 5353), (vip(0), 53)));
+    let miss = client(Frame::tcp(
+        (CLIENT, 40000),
+        (Ipv4Addr::new(10, 200, 0, 1), 80),
+        TCP_SYN,
+    ));
+
+    // Prime the flows and learn which backend the TCP one went to, for its reply.
+    let first = lab.run("lb", &syn, ci)?;
+    anyhow::ensure!(
+        first.verdict == 4,
+        "SYN to {target}: verdict {} (want XDP_REDIRECT)",
+        first.verdict
+    );
+    let backend = Ipv4Addr::new(
+        first.output[30],
+        first.output[31],
+        first.output[32],
+        first.output[33],
+    );
+    lab.run("lb", &udp, ci)?;
+    let reply = Frame {
+        src_mac: backend_mac(backend),
+        dst_mac: BACKEND_IF_MAC,
+        ..Frame::tcp((backend, 8080), (CLIENT, 40000), TCP_SYN | TCP_ACK)
+    }
+    .bytes();
+    let check = lab.run("lb", &reply, bi)?;
+    anyhow::ensure!(
+        check.verdict == 4,
+        "reply from {backend}: verdict {}",
+        check.verdict
+    );
+
+    let mut time = |prog: &str, frame: &[u8], ingress: u32| -> Result<f64> {
+        let mut v = Vec::new();
+        for _ in 0..s.trials {
+            v.push(lab.time(prog, frame, ingress, s.repeat)?);
+        }
+        Ok(median(v))
+    };
+    let floor = time("lb_pass", &syn, ci)?;
+    let miss = time("lb", &miss, ci)?;
+    let tcp_syn = time("lb", &syn, ci)?;
+    let tcp_ct_hit = time("lb", &ack, ci)?;
+    let udp_ct_hit = time("lb", &udp, ci)?;
+    let rev_nat = time("lb", &reply, bi)?;
+
+    let mut single = |prog: &str, base_port: u32| -> Result<f64> {
+        let mut total = 0.0;
+        for k in 0..s.new_flows {
+            let sport = 1024 + ((base_port + k) % 60000) as u16;
+            let src = Ipv4Addr::from(u32::from(CLIENT) + ((base_port + k) / 60000) * 256);
+            let f = client(Frame::tcp((src, sport), (target, 80), TCP_SYN));
+            total += lab.time(prog, &f, ci, 1)?;
+        }
+        Ok(total / s.new_flows as f64)
+    };
+    let floor_single = single("lb_pass", 0)?;
+    let new_flow = single("lb", 0)?;
+    let mut ct_hit_single = 0.0;
+    for _ in 0..s.new_flows {
+        ct_hit_single += lab.time("lb", &ack, ci, 1)?;
+    }
+    let ct_hit_single = ct_hit_single / s.new_flows as f64;
+    Ok(Row {
+        frontends,
+        floor,
+        miss,
+        tcp_syn,
+        tcp_ct_hit,
+        udp_ct_hit,
+        rev_nat,
+        floor_single,
+        ct_hit_single,
+        new_flow,
+    })
+}
+
+pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> {
+    let mut rows = Vec::new();
+    for &n in &s.frontend_counts {
+        eprintln!("xdp: {n} services …");
+        rows.push(measure(s, n)?);
+    }
+    let mut table = Table::new(
+        "xdp_test_run",
+        format!(
+            "Per-packet cost, BPF_PROG_TEST_RUN (ns/packet; repeat {} × median of {}; new flows: {} single runs)",
+            s.repeat, s.trials, s.new_flows
+        ),
+        &[
+            "frontends",
+            "empty prog",
+            "miss",
+            "TCP SYN (repeated)",
+            "TCP ACK (conntrack hit)",
+            "UDP (conntrack hit)",
+            "reply rev-NAT",
+            "SYN / empty",
+            "single run: empty prog",
+            "single run: conntrack hit",
+            "single run: new flow (SYN)",
+        ],
+    );
+    for r in &rows {
+        table.row(vec![
+            r.frontends.to_string(),
+            num(r.floor),
+            num(r.miss),
+            num(r.tcp_syn),
+            num(r.tcp_ct_hit),
+            num(r.udp_ct_hit),
+            num(r.rev_nat),
+            format!("{:.2}×", r.tcp_syn / r.floor),
+            num(r.floor_single),
+            num(r.ct_hit_single),
+            num(r.new_flow),
+        ]);
+    }
+    let series = |name: &str, f: fn(&Row) -> f64| {
+        (
+            name.to_string(),
+            rows.iter().map(|r| (r.frontends as f64, f(r))).collect(),
+        )
+    };
+    Plot {
+        title: "XDP per-packet cost (BPF_PROG_TEST_RUN)",
+        x_label: "frontends",
+        y_label: "ns / packet (log)",
+        log_x: true,
+        log_y: true,
+        series: vec![
+            series("empty program", |r| r.floor),
+            series("miss", |r| r.miss),
+            series("TCP SYN, repeated", |r| r.tcp_syn),
+            series("TCP ACK, conntrack hit", |r| r.tcp_ct_hit),
+            series("UDP conntrack hit", |r| r.udp_ct_hit),
+            series("reply rev-NAT", |r| r.rev_nat),
+            series("empty program, single run", |r| r.floor_single),
+            series("conntrack hit, single run", |r| r.ct_hit_single),
+            series("TCP SYN new flow, single run", |r| r.new_flow),
+        ],
+    }
+    .write(&out.join("xdp_test_run.png"))?;
+
+    let first = &rows[0];
+    let last = rows.last().expect("rows");
+    let mut targets = vec![
+        Target::at_most(
+            "xdp TCP SYN hit ns vs empty program (1 frontend)",
+            first.tcp_syn,
+            first.floor,
+            3.0,
+            "<= 3x floor",
+        ),
+        Target::at_most(
+            "xdp TCP conntrack hit ns vs empty program (1 frontend)",
+            first.tcp_ct_hit,
+            first.floor,
+            3.0,
+            "<= 3x floor",
+        ),
+        Target::at_most(
+            "xdp TCP SYN new flow ns vs empty program, single cold runs (1 frontend)",
+            first.new_flow,
+            first.floor_single,
+            3.0,
+            "<= 3x floor",
+        ),
+        Target::at_most(
+            "xdp UDP hit ns vs empty program (1 frontend)",
+            first.udp_ct_hit,
+            first.floor,
+            3.0,
+            "<= 3x floor",
+        ),
+    ];
+    if rows.len() > 1 {
+        let label = |what: &str| {
+            format!(
+                "xdp {what} ns at {} frontends vs at {}",
+                last.frontends, first.frontends
+            )
+        };
+        targets.push(Target::at_most(
+            &label("TCP SYN hit"),
+            last.tcp_syn,
+            first.tcp_syn,
+            1.1,
+            "<= 1.1x",
+        ));
+        targets.push(Target::at_most(
+            &label("TCP SYN new flow"),
+            last.new_flow,
+            first.new_flow,
+            1.1,
+            "<= 1.1x",
+        ));
+    }
+    Ok((table, targets))
+}
