@@ -35,7 +35,7 @@ impl Table {
     /// Markdown, so the README can carry it as printed.
     pub fn render(&self) -> String {
         let mut out = format!(
-            "### {}\n\n| {} |\n|{}|\n",
+            "### {}\n\n| {} |\n|{}\n",
             self.title,
             self.headers.join(" | "),
             "---|".repeat(self.headers.len())
