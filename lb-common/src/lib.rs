@@ -25,6 +25,7 @@ pub mod map_names {
     pub const CONFIG: &str = "LB_CONFIG";
     pub const FRONTEND_STATS: &str = "LB_FRONTEND_STATS";
     pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
+    pub const ARP: &str = "LB_ARP";
     /// Created by the agent, never read by the datapath: service names for `lbctl`.
     pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 }
@@ -38,6 +39,8 @@ pub const DEFAULT_MAGLEV_SIZE: u32 = 16_381;
 /// Spare Maglev blocks beyond one per service: a table is always written into a free block and
 /// the frontends are flipped to it afterwards, and freed blocks rest in a FIFO before reuse.
 pub const MAGLEV_SPARE_BLOCKS: u32 = 16;
+/// Announced (interface, address) pairs the ARP responder can hold.
+pub const DEFAULT_MAX_ANNOUNCEMENTS: u32 = 4_096;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -185,8 +188,31 @@ pub struct ServiceName {
 }
 const _: () = assert!(size_of::<ServiceName>() == 128);
 
+/// ARP responder key: an address announced on one interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ArpKey {
+    pub ifindex: u32,
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+}
+const _: () = assert!(size_of::<ArpKey>() == 8);
+
+/// What the ARP responder answers with: the interface's MAC, and how many replies it sent
+/// (one counter shared by all CPUs; ARP is rare enough for that).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArpEntry {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    pub replies: u64,
+}
+const _: () = assert!(size_of::<ArpEntry>() == 16);
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for ArpKey {}
+    unsafe impl aya::Pod for ArpEntry {}
     use super::*;
     unsafe impl aya::Pod for FrontendKey {}
     unsafe impl aya::Pod for Frontend {}

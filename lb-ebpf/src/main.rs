@@ -5,6 +5,8 @@
 //!     hash → backend; DNAT with incremental checksums; conntrack insert (forward + reply entry);
 //!   else reply conntrack hit (backend → client): rewrite the source back to the frontend;
 //!   else XDP_PASS untouched.
+//! ARP requests for an address announced on the receiving interface (LoadBalancer IPs, per the
+//! L2 announcement policies) are answered in place with XDP_TX; all other ARP passes untouched.
 //! Rewritten packets go out by bpf_fib_lookup + redirect (or XDP_TX); when the FIB cannot resolve
 //! the next hop the rewritten packet is passed to the kernel, which forwards it.
 #![no_std]
@@ -21,12 +23,13 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, CT_DIR_FORWARD, CT_DIR_REPLY, Config, Counters, CtEntry, CtKey,
-    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS,
-    DEFAULT_MAX_SERVICES, Frontend, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SPARE_BLOCKS,
-    backend_state, csum, ct_flags, hash::flow_hash,
+    ArpEntry, ArpKey, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, Config, Counters, CtEntry, CtKey,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_ANNOUNCEMENTS, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES, Frontend, FrontendKey, IPPROTO_TCP, IPPROTO_UDP,
+    MAGLEV_SPARE_BLOCKS, backend_state, csum, ct_flags, hash::flow_hash,
 };
 use network_types::{
+    arp::ArpHdr,
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
     tcp::TcpHdr,
@@ -69,6 +72,9 @@ static LB_FRONTEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(DEFAULT_MA
 #[map]
 static LB_BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(DEFAULT_MAX_BACKENDS, 0);
 
+#[map]
+static LB_ARP: HashMap<ArpKey, ArpEntry> = HashMap::pinned(DEFAULT_MAX_ANNOUNCEMENTS, 0);
+
 #[xdp]
 pub fn lb(ctx: XdpContext) -> u32 {
     match try_lb(&ctx) {
@@ -107,7 +113,11 @@ struct L4 {
 #[inline(always)]
 fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+    let ether_type = unsafe { (*eth).ether_type };
+    if ether_type == EtherType::Arp as u16 {
+        return arp_reply(ctx, eth);
+    }
+    if ether_type != EtherType::Ipv4 as u16 {
         return Ok(xdp_action::XDP_PASS);
     }
     let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
@@ -292,6 +302,49 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         return Ok(redirect(ctx, eth, ip, &l4));
     }
     Ok(xdp_action::XDP_PASS)
+}
+
+const ARP_REQUEST: u16 = 1;
+const ARP_REPLY: u16 = 2;
+
+/// Answers an Ethernet/IPv4 ARP request for an address announced on this interface by turning
+/// the request into the reply in place and sending it back out (XDP_TX). Gratuitous requests
+/// (sender = target) and everything else go to the kernel.
+#[inline(always)]
+fn arp_reply(ctx: &XdpContext, eth: *mut EthHdr) -> Result<u32, ()> {
+    let arp: *mut ArpHdr = ptr_at(ctx, EthHdr::LEN)?;
+    let a = unsafe { &mut *arp };
+    if u16::from_be_bytes(a.htype) != 1
+        || u16::from_be_bytes(a.ptype) != 0x0800
+        || a.hlen != 6
+        || a.plen != 4
+        || u16::from_be_bytes(a.oper) != ARP_REQUEST
+        || a.spa == a.tpa
+    {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let key = ArpKey {
+        ifindex: ctx.ingress_ifindex() as u32,
+        addr: u32::from_ne_bytes(a.tpa),
+    };
+    let Some(entry) = LB_ARP.get_ptr_mut(&key) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    let mac = unsafe { (*entry).mac };
+    // Plain increment: the BPF target has no 64-bit atomic add in core, and two CPUs answering
+    // the same address in the same instant only loses a count, never a reply.
+    unsafe { (*entry).replies += 1 };
+    let (requester_mac, requester_ip) = (a.sha, a.spa);
+    a.oper = ARP_REPLY.to_be_bytes();
+    a.tha = requester_mac;
+    a.tpa = requester_ip;
+    a.sha = mac;
+    a.spa = key.addr.to_ne_bytes();
+    unsafe {
+        (*eth).dst_addr = requester_mac;
+        (*eth).src_addr = mac;
+    }
+    Ok(xdp_action::XDP_TX)
 }
 
 /// Is backend `id` still configured, active, and the same address (ids are reused)?

@@ -250,6 +250,7 @@ pub fn cleanup(dir: &Path) -> Result<()> {
         map_names::FRONTEND_STATS,
         map_names::BACKEND_STATS,
         map_names::SERVICE_NAMES,
+        map_names::ARP,
     ] {
         let path = dir.join(name);
         if path.exists() {

@@ -10,7 +10,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
-    Backend, Config, Counters, CtEntry, CtKey, Frontend, FrontendKey, ServiceName, map_names,
+    ArpEntry, ArpKey, Backend, Config, Counters, CtEntry, CtKey, Frontend, FrontendKey,
+    ServiceName, map_names,
 };
 
 /// What the reconciler needs from the datapath's maps. The in-memory implementation in
@@ -125,6 +126,7 @@ pub struct PinnedMaps {
     pub frontend_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub service_names: HashMap<MapData, u32, ServiceName>,
+    pub arp: HashMap<MapData, ArpKey, ArpEntry>,
 }
 
 fn open_map(dir: &Path, name: &str) -> Result<Map> {
@@ -150,6 +152,7 @@ impl PinnedMaps {
             frontend_stats: PerCpuArray::try_from(open_map(dir, map_names::FRONTEND_STATS)?)?,
             backend_stats: PerCpuArray::try_from(open_map(dir, map_names::BACKEND_STATS)?)?,
             service_names: HashMap::try_from(open_map(dir, map_names::SERVICE_NAMES)?)?,
+            arp: HashMap::try_from(open_map(dir, map_names::ARP)?)?,
         })
     }
 

@@ -174,12 +174,34 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
 
 /// An ARP request ("who has `target`? tell `sender`") as a broadcast frame.
 pub fn arp_request(sender_mac: MacAddr, sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
-    use pnet::packet::arp::{ArpHardwareTypes, ArpOperations, MutableArpPacket};
+    arp(
+        1,
+        sender_mac,
+        MacAddr::broadcast(),
+        (sender_mac, sender),
+        (MacAddr::zero(), target),
+    )
+}
+
+/// The ARP reply "`ip` is at `mac`" to `requester`.
+pub fn arp_reply(mac: MacAddr, ip: Ipv4Addr, requester: (MacAddr, Ipv4Addr)) -> Vec<u8> {
+    arp(2, mac, requester.0, (mac, ip), requester)
+}
+
+/// Any Ethernet/IPv4 ARP frame: operation, Ethernet source and destination, sender and target.
+pub fn arp(
+    operation: u16,
+    eth_src: MacAddr,
+    eth_dst: MacAddr,
+    sender: (MacAddr, Ipv4Addr),
+    target: (MacAddr, Ipv4Addr),
+) -> Vec<u8> {
+    use pnet::packet::arp::{ArpHardwareTypes, ArpOperation, MutableArpPacket};
     let mut buf = vec![0u8; 14 + 28];
     {
         let mut eth = MutableEthernetPacket::new(&mut buf).expect("eth");
-        eth.set_source(sender_mac);
-        eth.set_destination(MacAddr::broadcast());
+        eth.set_source(eth_src);
+        eth.set_destination(eth_dst);
         eth.set_ethertype(EtherTypes::Arp);
     }
     let mut arp = MutableArpPacket::new(&mut buf[14..]).expect("arp");
@@ -187,10 +209,10 @@ pub fn arp_request(sender_mac: MacAddr, sender: Ipv4Addr, target: Ipv4Addr) -> V
     arp.set_protocol_type(EtherTypes::Ipv4);
     arp.set_hw_addr_len(6);
     arp.set_proto_addr_len(4);
-    arp.set_operation(ArpOperations::Request);
-    arp.set_sender_hw_addr(sender_mac);
-    arp.set_sender_proto_addr(sender);
-    arp.set_target_hw_addr(MacAddr::zero());
-    arp.set_target_proto_addr(target);
+    arp.set_operation(ArpOperation::new(operation));
+    arp.set_sender_hw_addr(sender.0);
+    arp.set_sender_proto_addr(sender.1);
+    arp.set_target_hw_addr(target.0);
+    arp.set_target_proto_addr(target.1);
     buf
 }

@@ -4,15 +4,18 @@
 
 use std::net::Ipv4Addr;
 
-use lb_common::{DEFAULT_CONNTRACK_SIZE, FrontendKey, hash::flow_hash, ipv4_to_wire};
+use lb_common::{
+    ArpEntry, ArpKey, DEFAULT_CONNTRACK_SIZE, FrontendKey, hash::flow_hash, ipv4_to_wire,
+};
 use lb_tests::{
-    frames::{Frame, L4, TCP_ACK, TCP_SYN, arp_request, verify_checksums},
+    frames::{Frame, L4, TCP_ACK, TCP_SYN, arp_reply, arp_request, verify_checksums},
     lab::{BACKEND_IF_MAC, CLIENT, CLIENT_IF_MAC, CLIENT_MAC, XdpLab, backend_mac},
     sh,
 };
 use lb_userspace::{datapath::Options, maps::PinnedMaps};
 
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -370,6 +373,96 @@ fn test_run_cases() {
             "packets counted for {VIP}:{port}/{proto}"
         );
     }
+}
+
+const ANNOUNCED: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 60);
+
+/// The ARP responder: requests for an address announced on the receiving interface are answered
+/// in place (XDP_TX) with the MAC from the map; anything else passes to the kernel untouched.
+#[test]
+fn arp_responder_cases() {
+    let mut lab = lab();
+    let key = ArpKey {
+        ifindex: lab.client_ifindex,
+        addr: ipv4_to_wire(ANNOUNCED.octets()),
+    };
+    let mac = CLIENT_IF_MAC;
+    let entry = ArpEntry {
+        mac: [mac.0, mac.1, mac.2, mac.3, mac.4, mac.5],
+        _pad: [0; 2],
+        replies: 0,
+    };
+    lab.maps
+        .as_mut()
+        .unwrap()
+        .arp
+        .insert(key, entry, 0)
+        .expect("arp entry");
+
+    let request = arp_request(CLIENT_MAC, CLIENT, ANNOUNCED);
+    let (ci, bi) = (lab.client_ifindex, lab.backend_ifindex);
+    let cases: Vec<(&str, Vec<u8>, u32, u32, Option<Vec<u8>>)> = vec![
+        (
+            "request for an announced address: reply from the interface MAC",
+            request.clone(),
+            ci,
+            XDP_TX,
+            Some(arp_reply(mac, ANNOUNCED, (CLIENT_MAC, CLIENT))),
+        ),
+        (
+            "same request on an interface it is not announced on",
+            request.clone(),
+            bi,
+            XDP_PASS,
+            None,
+        ),
+        (
+            "request for an unannounced address",
+            arp_request(CLIENT_MAC, CLIENT, Ipv4Addr::new(192, 168, 30, 61)),
+            ci,
+            XDP_PASS,
+            None,
+        ),
+        (
+            "gratuitous ARP for the announced address",
+            arp_request(CLIENT_MAC, ANNOUNCED, ANNOUNCED),
+            ci,
+            XDP_PASS,
+            None,
+        ),
+        (
+            "ARP reply about the announced address",
+            arp_reply(CLIENT_MAC, ANNOUNCED, (mac, Ipv4Addr::new(10, 0, 0, 254))),
+            ci,
+            XDP_PASS,
+            None,
+        ),
+        (
+            "request cut short",
+            request[..14 + 20].to_vec(),
+            ci,
+            XDP_PASS,
+            None,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, input, ingress, verdict, output) in &cases {
+        let run = lab.run("lb", input, *ingress).expect("run");
+        let want = output.as_ref().unwrap_or(input);
+        let ok = run.verdict == *verdict && &run.output == want;
+        println!("{name:<70} {}", if ok { "ok" } else { "FAILED" });
+        if !ok {
+            failures.push(format!(
+                "{name}: verdict {} (want {verdict})\n   got  {}\n   want {}",
+                run.verdict,
+                hex(&run.output),
+                hex(want)
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let replies = lab.maps().arp.get(&key, 0).expect("entry").replies;
+    assert_eq!(replies, 1, "exactly one request was answered");
 }
 
 /// The kernel's flow hash and Maglev lookup agree with userspace's: for 300 flows the backend
