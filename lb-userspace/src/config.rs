@@ -16,9 +16,12 @@ use k8s_openapi::{
 };
 use serde::Deserialize;
 
-use crate::model::{
-    BackendCondition, BackendSpec, DesiredState, Endpoint, FrontendKind, FrontendSpec, Protocol,
-    ServicePort,
+use crate::{
+    lbipam::{self, IpPool, L2Policy, LbRequest, Pool},
+    model::{
+        Announcement, BackendCondition, BackendSpec, DesiredState, Endpoint, FrontendKind,
+        FrontendSpec, Protocol, ServicePort,
+    },
 };
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -66,8 +69,20 @@ impl std::error::Error for ConfigErrors {}
 pub struct Objects {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
+    /// LoadBalancer IP pools: (kind as written, object).
+    pub pools: Vec<(String, IpPool)>,
+    pub l2_policies: Vec<(String, L2Policy)>,
     /// Kinds we do not handle (Deployments next to the Services, say): reported, not fatal.
     pub ignored: Vec<String>,
+}
+
+/// What building the desired state needs besides the objects.
+#[derive(Debug, Default, Clone)]
+pub struct BuildContext {
+    /// Addresses NodePort frontends listen on.
+    pub node_ips: Vec<Ipv4Addr>,
+    /// LoadBalancer addresses each Service ("namespace/name") had before: kept when still valid.
+    pub lb_hints: BTreeMap<String, Vec<Ipv4Addr>>,
 }
 
 fn err(
@@ -87,6 +102,12 @@ fn object_name(value: &serde_yaml::Value) -> String {
     let name = meta["name"].as_str().unwrap_or("<unnamed>");
     let namespace = meta["namespace"].as_str().unwrap_or("default");
     format!("{namespace}/{name}")
+}
+
+/// Pools and policies are cluster-scoped: "Kind default/name" → "name".
+fn cluster_name(object: &str) -> &str {
+    let name = object.split_once(' ').map_or(object, |(_, n)| n);
+    name.split_once('/').map_or(name, |(_, n)| n)
 }
 
 fn typed<T: serde::de::DeserializeOwned>(
@@ -132,6 +153,25 @@ pub fn parse_objects(text: &str) -> Result<Objects, ConfigErrors> {
                 Ok(s) => objects.endpoint_slices.push(s),
                 Err(e) => errors.push(e),
             },
+            ("lb.xdp.rs/v1", "LoadBalancerIPPool") | ("cilium.io/v2alpha1" | "cilium.io/v2", "CiliumLoadBalancerIPPool") => {
+                let object = format!("{kind} {}", cluster_name(&object));
+                match typed::<IpPool>(value, &object) {
+                    Ok(p) => objects.pools.push((kind, p)),
+                    Err(e) => errors.push(e),
+                }
+            }
+            ("lb.xdp.rs/v1", "L2AnnouncementPolicy") | ("cilium.io/v2alpha1" | "cilium.io/v2", "CiliumL2AnnouncementPolicy") => {
+                let object = format!("{kind} {}", cluster_name(&object));
+                match typed::<L2Policy>(value, &object) {
+                    Ok(p) => objects.l2_policies.push((kind, p)),
+                    Err(e) => errors.push(e),
+                }
+            }
+            (_, "LoadBalancerIPPool" | "L2AnnouncementPolicy") => errors.push(err(
+                object,
+                "apiVersion",
+                format!("{api_version:?} not supported (lb.xdp.rs/v1)"),
+            )),
             (_, "Service" | "EndpointSlice") => errors.push(err(
                 object,
                 "apiVersion",
@@ -196,8 +236,17 @@ struct SliceEndpoints {
 }
 
 /// Validates the objects and joins Services with their EndpointSlices.
-pub fn build_desired(objects: &Objects) -> Result<DesiredState, ConfigErrors> {
+pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredState, ConfigErrors> {
     let mut errors = Vec::new();
+    let pools = validate_pools(objects, &mut errors);
+    let policies = validate_policies(objects, &mut errors);
+    let lb_requests = lb_requests(objects, &mut errors);
+    let (lb_status, pool_usage) = lbipam::allocate(&pools, &lb_requests, &ctx.lb_hints);
+    let lb_addrs: HashMap<&str, &[Ipv4Addr]> = lb_status
+        .iter()
+        .map(|s| (s.service.as_str(), s.addresses.as_slice()))
+        .collect();
+    let mut external_by_service: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
 
     // EndpointSlices grouped by "namespace/service".
     let mut slices: HashMap<String, Vec<SliceEndpoints>> = HashMap::new();
@@ -353,6 +402,15 @@ pub fn build_desired(objects: &Objects) -> Result<DesiredState, ConfigErrors> {
                 Err(e) => errors.push(e),
             }
         }
+        external_by_service.insert(service_name.clone(), external_ips.clone());
+        let lb_ips: &[Ipv4Addr] = if service_type == "LoadBalancer" {
+            lb_addrs
+                .get(service_name.as_str())
+                .copied()
+                .unwrap_or_default()
+        } else {
+            &[]
+        };
         let ports = spec.ports.as_deref().unwrap_or_default();
         if ports.is_empty() {
             errors.push(err(&object, "spec.ports", "at least one port is required"));
@@ -470,6 +528,44 @@ pub fn build_desired(objects: &Objects) -> Result<DesiredState, ConfigErrors> {
                     kind: FrontendKind::ExternalIp,
                 });
             }
+            for &addr in lb_ips {
+                frontends.push(FrontendSpec {
+                    endpoint: Endpoint {
+                        addr,
+                        port: number,
+                        proto,
+                    },
+                    kind: FrontendKind::LoadBalancer,
+                });
+            }
+            if service_type != "ClusterIP" {
+                match port.node_port {
+                    Some(node_port) => {
+                        match parse_port(node_port, &object, &format!("{field}.nodePort")) {
+                            Ok(node_port) => {
+                                for &addr in &ctx.node_ips {
+                                    frontends.push(FrontendSpec {
+                                        endpoint: Endpoint {
+                                            addr,
+                                            port: node_port,
+                                            proto,
+                                        },
+                                        kind: FrontendKind::NodePort,
+                                    });
+                                }
+                            }
+                            Err(e) => errors.push(e),
+                        }
+                    }
+                    None if service_type == "NodePort" => errors.push(err(
+                        &object,
+                        format!("{field}.nodePort"),
+                        "required (an API server allocates it; a config file must set it)",
+                    )),
+                    // LoadBalancer without node ports (allocateLoadBalancerNodePorts: false).
+                    None => {}
+                }
+            }
             for frontend in &frontends {
                 if let Some(other) = claimed.insert(frontend.endpoint, service_port_name.clone()) {
                     errors.push(err(
@@ -498,6 +594,46 @@ pub fn build_desired(objects: &Objects) -> Result<DesiredState, ConfigErrors> {
             );
         }
     }
+    for (policy, spec) in &policies {
+        for service in &objects.services {
+            let (namespace, name) = service_identity(service);
+            let service_name = format!("{namespace}/{name}");
+            if !lbipam::selects(spec.service_selector.as_ref(), &service_labels(service)) {
+                continue;
+            }
+            let mut addrs: Vec<Ipv4Addr> = Vec::new();
+            if spec.load_balancer_ips {
+                addrs.extend(
+                    lb_addrs
+                        .get(service_name.as_str())
+                        .copied()
+                        .unwrap_or_default(),
+                );
+            }
+            if spec.external_ips {
+                addrs.extend(external_by_service.get(&service_name).into_iter().flatten());
+            }
+            for addr in addrs {
+                let a = desired
+                    .announcements
+                    .entry(addr)
+                    .or_insert_with(|| Announcement {
+                        service: service_name.clone(),
+                        policies: Vec::new(),
+                        interfaces: Vec::new(),
+                    });
+                a.policies.push(policy.clone());
+                match &spec.interfaces {
+                    Some(list) if !list.is_empty() => a.interfaces.extend(list.iter().cloned()),
+                    _ => a.interfaces.push(".*".into()),
+                }
+                a.interfaces.sort();
+                a.interfaces.dedup();
+            }
+        }
+    }
+    desired.lb_status = lb_status;
+    desired.pool_usage = pool_usage;
     if errors.is_empty() {
         Ok(desired)
     } else {
@@ -505,10 +641,185 @@ pub fn build_desired(objects: &Objects) -> Result<DesiredState, ConfigErrors> {
     }
 }
 
-/// Parse and validate a whole file.
+fn service_identity(service: &Service) -> (&str, &str) {
+    (
+        service.metadata.namespace.as_deref().unwrap_or("default"),
+        service.metadata.name.as_deref().unwrap_or("<unnamed>"),
+    )
+}
+
+/// A Service's labels plus the namespace/name labels Cilium selectors may use.
+fn service_labels(service: &Service) -> BTreeMap<String, String> {
+    let (namespace, name) = service_identity(service);
+    let mut labels = service.metadata.labels.clone().unwrap_or_default();
+    labels.insert(lbipam::LABEL_SERVICE_NAMESPACE.into(), namespace.into());
+    labels.insert(lbipam::LABEL_SERVICE_NAME.into(), name.into());
+    labels
+}
+
+fn validate_pools(objects: &Objects, errors: &mut Vec<ConfigError>) -> Vec<Pool> {
+    let mut pools = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
+    for (kind, p) in &objects.pools {
+        let Some(name) = p.metadata.name.clone() else {
+            errors.push(err(format!("{kind} <unnamed>"), "metadata.name", "missing"));
+            continue;
+        };
+        let object = format!("{kind} {name}");
+        if !names.insert(name.clone()) {
+            errors.push(err(&object, "metadata.name", "another pool has this name"));
+            continue;
+        }
+        if let Err(e) = lbipam::check_selector(p.spec.service_selector.as_ref()) {
+            errors.push(err(&object, "spec.serviceSelector", e));
+        }
+        if p.spec.blocks.is_empty() {
+            errors.push(err(
+                &object,
+                "spec.blocks",
+                "at least one block is required",
+            ));
+            continue;
+        }
+        let allow_first_last = match p.spec.allow_first_last_ips.as_deref() {
+            None | Some("No") => false,
+            Some("Yes") => true,
+            Some(other) => {
+                errors.push(err(
+                    &object,
+                    "spec.allowFirstLastIPs",
+                    format!("{other:?} (Yes or No)"),
+                ));
+                false
+            }
+        };
+        let mut ranges = Vec::new();
+        for (i, block) in p.spec.blocks.iter().enumerate() {
+            match lbipam::parse_block(block, allow_first_last) {
+                Ok(Some(r)) => ranges.push(r),
+                Ok(None) => {} // IPv6 block of a dual-stack pool
+                Err(e) => errors.push(err(&object, format!("spec.blocks[{i}]"), e)),
+            }
+        }
+        if !p.spec.disabled {
+            pools.push(Pool {
+                name,
+                ranges,
+                selector: p.spec.service_selector.clone(),
+            });
+        }
+    }
+    for (pool, problem) in lbipam::check_overlaps(&pools) {
+        errors.push(err(
+            format!("LoadBalancerIPPool {pool}"),
+            "spec.blocks",
+            problem,
+        ));
+    }
+    pools
+}
+
+fn validate_policies(
+    objects: &Objects,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<(String, lbipam::L2PolicySpec)> {
+    let mut policies = Vec::new();
+    for (kind, p) in &objects.l2_policies {
+        let Some(name) = p.metadata.name.clone() else {
+            errors.push(err(format!("{kind} <unnamed>"), "metadata.name", "missing"));
+            continue;
+        };
+        let object = format!("{kind} {name}");
+        let mut ok = true;
+        if let Err(e) = lbipam::check_selector(p.spec.service_selector.as_ref()) {
+            errors.push(err(&object, "spec.serviceSelector", e));
+            ok = false;
+        }
+        for (i, pattern) in p.spec.interfaces.iter().flatten().enumerate() {
+            if let Err(e) = regex::Regex::new(&format!("^(?:{pattern})$")) {
+                errors.push(err(
+                    &object,
+                    format!("spec.interfaces[{i}]"),
+                    format!("{pattern:?} is not a regular expression: {e}"),
+                ));
+                ok = false;
+            }
+        }
+        if !p.spec.load_balancer_ips && !p.spec.external_ips {
+            errors.push(err(
+                &object,
+                "spec",
+                "neither loadBalancerIPs nor externalIPs is true: the policy announces nothing",
+            ));
+            ok = false;
+        }
+        if ok {
+            policies.push((name, p.spec.clone()));
+        }
+    }
+    policies.sort_by(|a, b| a.0.cmp(&b.0));
+    policies
+}
+
+/// The LoadBalancer Services with the addresses they ask for.
+fn lb_requests(objects: &Objects, errors: &mut Vec<ConfigError>) -> Vec<LbRequest> {
+    let mut requests = Vec::new();
+    for service in &objects.services {
+        let Some(spec) = service.spec.as_ref() else {
+            continue;
+        };
+        if spec.type_.as_deref() != Some("LoadBalancer") || service.metadata.name.is_none() {
+            continue;
+        }
+        let (namespace, name) = service_identity(service);
+        let object = format!("Service {namespace}/{name}");
+        let mut requested = Vec::new();
+        let mut sources: Vec<(String, String)> = Vec::new();
+        if let Some(ip) = spec.load_balancer_ip.as_deref().filter(|s| !s.is_empty()) {
+            sources.push(("spec.loadBalancerIP".into(), ip.into()));
+        }
+        for key in [lbipam::ANNOTATION_IPS, lbipam::CILIUM_ANNOTATION_IPS] {
+            if let Some(list) = service
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(key))
+            {
+                for ip in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    sources.push((format!("metadata.annotations[{key}]"), ip.into()));
+                }
+            }
+        }
+        for (field, ip) in sources {
+            if ip.contains(':') {
+                continue; // IPv6 half of a dual-stack request
+            }
+            match parse_ipv4(&ip, &object, &field) {
+                Ok(a) if !requested.contains(&a) => requested.push(a),
+                Ok(_) => {}
+                Err(e) => errors.push(e),
+            }
+        }
+        requests.push(LbRequest {
+            service: format!("{namespace}/{name}"),
+            labels: service_labels(service),
+            requested,
+        });
+    }
+    requests
+}
+
+/// Parse and validate a whole file (no node addresses, no earlier allocation).
 pub fn load_str(text: &str) -> Result<(DesiredState, Objects), ConfigErrors> {
+    load_str_with(text, &BuildContext::default())
+}
+
+pub fn load_str_with(
+    text: &str,
+    ctx: &BuildContext,
+) -> Result<(DesiredState, Objects), ConfigErrors> {
     let objects = parse_objects(text)?;
-    let desired = build_desired(&objects)?;
+    let desired = build_desired(&objects, ctx)?;
     Ok((desired, objects))
 }
 
@@ -635,5 +946,162 @@ metadata: {name: web}
     fn headless_and_external_name_are_skipped() {
         let headless = GOOD.replace("clusterIP: 10.96.0.10", "clusterIP: None");
         assert!(load_str(&headless).unwrap().0.services.is_empty());
+    }
+
+    const LB: &str = r#"
+apiVersion: cilium.io/v2alpha1
+kind: CiliumLoadBalancerIPPool
+metadata: {name: home}
+spec:
+  blocks:
+  - {start: 192.168.30.60, stop: 192.168.30.80}
+  - {cidr: "fd00::/120"}
+---
+apiVersion: lb.xdp.rs/v1
+kind: L2AnnouncementPolicy
+metadata: {name: lan}
+spec:
+  interfaces: ["^eth[0-9]+"]
+  loadBalancerIPs: true
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: pinned, namespace: default, annotations: {io.cilium/lb-ipam-ips: "192.168.30.70"}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.21
+  ports: [{port: 443}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: clash, namespace: default}
+spec:
+  type: LoadBalancer
+  loadBalancerIP: 192.168.30.70
+  clusterIP: 10.96.0.22
+  ports: [{port: 443}]
+"#;
+
+    #[test]
+    fn load_balancer_and_node_port_frontends_and_announcements() {
+        let ctx = BuildContext {
+            node_ips: vec!["10.0.0.254".parse().unwrap()],
+            ..Default::default()
+        };
+        let (desired, _) = load_str_with(LB, &ctx).unwrap();
+        let web: Vec<String> = desired.services["default/web:http"]
+            .frontends
+            .iter()
+            .map(|f| format!("{:?} {}", f.kind, f.endpoint))
+            .collect();
+        assert_eq!(
+            web,
+            [
+                "NodePort 10.0.0.254:30080/TCP",
+                "ClusterIp 10.96.0.20:80/TCP",
+                "LoadBalancer 192.168.30.60:80/TCP"
+            ]
+        );
+        let status: BTreeMap<&str, &lbipam::LbStatus> = desired
+            .lb_status
+            .iter()
+            .map(|s| (s.service.as_str(), s))
+            .collect();
+        // Without history the clash goes by name order …
+        assert_eq!(
+            status["default/clash"].addresses,
+            ["192.168.30.70".parse::<Ipv4Addr>().unwrap()]
+        );
+        let clash = status["default/pinned"].error.as_deref().unwrap();
+        assert!(
+            clash.contains("192.168.30.70 conflicts: already allocated to default/clash"),
+            "{clash}"
+        );
+        // … but the Service that already holds the address keeps it.
+        let mut with_history = ctx.clone();
+        with_history.lb_hints.insert(
+            "default/pinned".into(),
+            vec!["192.168.30.70".parse().unwrap()],
+        );
+        let (again, _) = load_str_with(LB, &with_history).unwrap();
+        let pinned = again
+            .lb_status
+            .iter()
+            .find(|s| s.service == "default/pinned")
+            .unwrap();
+        assert_eq!(
+            pinned.addresses,
+            ["192.168.30.70".parse::<Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(desired.pool_usage[0].used, 2);
+        assert_eq!(desired.pool_usage[0].size, 21);
+        let announced: Vec<String> = desired
+            .announcements
+            .keys()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(announced, ["192.168.30.60", "192.168.30.70"]);
+        let a = &desired.announcements[&"192.168.30.60".parse().unwrap()];
+        assert!(a.on("eth0") && a.on("eth12") && !a.on("veth0") && !a.on("wlan0"));
+    }
+
+    #[test]
+    fn bad_pools_and_policies_are_named() {
+        let bad = r#"
+apiVersion: lb.xdp.rs/v1
+kind: LoadBalancerIPPool
+metadata: {name: a}
+spec: {blocks: [{cidr: 192.168.30.0/24}]}
+---
+apiVersion: lb.xdp.rs/v1
+kind: LoadBalancerIPPool
+metadata: {name: b}
+spec: {blocks: [{start: 192.168.30.200, stop: 192.168.31.10}, {cidr: 10.0.0.1/24}]}
+---
+apiVersion: lb.xdp.rs/v1
+kind: LoadBalancerIPPool
+metadata: {name: c}
+spec: {blocks: [{cidr: 10.9.0.0/24}], serviceSelector: {matchExpressions: [{key: x, operator: Has}]}}
+---
+apiVersion: lb.xdp.rs/v1
+kind: L2AnnouncementPolicy
+metadata: {name: p}
+spec: {interfaces: ["eth[0-9"], loadBalancerIPs: true}
+---
+apiVersion: lb.xdp.rs/v1
+kind: L2AnnouncementPolicy
+metadata: {name: q}
+spec: {interfaces: ["eth0"]}
+"#;
+        let e = load_str(bad).unwrap_err().to_string();
+        for want in [
+            "LoadBalancerIPPool c: spec.serviceSelector: matchExpressions[0].operator: \"Has\"",
+            "LoadBalancerIPPool b: spec.blocks[1]: cidr \"10.0.0.1/24\": host bits set",
+            "LoadBalancerIPPool a: spec.blocks: 192.168.30.200-192.168.31.10 overlaps 192.168.30.1-192.168.30.254 of pool a",
+            "L2AnnouncementPolicy p: spec.interfaces[0]: \"eth[0-9\" is not a regular expression",
+            "L2AnnouncementPolicy q: spec: neither loadBalancerIPs nor externalIPs is true",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+        let typo = "apiVersion: lb.xdp.rs/v1\nkind: LoadBalancerIPPool\nmetadata: {name: c}\nspec: {blocks: [{cidr: 10.9.0.0/24}], colour: red}\n";
+        assert!(
+            load_str(typo)
+                .unwrap_err()
+                .to_string()
+                .starts_with("LoadBalancerIPPool c: spec.colour: unknown field `colour`")
+        );
+        let nodeport = "apiVersion: v1\nkind: Service\nmetadata: {name: np}\nspec: {type: NodePort, clusterIP: 10.96.0.9, ports: [{port: 80}]}\n";
+        assert_eq!(
+            load_str(nodeport).unwrap_err().to_string(),
+            "Service default/np: spec.ports[0].nodePort: required (an API server allocates it; a config file must set it)"
+        );
     }
 }

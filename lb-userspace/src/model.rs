@@ -103,6 +103,31 @@ pub struct ServicePort {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<String, ServicePort>,
+    /// LoadBalancer Services: their addresses, or why they have none.
+    pub lb_status: Vec<crate::lbipam::LbStatus>,
+    pub pool_usage: Vec<crate::lbipam::PoolUsage>,
+    /// Addresses to answer ARP for, by address.
+    pub announcements: BTreeMap<Ipv4Addr, Announcement>,
+}
+
+/// An address the ARP responder answers for, on the interfaces matching `interfaces`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announcement {
+    /// "namespace/name" of the Service it belongs to.
+    pub service: String,
+    /// Names of the L2 announcement policies that select it.
+    pub policies: Vec<String>,
+    /// Whole-name regular expressions (already validated); `.*` for a policy without a list.
+    pub interfaces: Vec<String>,
+}
+
+impl Announcement {
+    /// Does this announcement cover interface `name`?
+    pub fn on(&self, name: &str) -> bool {
+        self.interfaces
+            .iter()
+            .any(|p| regex::Regex::new(&format!("^(?:{p})$")).is_ok_and(|r| r.is_match(name)))
+    }
 }
 
 impl DesiredState {
