@@ -1085,7 +1085,7 @@ spec: {interfaces: ["eth0"]}
         for want in [
             "LoadBalancerIPPool c: spec.serviceSelector: matchExpressions[0].operator: \"Has\"",
             "LoadBalancerIPPool b: spec.blocks[1]: cidr \"10.0.0.1/24\": host bits set",
-            "LoadBalancerIPPool a: spec.blocks: 192.168.30.200-192.168.31.10 overlaps 192.168.30.1-192.168.30.254 of pool a",
+            "LoadBalancerIPPool a: spec.blocks: 192.168.30.1-192.168.30.254 overlaps 192.168.30.200-192.168.31.10 of pool b",
             "L2AnnouncementPolicy p: spec.interfaces[0]: \"eth[0-9\" is not a regular expression",
             "L2AnnouncementPolicy q: spec: neither loadBalancerIPs nor externalIPs is true",
         ] {

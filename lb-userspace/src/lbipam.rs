@@ -301,6 +301,15 @@ pub fn allocate(
             .is_some_and(|&a| pool_of(r, a).is_some())
     });
 
+    // Addresses Services already hold (and still may hold) are not up for grabs by a request.
+    let mut held: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();
+    for r in requests {
+        for &a in hints.get(&r.service).into_iter().flatten() {
+            if (r.requested.is_empty() || r.requested.contains(&a)) && pool_of(r, a).is_some() {
+                held.entry(a).or_insert(&r.service);
+            }
+        }
+    }
     for r in with_request {
         let mut status = LbStatus {
             service: r.service.clone(),
@@ -315,7 +324,11 @@ pub fn allocate(
                 ));
                 break;
             };
-            if let Some(owner) = used.get(&a) {
+            let holder = held
+                .get(&a)
+                .filter(|o| **o != r.service)
+                .map(|o| o.to_string());
+            if let Some(owner) = used.get(&a).cloned().or(holder) {
                 status.error = Some(format!(
                     "requested {a} conflicts: already allocated to {owner}"
                 ));
@@ -417,14 +430,9 @@ pub fn check_overlaps(pools: &[Pool]) -> Vec<(String, String)> {
             if all[j].0.first > all[i].0.last {
                 break;
             }
-            problems.insert((
-                all[i].1.to_string(),
-                format!("{} overlaps {} of pool {}", all[j].0, all[i].0, all[i].1),
-            ));
-            problems.insert((
-                all[j].1.to_string(),
-                format!("{} overlaps {} of pool {}", all[j].0, all[i].0, all[i].1),
-            ));
+            let ((ri, pi), (rj, pj)) = (all[i], all[j]);
+            problems.insert((pi.to_string(), format!("{ri} overlaps {rj} of pool {pj}")));
+            problems.insert((pj.to_string(), format!("{rj} overlaps {ri} of pool {pi}")));
         }
     }
     problems.into_iter().collect()
@@ -517,6 +525,23 @@ mod tests {
         assert_eq!(
             allocate(&pools, &[req("m/a", &[]), req("m/b", &[])], &hints).0,
             second
+        );
+        // A Service that asks for an address someone holds gets a conflict, not the address.
+        let (third, _) = allocate(
+            &pools,
+            &[req("m/b", &[]), req("m/c", &["192.168.30.60"])],
+            &hints,
+        );
+        let by: BTreeMap<&str, &LbStatus> = third.iter().map(|s| (s.service.as_str(), s)).collect();
+        assert_eq!(by["m/b"].addresses, first[0].addresses);
+        assert!(
+            by["m/c"]
+                .error
+                .as_ref()
+                .unwrap()
+                .contains("already allocated to m/b"),
+            "{:?}",
+            by["m/c"]
         );
     }
 

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod datapath;
+pub mod l2;
 pub mod lbipam;
 pub mod maps;
 pub mod model;

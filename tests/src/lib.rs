@@ -138,6 +138,7 @@ impl Topology {
         // TX checksum offload off: a veth otherwise hands XDP packets whose L4 checksum is only
         // the partial pseudo-header sum, which a real NIC never delivers.
         sh(&format!("ip netns exec {c} ethtool -K eth0 gro on tx off"))?;
+        self.attach_pass(&c)?;
         for (i, b) in self.backends.clone().iter().enumerate() {
             let i = i + 1;
             let nif = format!("b{i}");
@@ -152,6 +153,7 @@ impl Topology {
                 "ip -n {n} addr add 10.0.{i}.1/24 dev {nif} && ip -n {n} link set {nif} up"
             ))?;
             sh(&format!("ip netns exec {b} ethtool -K eth0 gro on tx off"))?;
+            self.attach_pass(b)?;
             self.node_interfaces.push(nif);
             let server = Command::new("ip")
                 .args(["netns", "exec", b])
@@ -173,6 +175,39 @@ impl Topology {
             })?;
         }
         Ok(())
+    }
+
+    /// Attaches the empty `lb_pass` XDP program natively to `eth0` in namespace `ns`, as a
+    /// physical NIC would behave: a veth only wakes up for frames another veth sends it with
+    /// XDP_TX (our ARP replies) when it has a native XDP program itself. The object's maps are
+    /// shrunk to one entry and pinned in a bpffs of the topology's own.
+    fn attach_pass(&self, ns: &str) -> Result<()> {
+        use aya::programs::{Xdp, XdpMode, links::FdLink};
+        let dir = self.dir.join("bpffs-pass");
+        lb_userspace::datapath::ensure_bpffs(&dir)?;
+        let link_path = dir.join(format!("link-{ns}"));
+        in_netns(ns, move || -> Result<()> {
+            let mut loader = aya::EbpfLoader::new();
+            loader.default_map_pin_directory(&dir);
+            for name in [
+                lb_common::map_names::FRONTENDS,
+                lb_common::map_names::BACKENDS,
+                lb_common::map_names::MAGLEV,
+                lb_common::map_names::CONNTRACK,
+                lb_common::map_names::FRONTEND_STATS,
+                lb_common::map_names::BACKEND_STATS,
+                lb_common::map_names::ARP,
+            ] {
+                loader.map_max_entries(name, 1);
+            }
+            let mut ebpf = loader.load(lb_userspace::LB_EBPF)?;
+            let program: &mut Xdp = ebpf.program_mut("lb_pass").context("lb_pass")?.try_into()?;
+            program.load()?;
+            let id = program.attach("eth0", XdpMode::Driver)?;
+            FdLink::try_from(program.take_link(id)?)?.pin(&link_path)?;
+            Ok(())
+        })
+        .with_context(|| format!("attaching lb_pass in {ns}"))
     }
 
     /// Runs `f` in the client namespace.
@@ -198,6 +233,10 @@ impl Topology {
 
     pub fn bpffs(&self) -> PathBuf {
         self.dir.join("bpffs")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -228,7 +267,9 @@ impl Topology {
         cmd.arg("--config")
             .arg(self.config_path())
             .arg("--bpffs")
-            .arg(self.bpffs());
+            .arg(self.bpffs())
+            .arg("--state-dir")
+            .arg(self.state_dir());
         cmd.args([
             "--max-services",
             "64",
@@ -274,12 +315,48 @@ impl Topology {
         let out = Command::new(sibling_binary("lbctl"))
             .arg("--bpffs")
             .arg(self.bpffs())
+            .arg("--state-dir")
+            .arg(self.state_dir())
             .args(args)
             .output()?;
         if !out.status.success() {
             bail!("lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Runs `arping` for `target` out of `eth0` in namespace `ns` for 2 s; returns the number of
+    /// requests sent and the MAC of every reply.
+    pub fn arping(ns: &str, target: &str) -> Result<(usize, Vec<String>)> {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", ns, "arping", "-c", "2", "-w", "2", "-I", "eth0", target,
+            ])
+            .output()
+            .context("running arping (iputils-arping)")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let sent = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Sent ")?.split(' ').next()?.parse().ok())
+            .with_context(|| format!("arping printed no probe count: {text}"))?;
+        let macs = text
+            .lines()
+            .filter(|l| l.contains("reply from"))
+            .filter_map(|l| Some(l.split('[').nth(1)?.split(']').next()?.to_ascii_lowercase()))
+            .collect();
+        Ok((sent, macs))
+    }
+
+    /// MAC of `iface` in namespace `ns`.
+    pub fn mac_of(ns: &str, iface: &str) -> Result<String> {
+        let out = Command::new("ip")
+            .args(["-n", ns, "-j", "link", "show", iface])
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j link")?;
+        Ok(v[0]["address"]
+            .as_str()
+            .context("no address")?
+            .to_ascii_lowercase())
     }
 
     /// The demo/test config: one Service (TCP 80 + UDP 53) over the given backend numbers.
@@ -313,6 +390,11 @@ impl Drop for Topology {
         }
         for ns in [&self.client, &self.node].into_iter().chain(&self.backends) {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        // The namespaces took their veths, and with them the lb_pass attachments.
+        let pass = self.dir.join("bpffs-pass");
+        if pass.exists() {
+            let _ = Command::new("umount").arg(&pass).status();
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

@@ -44,6 +44,7 @@ enum Task {
 const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
+    ("arping", "iputils-arping"),
     ("pkg-config", "pkg-config"),
     ("/usr/include/fontconfig/fontconfig.h", "libfontconfig-dev"),
     ("/usr/include/freetype2/ft2build.h", "libfreetype-dev"),

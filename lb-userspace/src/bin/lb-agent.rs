@@ -1,6 +1,7 @@
 //! lb-agent: keeps the XDP load balancer's maps in line with Kubernetes objects from a file.
 
 use std::{
+    net::Ipv4Addr,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::Duration,
@@ -13,9 +14,11 @@ use lb_common::{
     DEFAULT_MAX_SERVICES,
 };
 use lb_userspace::{
-    config,
+    config::{self, BuildContext},
     datapath::{self, Datapath, Options},
+    l2::{self, Announcer, Status},
     maps::PinnedMaps,
+    model::DesiredState,
     reconcile::Reconciler,
 };
 use log::{error, info, warn};
@@ -53,6 +56,109 @@ struct Args {
     /// On exit, detach the program and remove the pinned maps (default: keep forwarding).
     #[arg(long)]
     cleanup: bool,
+    /// Node address for NodePort frontends (repeat for several). Default: the IPv4 addresses of
+    /// the --interface interfaces.
+    #[arg(long = "node-ip")]
+    node_ips: Vec<Ipv4Addr>,
+    /// Directory for status.json (LoadBalancer allocations, pool usage, announcements), read by
+    /// `lbctl pools` / `lbctl arp` and by the next agent run to keep allocations stable.
+    #[arg(long, default_value = "/run/lb-agent")]
+    state_dir: PathBuf,
+    /// Re-send gratuitous ARP for every announced address this often, in seconds (0: only when
+    /// an address starts being announced). Switches age their MAC tables.
+    #[arg(long, default_value_t = 0)]
+    garp_interval: u64,
+}
+
+struct Agent {
+    config: PathBuf,
+    state_dir: PathBuf,
+    reconciler: Reconciler,
+    maps: PinnedMaps,
+    announcer: Announcer,
+    ctx: BuildContext,
+}
+
+impl Agent {
+    fn reload(&mut self) {
+        let path = &self.config;
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                error!(
+                    "config {}: {e}; keeping the last good state",
+                    path.display()
+                );
+                return;
+            }
+        };
+        let desired = match config::load_str_with(&text, &self.ctx) {
+            Ok((desired, objects)) => {
+                for ignored in &objects.ignored {
+                    warn!("config {}: ignoring {ignored}", path.display());
+                }
+                desired
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    error!("config {}: {e}", path.display());
+                }
+                error!(
+                    "config {} rejected ({} errors); keeping the last good state",
+                    path.display(),
+                    errors.0.len()
+                );
+                return;
+            }
+        };
+        match self.reconciler.apply(&desired, &mut self.maps) {
+            Ok(r) => info!(
+                "config {} applied: {} services, {} frontends, {} backends (+{}/-{} services, {} tables rebuilt, +{}/-{} backends)",
+                path.display(),
+                self.reconciler.service_count(),
+                self.reconciler.frontend_count(),
+                self.reconciler.backend_count(),
+                r.services_added,
+                r.services_removed,
+                r.tables_rebuilt,
+                r.backends_added,
+                r.backends_removed
+            ),
+            Err(e) => {
+                error!(
+                    "config {} not applied: {e:#}; keeping the last good state",
+                    path.display()
+                );
+                return;
+            }
+        }
+        for s in &desired.lb_status {
+            match &s.error {
+                Some(e) => error!("Service {}: no LoadBalancer address: {e}", s.service),
+                None => info!(
+                    "Service {}: LoadBalancer {:?} from pool {}",
+                    s.service,
+                    s.addresses,
+                    s.pool.as_deref().unwrap_or("?")
+                ),
+            }
+        }
+        match self.announcer.apply(&desired, &mut self.maps.arp) {
+            Ok((added, removed)) if added + removed > 0 => {
+                info!("ARP announcements: +{added}/-{removed}")
+            }
+            Ok(_) => {}
+            Err(e) => error!("ARP announcements not applied: {e:#}"),
+        }
+        self.ctx.lb_hints = l2::hints(&Status::new(&desired, &self.announcer));
+        self.write_status(&desired);
+    }
+
+    fn write_status(&self, desired: &DesiredState) {
+        if let Err(e) = Status::new(desired, &self.announcer).write(&self.state_dir) {
+            warn!("status {}: {e:#}", self.state_dir.display());
+        }
+    }
 }
 
 /// Identity of the file's current content, cheap to poll; survives editors that replace the file
@@ -60,56 +166,6 @@ struct Args {
 fn fingerprint(path: &Path) -> Option<(i64, i64, u64, u64)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.mtime(), m.mtime_nsec(), m.size(), m.ino()))
-}
-
-fn reload(path: &Path, reconciler: &mut Reconciler, maps: &mut PinnedMaps) {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            error!(
-                "config {}: {e}; keeping the last good state",
-                path.display()
-            );
-            return;
-        }
-    };
-    let desired = match config::load_str(&text) {
-        Ok((desired, objects)) => {
-            for ignored in &objects.ignored {
-                warn!("config {}: ignoring {ignored}", path.display());
-            }
-            desired
-        }
-        Err(errors) => {
-            for e in &errors.0 {
-                error!("config {}: {e}", path.display());
-            }
-            error!(
-                "config {} rejected ({} errors); keeping the last good state",
-                path.display(),
-                errors.0.len()
-            );
-            return;
-        }
-    };
-    match reconciler.apply(&desired, maps) {
-        Ok(r) => info!(
-            "config {} applied: {} services, {} frontends, {} backends (+{}/-{} services, {} tables rebuilt, +{}/-{} backends)",
-            path.display(),
-            reconciler.service_count(),
-            reconciler.frontend_count(),
-            reconciler.backend_count(),
-            r.services_added,
-            r.services_removed,
-            r.tables_rebuilt,
-            r.backends_added,
-            r.backends_removed
-        ),
-        Err(e) => error!(
-            "config {} not applied: {e:#}; keeping the last good state",
-            path.display()
-        ),
-    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -127,16 +183,47 @@ async fn main() -> Result<()> {
     std::fs::metadata(&args.config)
         .with_context(|| format!("--config {}", args.config.display()))?;
 
+    let mut interfaces = Vec::new();
+    for name in &args.interfaces {
+        interfaces.push(l2::interface(name).with_context(|| format!("--interface {name}"))?);
+    }
+    let node_ips = if args.node_ips.is_empty() {
+        interfaces
+            .iter()
+            .flat_map(|i| i.ipv4.iter().copied())
+            .collect()
+    } else {
+        args.node_ips.clone()
+    };
+    // Earlier allocations stay where they were (a missing file just means a first run).
+    let lb_hints = Status::read(&args.state_dir)
+        .map(|s| l2::hints(&s))
+        .unwrap_or_default();
+    info!(
+        "earlier LoadBalancer allocations ({}): {lb_hints:?}",
+        args.state_dir.display()
+    );
+
     let mut datapath = Datapath::load(&opts)?;
-    let mut maps = PinnedMaps::open(&opts.bpffs, true)?;
-    let mut reconciler = Reconciler::adopt(opts.limits(), &maps.snapshot()?);
+    let maps = PinnedMaps::open(&opts.bpffs, true)?;
+    let reconciler = Reconciler::adopt(opts.limits(), &maps.snapshot()?);
+    let announcer = Announcer::new(interfaces, &maps.arp)?;
+    let mut agent = Agent {
+        config: args.config.clone(),
+        state_dir: args.state_dir.clone(),
+        reconciler,
+        maps,
+        announcer,
+        ctx: BuildContext { node_ips, lb_hints },
+    };
     let mut seen = fingerprint(&args.config);
-    reload(&args.config, &mut reconciler, &mut maps);
+    agent.reload();
     for interface in &args.interfaces {
         datapath
             .attach(interface)
             .with_context(|| format!("--interface {interface}"))?;
     }
+    let reconciler = &agent.reconciler;
     info!(
         "lb-agent ready: {} services, {} frontends, {} backends; XDP on {}; maps in {}",
         reconciler.service_count(),
@@ -149,6 +236,12 @@ async fn main() -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_millis(args.reload_interval_ms.max(10)));
+    let garp_period = Duration::from_secs(if args.garp_interval == 0 {
+        86_400 * 365
+    } else {
+        args.garp_interval
+    });
+    let mut garp = tokio::time::interval_at(tokio::time::Instant::now() + garp_period, garp_period);
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -157,12 +250,13 @@ async fn main() -> Result<()> {
                 let now = fingerprint(&args.config);
                 if now != seen {
                     seen = now;
-                    reload(&args.config, &mut reconciler, &mut maps);
+                    agent.reload();
                 }
             }
+            _ = garp.tick(), if args.garp_interval > 0 => agent.announcer.refresh(),
         }
     }
-    drop(maps);
+    drop(agent);
     drop(datapath);
     if args.cleanup {
         datapath::cleanup(&opts.bpffs)?;

@@ -9,6 +9,7 @@ use lb_common::{
     port_from_wire,
 };
 use lb_userspace::{
+    l2::{self, Status},
     maps::PinnedMaps,
     model::{Endpoint, Protocol, service_of},
     reconcile::frontend_key,
@@ -21,6 +22,9 @@ struct Args {
     /// bpffs directory holding the pinned maps.
     #[arg(long, default_value = "/sys/fs/bpf/lb", global = true)]
     bpffs: PathBuf,
+    /// lb-agent's --state-dir (status.json: allocations, pools, announcements).
+    #[arg(long, default_value = "/run/lb-agent", global = true)]
+    state_dir: PathBuf,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
     #[command(subcommand)]
@@ -45,6 +49,10 @@ enum Command {
     Stats,
     /// Slot shares of one frontend's Maglev table, e.g. `lbctl maglev 10.96.0.10:80/TCP`.
     Maglev { frontend: String },
+    /// Addresses the ARP responder answers for: interface, MAC, replies sent, last gratuitous ARP.
+    Arp,
+    /// LoadBalancer IP pools (size, used) and each LoadBalancer Service's address or problem.
+    Pools,
 }
 
 fn addr(wire: u32) -> Ipv4Addr {
@@ -146,6 +154,9 @@ fn backend_name(maps: &PinnedMaps, id: u32) -> Result<String> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Command::Pools = args.command {
+        return pools(&args);
+    }
     let maps = PinnedMaps::open(&args.bpffs, false)?;
     let config = maps.config()?;
     let json_out = args.output == Output::Json;
@@ -361,7 +372,117 @@ fn main() -> Result<()> {
                 print_table(&["BACKEND", "ID", "SLOTS", "SHARE"], &rows);
             }
         }
+        Command::Arp => {
+            // Interface names, services and GARP times come from the agent's status file; the
+            // map alone still answers (by ifindex) when it is missing.
+            let status = Status::read(&args.state_dir).unwrap_or_default();
+            let mut out = Vec::new();
+            for item in maps.arp.iter() {
+                let (k, e) = item?;
+                let address = addr(k.addr);
+                let mac = l2::mac_string(e.mac);
+                let known = status
+                    .announced
+                    .iter()
+                    .find(|a| a.address == address && a.mac == mac);
+                out.push(json!({
+                    "address": address.to_string(),
+                    "interface": known.map_or_else(|| format!("ifindex {}", k.ifindex), |a| a.interface.clone()),
+                    "mac": mac,
+                    "service": known.map(|a| a.service.clone()).unwrap_or_default(),
+                    "replies": e.replies,
+                    "last_garp": known.and_then(|a| a.last_garp),
+                }));
+            }
+            out.sort_by_key(|o| {
+                (
+                    o["address"].as_str().unwrap_or("").to_string(),
+                    o["interface"].to_string(),
+                )
+            });
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_secs();
+                let rows: Vec<Vec<String>> = out
+                    .iter()
+                    .map(|o| {
+                        let garp = o["last_garp"].as_u64().map_or("never".into(), |t| {
+                            format!("{}s ago", now.saturating_sub(t))
+                        });
+                        let mut row: Vec<String> =
+                            ["address", "interface", "mac", "service", "replies"]
+                                .iter()
+                                .map(|k| o[*k].to_string().trim_matches('"').to_string())
+                                .collect();
+                        row.push(garp);
+                        row
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "ADDRESS",
+                        "INTERFACE",
+                        "MAC",
+                        "SERVICE",
+                        "REPLIES",
+                        "LAST_GARP",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        Command::Pools => unreachable!("handled before the maps are opened"),
     }
+    Ok(())
+}
+
+fn pools(args: &Args) -> Result<()> {
+    let status = Status::read(&args.state_dir)?;
+    if args.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"pools": status.pools, "services": status.load_balancers})
+            )?
+        );
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = status
+        .pools
+        .iter()
+        .map(|p| {
+            vec![
+                p.pool.clone(),
+                p.blocks.join(","),
+                p.size.to_string(),
+                p.used.to_string(),
+                (p.size - p.used.min(p.size)).to_string(),
+            ]
+        })
+        .collect();
+    print_table(&["POOL", "BLOCKS", "SIZE", "USED", "FREE"], &rows);
+    println!();
+    let rows: Vec<Vec<String>> = status
+        .load_balancers
+        .iter()
+        .map(|s| {
+            let addrs: Vec<String> = s.addresses.iter().map(Ipv4Addr::to_string).collect();
+            vec![
+                s.service.clone(),
+                if addrs.is_empty() {
+                    "<pending>".into()
+                } else {
+                    addrs.join(",")
+                },
+                s.pool.clone().unwrap_or_default(),
+                s.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(&["SERVICE", "LOADBALANCER IP", "POOL", "PROBLEM"], &rows);
     Ok(())
 }
 

@@ -1,0 +1,296 @@
+//! L2 announcements: which (interface, address) pairs the XDP ARP responder answers for, keeping
+//! the LB_ARP map in line with them, gratuitous ARP when an address starts being announced, and
+//! the status file `lbctl arp` / `lbctl pools` read.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::Path,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::maps::{HashMap, MapData};
+use lb_common::{ArpEntry, ArpKey, ipv4_from_wire, ipv4_to_wire};
+use pnet::{
+    datalink::{self, Channel, NetworkInterface},
+    packet::{
+        MutablePacket,
+        arp::{ArpHardwareTypes, ArpOperations, MutableArpPacket},
+        ethernet::{EtherTypes, MutableEthernetPacket},
+    },
+    util::MacAddr,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    lbipam::{LbStatus, PoolUsage},
+    model::DesiredState,
+};
+
+/// An interface the agent is attached to.
+#[derive(Debug, Clone)]
+pub struct Interface {
+    pub name: String,
+    pub index: u32,
+    pub mac: [u8; 6],
+    pub ipv4: Vec<Ipv4Addr>,
+}
+
+fn find(name: &str) -> Result<NetworkInterface> {
+    datalink::interfaces()
+        .into_iter()
+        .find(|i| i.name == name)
+        .with_context(|| format!("no interface {name}"))
+}
+
+pub fn interface(name: &str) -> Result<Interface> {
+    let i = find(name)?;
+    let mac = i
+        .mac
+        .with_context(|| format!("interface {name} has no MAC address"))?;
+    Ok(Interface {
+        name: i.name.clone(),
+        index: i.index,
+        mac: mac.octets(),
+        ipv4: i
+            .ips
+            .iter()
+            .filter_map(|n| match n.ip() {
+                std::net::IpAddr::V4(a) => Some(a),
+                _ => None,
+            })
+            .collect(),
+    })
+}
+
+/// One announced address on one interface, as `lbctl arp` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announced {
+    pub address: Ipv4Addr,
+    pub interface: String,
+    pub mac: String,
+    pub service: String,
+    /// Unix seconds of the last gratuitous ARP sent for it.
+    pub last_garp: Option<u64>,
+}
+
+/// The status file the agent writes after every applied change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub load_balancers: Vec<LbStatus>,
+    pub pools: Vec<PoolUsage>,
+    pub announced: Vec<Announced>,
+}
+
+pub const STATUS_FILE: &str = "status.json";
+
+impl Status {
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = dir.join(".status.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, dir.join(STATUS_FILE))?;
+        Ok(())
+    }
+
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(STATUS_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (has lb-agent run with this --state-dir?)",
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+pub fn mac_string(mac: [u8; 6]) -> String {
+    MacAddr::from(mac).to_string()
+}
+
+/// Keeps LB_ARP equal to the announcements of `desired` on `interfaces`, sends a gratuitous ARP
+/// for every pair that is new, and remembers when each was last announced.
+pub struct Announcer {
+    interfaces: Vec<Interface>,
+    /// Current pairs → (service, last GARP time).
+    current: BTreeMap<ArpKey, (String, Option<u64>)>,
+}
+
+impl Announcer {
+    /// Starts from what the map holds (an earlier run's entries count as announced).
+    pub fn new(
+        interfaces: Vec<Interface>,
+        map: &HashMap<MapData, ArpKey, ArpEntry>,
+    ) -> Result<Self> {
+        let mut current = BTreeMap::new();
+        for item in map.iter() {
+            let (k, _) = item?;
+            current.insert(k, (String::new(), None));
+        }
+        Ok(Self {
+            interfaces,
+            current,
+        })
+    }
+
+    fn wanted(&self, desired: &DesiredState) -> BTreeMap<ArpKey, (String, [u8; 6])> {
+        let mut want = BTreeMap::new();
+        for (addr, a) in &desired.announcements {
+            for i in self.interfaces.iter().filter(|i| a.on(&i.name)) {
+                want.insert(
+                    ArpKey {
+                        ifindex: i.index,
+                        addr: ipv4_to_wire(addr.octets()),
+                    },
+                    (a.service.clone(), i.mac),
+                );
+            }
+        }
+        want
+    }
+
+    /// Applies the announcements of `desired`; returns how many pairs were added and removed.
+    pub fn apply(
+        &mut self,
+        desired: &DesiredState,
+        map: &mut HashMap<MapData, ArpKey, ArpEntry>,
+    ) -> Result<(usize, usize)> {
+        let want = self.wanted(desired);
+        let stale: Vec<ArpKey> = self
+            .current
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        for k in &stale {
+            let _ = map.remove(k);
+            self.current.remove(k);
+        }
+        let mut added = 0;
+        for (k, (service, mac)) in want {
+            let existing = map.get(&k, 0).ok();
+            if existing.is_none_or(|e| e.mac != mac) {
+                map.insert(
+                    k,
+                    ArpEntry {
+                        mac,
+                        _pad: [0; 2],
+                        replies: 0,
+                    },
+                    0,
+                )?;
+            }
+            let entry = self.current.entry(k).or_insert((String::new(), None));
+            entry.0 = service;
+            if entry.1.is_none() {
+                added += 1;
+                self.garp(&k);
+            }
+        }
+        Ok((added, stale.len()))
+    }
+
+    /// Sends a gratuitous ARP for every announced pair (periodic refresh for switches).
+    pub fn refresh(&mut self) {
+        let keys: Vec<ArpKey> = self.current.keys().copied().collect();
+        for k in keys {
+            self.garp(&k);
+        }
+    }
+
+    fn garp(&mut self, k: &ArpKey) {
+        let Some(i) = self.interfaces.iter().find(|i| i.index == k.ifindex) else {
+            return;
+        };
+        let addr = Ipv4Addr::from(ipv4_from_wire(k.addr));
+        match send_garp(&i.name, i.mac, addr) {
+            Ok(()) => {
+                if let Some(e) = self.current.get_mut(k) {
+                    e.1 = Some(now_unix());
+                }
+                log::info!(
+                    "gratuitous ARP: {addr} is at {} on {}",
+                    mac_string(i.mac),
+                    i.name
+                );
+            }
+            Err(e) => log::warn!("gratuitous ARP for {addr} on {}: {e:#}", i.name),
+        }
+    }
+
+    pub fn announced(&self) -> Vec<Announced> {
+        self.current
+            .iter()
+            .filter_map(|(k, (service, last))| {
+                let i = self.interfaces.iter().find(|i| i.index == k.ifindex)?;
+                Some(Announced {
+                    address: Ipv4Addr::from(ipv4_from_wire(k.addr)),
+                    interface: i.name.clone(),
+                    mac: mac_string(i.mac),
+                    service: service.clone(),
+                    last_garp: *last,
+                })
+            })
+            .collect()
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A gratuitous ARP (a broadcast request with sender = target = `addr`) out of `interface`.
+pub fn send_garp(interface: &str, mac: [u8; 6], addr: Ipv4Addr) -> Result<()> {
+    let iface = find(interface)?;
+    let mut frame = [0u8; 42];
+    {
+        let mut eth = MutableEthernetPacket::new(&mut frame).expect("frame size");
+        eth.set_destination(MacAddr::broadcast());
+        eth.set_source(MacAddr::from(mac));
+        eth.set_ethertype(EtherTypes::Arp);
+        let mut arp = MutableArpPacket::new(eth.payload_mut()).expect("frame size");
+        arp.set_hardware_type(ArpHardwareTypes::Ethernet);
+        arp.set_protocol_type(EtherTypes::Ipv4);
+        arp.set_hw_addr_len(6);
+        arp.set_proto_addr_len(4);
+        arp.set_operation(ArpOperations::Request);
+        arp.set_sender_hw_addr(MacAddr::from(mac));
+        arp.set_sender_proto_addr(addr);
+        arp.set_target_hw_addr(MacAddr::zero());
+        arp.set_target_proto_addr(addr);
+    }
+    let Channel::Ethernet(mut tx, _rx) = datalink::channel(&iface, datalink::Config::default())?
+    else {
+        bail!("{interface}: not an Ethernet channel");
+    };
+    match tx.send_to(&frame, None) {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(e.into()),
+        None => bail!("{interface}: nothing sent"),
+    }
+}
+
+/// Which LoadBalancer addresses each Service had, from the status of an earlier run.
+pub fn hints(status: &Status) -> BTreeMap<String, Vec<Ipv4Addr>> {
+    status
+        .load_balancers
+        .iter()
+        .filter(|s| !s.addresses.is_empty())
+        .map(|s| (s.service.clone(), s.addresses.clone()))
+        .collect()
+}
+
+impl Status {
+    pub fn new(desired: &DesiredState, announcer: &Announcer) -> Self {
+        Self {
+            load_balancers: desired.lb_status.clone(),
+            pools: desired.pool_usage.clone(),
+            announced: announcer.announced(),
+        }
+    }
+}
