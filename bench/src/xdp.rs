@@ -105,6 +105,8 @@ pub fn services(n: u32) -> DesiredState {
                         kind: FrontendKind::ClusterIp,
                     }],
                     backends,
+                    affinity_timeout_s: 0,
+                    source_ranges: Vec::new(),
                 },
             );
         }

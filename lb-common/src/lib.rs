@@ -26,6 +26,8 @@ pub mod map_names {
     pub const FRONTEND_STATS: &str = "LB_FRONTEND_STATS";
     pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
     pub const ARP: &str = "LB_ARP";
+    pub const AFFINITY: &str = "LB_AFFINITY";
+    pub const SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
     /// Created by the agent, never read by the datapath: service names for `lbctl`.
     pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 }
@@ -39,6 +41,10 @@ pub const DEFAULT_MAGLEV_SIZE: u32 = 16_381;
 /// Spare Maglev blocks beyond one per service: a table is always written into a free block and
 /// the frontends are flipped to it afterwards, and freed blocks rest in a FIFO before reuse.
 pub const MAGLEV_SPARE_BLOCKS: u32 = 16;
+/// ClientIP session affinity entries (LRU).
+pub const DEFAULT_AFFINITY_SIZE: u32 = 65_536;
+/// loadBalancerSourceRanges entries over all services.
+pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 /// Announced (interface, address) pairs the ARP responder can hold.
 pub const DEFAULT_MAX_ANNOUNCEMENTS: u32 = 4_096;
 
@@ -88,11 +94,52 @@ pub struct Frontend {
     pub frontend_id: u32,
     /// Start of this service's table in the flat Maglev array (block × M).
     pub maglev_offset: u32,
-    /// Backends in the table; 0 means "no backend": the datapath passes the packet.
+    /// Backends in the table; 0 means "no endpoint": TCP is answered with a RST, UDP dropped.
     pub backend_count: u16,
+    /// Kind (low bits, [`frontend_type`]) and policies ([`frontend_flags`]).
     pub flags: u16,
+    /// sessionAffinity ClientIP timeout in seconds (with [`frontend_flags::AFFINITY`]).
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Frontend>() == 16);
+const _: () = assert!(size_of::<Frontend>() == 24);
+
+/// Policy bits of [`Frontend::flags`], above the kind.
+pub mod frontend_flags {
+    /// sessionAffinity: ClientIP: new flows of a client go to the backend it used last.
+    pub const AFFINITY: u16 = 0x0010;
+    /// loadBalancerSourceRanges: only sources in LB_SOURCE_RANGES for the service get in.
+    pub const SOURCE_RANGES: u16 = 0x0020;
+}
+
+/// Session affinity key: a client of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    /// Client IPv4 address, network byte order.
+    pub client: u32,
+}
+const _: () = assert!(size_of::<AffinityKey>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityEntry {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<AffinityEntry>() == 16);
+
+/// Data of an LB_SOURCE_RANGES LPM key: the service (all 32 bits always match, so the prefix
+/// length is 32 + the CIDR's) then the source address, both in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceRange {
+    pub service_id_be: u32,
+    pub addr: u32,
+}
+const _: () = assert!(size_of::<SourceRange>() == 8);
 
 /// Backend states (in [`Backend::state`]).
 pub mod backend_state {
@@ -212,6 +259,9 @@ const _: () = assert!(size_of::<ArpEntry>() == 16);
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for ArpKey {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityEntry {}
+    unsafe impl aya::Pod for SourceRange {}
     unsafe impl aya::Pod for ArpEntry {}
     use super::*;
     unsafe impl aya::Pod for FrontendKey {}

@@ -17,16 +17,20 @@ use core::mem::size_of;
 use aya_ebpf::{
     EbpfContext,
     bindings::{bpf_fib_lookup, xdp_action},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_tail,
+    },
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use lb_common::{
-    ArpEntry, ArpKey, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, Config, Counters, CtEntry, CtKey,
-    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_ANNOUNCEMENTS, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES, Frontend, FrontendKey, IPPROTO_TCP, IPPROTO_UDP,
-    MAGLEV_SPARE_BLOCKS, backend_state, csum, ct_flags, hash::flow_hash,
+    AffinityEntry, AffinityKey, ArpEntry, ArpKey, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, Config,
+    Counters, CtEntry, CtKey, DEFAULT_AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE,
+    DEFAULT_MAX_ANNOUNCEMENTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES,
+    DEFAULT_MAX_SOURCE_RANGES, Frontend, FrontendKey, IPPROTO_TCP, IPPROTO_UDP,
+    MAGLEV_SPARE_BLOCKS, SourceRange, backend_state, csum, ct_flags, frontend_flags,
+    hash::flow_hash,
 };
 use network_types::{
     arp::ArpHdr,
@@ -74,6 +78,13 @@ static LB_BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(DEFAULT_MAX
 
 #[map]
 static LB_ARP: HashMap<ArpKey, ArpEntry> = HashMap::pinned(DEFAULT_MAX_ANNOUNCEMENTS, 0);
+
+#[map]
+static LB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
+    LruHashMap::pinned(DEFAULT_AFFINITY_SIZE, 0);
+
+#[map]
+static LB_SOURCE_RANGES: LpmTrie<SourceRange, u8> = LpmTrie::pinned(DEFAULT_MAX_SOURCE_RANGES, 0);
 
 #[xdp]
 pub fn lb(ctx: XdpContext) -> u32 {
@@ -175,6 +186,19 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
     };
     if let Some(frontend) = unsafe { LB_FRONTENDS.get(&frontend_key) } {
         let frontend = *frontend;
+        // loadBalancerSourceRanges: sources outside the service's ranges are dropped here.
+        if frontend.flags & frontend_flags::SOURCE_RANGES != 0 {
+            let key = Key::new(
+                64,
+                SourceRange {
+                    service_id_be: frontend.service_id.to_be(),
+                    addr: src_addr,
+                },
+            );
+            if LB_SOURCE_RANGES.get(&key).is_none() {
+                return Ok(xdp_action::XDP_DROP);
+            }
+        }
         let forward_key = CtKey {
             src_addr,
             dst_addr,
@@ -209,22 +233,49 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
             Some(c) => c,
             None => {
                 if frontend.backend_count == 0 {
-                    return Ok(xdp_action::XDP_PASS);
+                    return no_endpoint(ctx, proto, l4.tcp_flags, ihl);
                 }
-                let maglev_size = match LB_CONFIG.get(0) {
-                    Some(Config { maglev_size, .. }) if *maglev_size > 0 => *maglev_size,
-                    _ => return Ok(xdp_action::XDP_PASS),
+                let now = unsafe { bpf_ktime_get_coarse_ns() };
+                let affinity = frontend.flags & frontend_flags::AFFINITY != 0;
+                let affinity_key = AffinityKey {
+                    service_id: frontend.service_id,
+                    client: src_addr,
                 };
-                let slot = flow_hash(src_addr, dst_addr, src_port, dst_port, proto) % maglev_size;
-                let backend_id = match LB_MAGLEV.get(frontend.maglev_offset + slot) {
-                    Some(id) if *id != 0 => *id,
-                    _ => return Ok(xdp_action::XDP_PASS),
-                };
+                let mut backend_id = 0;
+                if affinity {
+                    if let Some(a) = unsafe { LB_AFFINITY.get(&affinity_key) } {
+                        let timeout_ns = frontend.affinity_timeout_s as u64 * 1_000_000_000;
+                        if now.wrapping_sub(a.last_seen_ns) < timeout_ns
+                            && backend_is_active(a.backend_id)
+                        {
+                            backend_id = a.backend_id;
+                        }
+                    }
+                }
+                if backend_id == 0 {
+                    let maglev_size = match LB_CONFIG.get(0) {
+                        Some(Config { maglev_size, .. }) if *maglev_size > 0 => *maglev_size,
+                        _ => return Ok(xdp_action::XDP_PASS),
+                    };
+                    let slot =
+                        flow_hash(src_addr, dst_addr, src_port, dst_port, proto) % maglev_size;
+                    backend_id = match LB_MAGLEV.get(frontend.maglev_offset + slot) {
+                        Some(id) if *id != 0 => *id,
+                        _ => return Ok(xdp_action::XDP_PASS),
+                    };
+                }
                 let backend = match LB_BACKENDS.get(backend_id) {
                     Some(b) if b.state == backend_state::ACTIVE => *b,
                     _ => return Ok(xdp_action::XDP_PASS),
                 };
-                let now = unsafe { bpf_ktime_get_coarse_ns() };
+                if affinity {
+                    let entry = AffinityEntry {
+                        backend_id,
+                        _pad: 0,
+                        last_seen_ns: now,
+                    };
+                    let _ = LB_AFFINITY.insert(&affinity_key, &entry, 0);
+                }
                 let forward = CtEntry {
                     nat_addr: backend.addr,
                     nat_port: backend.port,
@@ -345,6 +396,103 @@ fn arp_reply(ctx: &XdpContext, eth: *mut EthHdr) -> Result<u32, ()> {
         (*eth).src_addr = mac;
     }
     Ok(xdp_action::XDP_TX)
+}
+
+#[inline(always)]
+fn backend_is_active(id: u32) -> bool {
+    matches!(LB_BACKENDS.get(id), Some(b) if b.state == backend_state::ACTIVE)
+}
+
+/// A service without ready endpoints: TCP gets a RST back out of the interface it came in on
+/// (the client fails at once, as with kube-proxy's REJECT, instead of retrying SYNs into a
+/// void); UDP, and anything odd, is dropped.
+#[inline(always)]
+fn no_endpoint(ctx: &XdpContext, proto: u8, tcp_flags: u8, ihl: usize) -> Result<u32, ()> {
+    if proto != IPPROTO_TCP || tcp_flags & TCP_RST != 0 || ihl != Ipv4Hdr::LEN {
+        return Ok(xdp_action::XDP_DROP);
+    }
+    const IP: usize = EthHdr::LEN;
+    const TCP: usize = EthHdr::LEN + Ipv4Hdr::LEN;
+    const LEN: usize = TCP + 20;
+    let old: *const [u8; LEN] = ptr_at(ctx, 0)?;
+    let old = unsafe { &*old };
+    let tot_len = u16::from_be_bytes([old[IP + 2], old[IP + 3]]) as u32;
+    let doff = ((old[TCP + 12] >> 4) as u32) * 4;
+    if doff < 20 || tot_len < 20 + doff {
+        return Ok(xdp_action::XDP_DROP);
+    }
+    let seq = u32::from_be_bytes([old[TCP + 4], old[TCP + 5], old[TCP + 6], old[TCP + 7]]);
+    let ack = u32::from_be_bytes([old[TCP + 8], old[TCP + 9], old[TCP + 10], old[TCP + 11]]);
+    // RFC 793: answer an ACK with <SEQ=SEG.ACK><RST>, anything else with
+    // <SEQ=0><ACK=SEG.SEQ+SEG.LEN><RST,ACK> (SYN and FIN count one each).
+    let (new_seq, new_ack, new_flags) = if tcp_flags & TCP_ACK != 0 {
+        (ack, 0, TCP_RST)
+    } else {
+        let len = tot_len - 20 - doff
+            + (tcp_flags & TCP_SYN != 0) as u32
+            + (tcp_flags & TCP_FIN != 0) as u32;
+        (0, seq.wrapping_add(len), TCP_RST | TCP_ACK)
+    };
+    let mut macs = [0u8; 12];
+    macs.copy_from_slice(&old[..12]);
+    let mut addrs = [0u8; 8];
+    addrs.copy_from_slice(&old[IP + 12..IP + 20]);
+    let mut ports = [0u8; 4];
+    ports.copy_from_slice(&old[TCP..TCP + 4]);
+
+    let delta = LEN as i32 - (ctx.data_end() - ctx.data()) as i32;
+    if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.as_ptr() as *mut _, delta) } != 0 {
+        return Ok(xdp_action::XDP_DROP);
+    }
+    let p: *mut [u8; LEN] = ptr_at(ctx, 0)?;
+    let p = unsafe { &mut *p };
+    p[..6].copy_from_slice(&macs[6..12]);
+    p[6..12].copy_from_slice(&macs[..6]);
+    p[IP] = 0x45;
+    p[IP + 1] = 0;
+    p[IP + 2..IP + 4].copy_from_slice(&40u16.to_be_bytes());
+    p[IP + 6..IP + 8].copy_from_slice(&0x4000u16.to_be_bytes());
+    p[IP + 8] = 64;
+    p[IP + 9] = IPPROTO_TCP;
+    p[IP + 10] = 0;
+    p[IP + 11] = 0;
+    p[IP + 12..IP + 16].copy_from_slice(&addrs[4..8]);
+    p[IP + 16..IP + 20].copy_from_slice(&addrs[..4]);
+    p[TCP..TCP + 2].copy_from_slice(&ports[2..4]);
+    p[TCP + 2..TCP + 4].copy_from_slice(&ports[..2]);
+    p[TCP + 4..TCP + 8].copy_from_slice(&new_seq.to_be_bytes());
+    p[TCP + 8..TCP + 12].copy_from_slice(&new_ack.to_be_bytes());
+    p[TCP + 12] = 5 << 4;
+    p[TCP + 13] = new_flags;
+    for b in &mut p[TCP + 14..TCP + 20] {
+        *b = 0; // window, checksum, urgent pointer
+    }
+    let ip_sum = sum_words(&p[IP..IP + 20], 0);
+    p[IP + 10..IP + 12].copy_from_slice(&fold(ip_sum).to_be_bytes());
+    // Pseudo-header: addresses, protocol, TCP length 20.
+    let pseudo = sum_words(&p[IP + 12..IP + 20], IPPROTO_TCP as u32 + 20);
+    let tcp_sum = sum_words(&p[TCP..TCP + 20], pseudo);
+    p[TCP + 16..TCP + 18].copy_from_slice(&fold(tcp_sum).to_be_bytes());
+    Ok(xdp_action::XDP_TX)
+}
+
+/// Adds big-endian 16-bit words of `bytes` (even length) to `sum`.
+#[inline(always)]
+fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
+        i += 2;
+    }
+    sum
+}
+
+/// One's-complement fold of a 32-bit sum into the 16-bit checksum.
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 /// Is backend `id` still configured, active, and the same address (ids are reused)?

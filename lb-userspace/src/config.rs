@@ -215,6 +215,23 @@ fn parse_ipv4(value: &str, object: &str, field: &str) -> Result<Ipv4Addr, Config
     }
 }
 
+/// "10.0.0.0/8" → (10.0.0.0, 8), with the host bits cleared.
+fn parse_cidr(value: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (addr, len) = value.split_once('/').unwrap_or((value, "32"));
+    let addr: Ipv4Addr = addr
+        .trim()
+        .parse()
+        .map_err(|_| format!("{value:?} is not an IPv4 CIDR"))?;
+    let len: u8 = len
+        .trim()
+        .parse()
+        .ok()
+        .filter(|l| *l <= 32)
+        .ok_or_else(|| format!("{value:?}: prefix must be 0-32"))?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Ok((Ipv4Addr::from(u32::from(addr) & mask), len))
+}
+
 fn parse_port(value: i32, object: &str, field: &str) -> Result<u16, ConfigError> {
     u16::try_from(value)
         .ok()
@@ -403,6 +420,51 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
             }
         }
         external_by_service.insert(service_name.clone(), external_ips.clone());
+        let affinity_timeout_s = match spec.session_affinity.as_deref().unwrap_or("None") {
+            "None" => 0,
+            "ClientIP" => {
+                let timeout = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .unwrap_or(10_800);
+                if !(1..=86_400).contains(&timeout) {
+                    errors.push(err(
+                        &object,
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{timeout} is out of range (1-86400)"),
+                    ));
+                }
+                timeout.clamp(1, 86_400) as u32
+            }
+            other => {
+                errors.push(err(
+                    &object,
+                    "spec.sessionAffinity",
+                    format!("{other:?} (None or ClientIP)"),
+                ));
+                0
+            }
+        };
+        let mut source_ranges = Vec::new();
+        for (i, cidr) in spec
+            .load_balancer_source_ranges
+            .iter()
+            .flatten()
+            .enumerate()
+        {
+            let field = format!("spec.loadBalancerSourceRanges[{i}]");
+            if cidr.contains(':') {
+                continue; // IPv6 range of a dual-stack Service
+            }
+            match parse_cidr(cidr) {
+                Ok(r) => source_ranges.push(r),
+                Err(e) => errors.push(err(&object, field, e)),
+            }
+        }
+        source_ranges.sort();
+        source_ranges.dedup();
         let lb_ips: &[Ipv4Addr] = if service_type == "LoadBalancer" {
             lb_addrs
                 .get(service_name.as_str())
@@ -590,6 +652,8 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
                             weight: 1,
                         })
                         .collect(),
+                    affinity_timeout_s,
+                    source_ranges: source_ranges.clone(),
                 },
             );
         }

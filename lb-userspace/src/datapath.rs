@@ -251,6 +251,8 @@ pub fn cleanup(dir: &Path) -> Result<()> {
         map_names::BACKEND_STATS,
         map_names::SERVICE_NAMES,
         map_names::ARP,
+        map_names::AFFINITY,
+        map_names::SOURCE_RANGES,
     ] {
         let path = dir.join(name);
         if path.exists() {

@@ -2,16 +2,20 @@
 //! agent is down).
 
 use std::{
+    net::Ipv4Addr,
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     ptr::NonNull,
 };
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{
+    Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
+    lpm_trie::{Key as LpmKey, LpmTrie},
+};
 use lb_common::{
-    ArpEntry, ArpKey, Backend, Config, Counters, CtEntry, CtKey, Frontend, FrontendKey,
-    ServiceName, map_names,
+    AffinityEntry, AffinityKey, ArpEntry, ArpKey, Backend, Config, Counters, CtEntry, CtKey,
+    Frontend, FrontendKey, ServiceName, SourceRange, ipv4_to_wire, map_names,
 };
 
 /// What the reconciler needs from the datapath's maps. The in-memory implementation in
@@ -26,6 +30,13 @@ pub trait Datastore {
     fn remove_service_name(&mut self, id: u32) -> Result<()>;
     fn reset_frontend_stats(&mut self, id: u32) -> Result<()>;
     fn reset_backend_stats(&mut self, id: u32) -> Result<()>;
+    /// Adds (`present`) or removes one loadBalancerSourceRanges entry of a service.
+    fn set_source_range(
+        &mut self,
+        service_id: u32,
+        range: (Ipv4Addr, u8),
+        present: bool,
+    ) -> Result<()>;
 }
 
 /// A shared, writable mapping of the flat Maglev array (created with BPF_F_MMAPABLE): a whole
@@ -127,6 +138,19 @@ pub struct PinnedMaps {
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub service_names: HashMap<MapData, u32, ServiceName>,
     pub arp: HashMap<MapData, ArpKey, ArpEntry>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
+}
+
+/// The LPM key of one source range of a service.
+pub fn source_range_key(service_id: u32, range: (Ipv4Addr, u8)) -> LpmKey<SourceRange> {
+    LpmKey::new(
+        32 + u32::from(range.1),
+        SourceRange {
+            service_id_be: service_id.to_be(),
+            addr: ipv4_to_wire(range.0.octets()),
+        },
+    )
 }
 
 fn open_map(dir: &Path, name: &str) -> Result<Map> {
@@ -153,6 +177,8 @@ impl PinnedMaps {
             backend_stats: PerCpuArray::try_from(open_map(dir, map_names::BACKEND_STATS)?)?,
             service_names: HashMap::try_from(open_map(dir, map_names::SERVICE_NAMES)?)?,
             arp: HashMap::try_from(open_map(dir, map_names::ARP)?)?,
+            affinity: HashMap::try_from(open_map(dir, map_names::AFFINITY)?)?,
+            source_ranges: LpmTrie::try_from(open_map(dir, map_names::SOURCE_RANGES)?)?,
         })
     }
 
@@ -211,6 +237,28 @@ impl Datastore for PinnedMaps {
             .context("removing service name")
     }
 
+    fn set_source_range(
+        &mut self,
+        service_id: u32,
+        range: (Ipv4Addr, u8),
+        present: bool,
+    ) -> Result<()> {
+        let key = source_range_key(service_id, range);
+        if present {
+            self.source_ranges
+                .insert(&key, 1, 0)
+                .with_context(|| format!("adding source range {}/{}", range.0, range.1))
+        } else {
+            match self.source_ranges.remove(&key) {
+                Ok(()) => Ok(()),
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => {
+                    Err(e).with_context(|| format!("removing source range {}/{}", range.0, range.1))
+                }
+            }
+        }
+    }
+
     fn reset_frontend_stats(&mut self, id: u32) -> Result<()> {
         self.frontend_stats
             .set(id, Self::zero_counters()?, 0)
@@ -227,6 +275,8 @@ impl Datastore for PinnedMaps {
 /// What the maps hold, for an agent that starts over pinned maps from an earlier run.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
+    /// (service id, range) of every loadBalancerSourceRanges entry.
+    pub source_ranges: Vec<(u32, (Ipv4Addr, u8))>,
     pub frontends: Vec<(FrontendKey, Frontend)>,
     pub backends: Vec<(u32, Backend)>,
     pub service_names: Vec<(u32, String)>,
@@ -237,6 +287,17 @@ impl PinnedMaps {
         let mut snapshot = Snapshot::default();
         for item in self.frontends.iter() {
             snapshot.frontends.push(item?);
+        }
+        for key in self.source_ranges.keys() {
+            let key = key?;
+            let data = key.data();
+            let range = (
+                Ipv4Addr::from(lb_common::ipv4_from_wire(data.addr)),
+                (key.prefix_len().saturating_sub(32)) as u8,
+            );
+            snapshot
+                .source_ranges
+                .push((u32::from_be(data.service_id_be), range));
         }
         for (id, backend) in self.backends.iter().enumerate() {
             let backend = backend?;

@@ -98,6 +98,10 @@ pub struct ServicePort {
     pub frontends: Vec<FrontendSpec>,
     /// Sorted by endpoint, no duplicates.
     pub backends: Vec<BackendSpec>,
+    /// sessionAffinity: ClientIP timeout in seconds; 0 = no affinity.
+    pub affinity_timeout_s: u32,
+    /// loadBalancerSourceRanges (address, prefix length), enforced on LoadBalancer frontends.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

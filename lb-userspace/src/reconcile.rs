@@ -10,14 +10,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use anyhow::{Result, bail};
 use lb_common::{
-    Backend, Frontend, FrontendKey, backend_state, ipv4_from_wire, ipv4_to_wire, maglev,
-    port_from_wire, port_to_wire,
+    Backend, Frontend, FrontendKey, backend_state, frontend_flags, ipv4_from_wire, ipv4_to_wire,
+    maglev, port_from_wire, port_to_wire,
 };
 use log::info;
 
 use crate::{
     maps::{Datastore, Snapshot},
-    model::{BackendCondition, DesiredState, Endpoint, Protocol},
+    model::{BackendCondition, DesiredState, Endpoint, FrontendKind, Protocol},
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +48,8 @@ struct ServiceState {
     /// (backend, weight) pairs the table in `block` was built from; None when adopted from an
     /// earlier run, so the first apply rebuilds it.
     table_input: Option<Vec<(Endpoint, u32)>>,
+    /// loadBalancerSourceRanges entries written for this service.
+    source_ranges: Vec<(std::net::Ipv4Addr, u8)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -135,6 +137,12 @@ impl Reconciler {
                 id: value.service_id,
                 block,
                 table_input: None,
+                source_ranges: snapshot
+                    .source_ranges
+                    .iter()
+                    .filter(|(id, _)| *id == value.service_id)
+                    .map(|(_, r)| *r)
+                    .collect(),
             });
             frontends.insert(
                 endpoint,
@@ -336,6 +344,9 @@ impl Reconciler {
                 self.free_frontend_ids.push_back(f.id);
                 report.frontends_removed += 1;
             }
+            for range in &state.source_ranges {
+                store.set_source_range(state.id, *range, false)?;
+            }
             store.remove_service_name(state.id)?;
             self.free_service_ids.push_back(state.id);
             released_blocks.push(state.block);
@@ -395,6 +406,19 @@ impl Reconciler {
                     id
                 }
             };
+            // Source ranges are in place before a frontend's flag asks for them, and stale ones
+            // go only after the frontends were rewritten.
+            let old_ranges = existing
+                .as_ref()
+                .map(|s| s.source_ranges.clone())
+                .unwrap_or_default();
+            for range in service
+                .source_ranges
+                .iter()
+                .filter(|r| !old_ranges.contains(r))
+            {
+                store.set_source_range(service_id, *range, true)?;
+            }
             for frontend in &service.frontends {
                 let current = self.frontends.get(&frontend.endpoint).copied();
                 let frontend_id = match current {
@@ -413,7 +437,21 @@ impl Reconciler {
                     frontend_id,
                     maglev_offset: block * m,
                     backend_count: input.len().min(u16::MAX as usize) as u16,
-                    flags: frontend.kind.flags(),
+                    flags: frontend.kind.flags()
+                        | if service.affinity_timeout_s > 0 {
+                            frontend_flags::AFFINITY
+                        } else {
+                            0
+                        }
+                        | if frontend.kind == FrontendKind::LoadBalancer
+                            && !service.source_ranges.is_empty()
+                        {
+                            frontend_flags::SOURCE_RANGES
+                        } else {
+                            0
+                        },
+                    affinity_timeout_s: service.affinity_timeout_s,
+                    _pad: 0,
                 };
                 if current.is_none_or(|f| f.value != value) {
                     store.set_frontend(&frontend_key(&frontend.endpoint), &value)?;
@@ -428,12 +466,19 @@ impl Reconciler {
                     },
                 );
             }
+            for range in old_ranges
+                .iter()
+                .filter(|r| !service.source_ranges.contains(r))
+            {
+                store.set_source_range(service_id, *range, false)?;
+            }
             self.services.insert(
                 name.clone(),
                 ServiceState {
                     id: service_id,
                     block,
                     table_input: Some(input),
+                    source_ranges: service.source_ranges.clone(),
                 },
             );
         }
@@ -572,6 +617,18 @@ mod tests {
             self.names.remove(&id);
             Ok(())
         }
+        fn set_source_range(
+            &mut self,
+            id: u32,
+            range: (std::net::Ipv4Addr, u8),
+            present: bool,
+        ) -> Result<()> {
+            self.log.push(format!(
+                "source range {id} {}/{} {present}",
+                range.0, range.1
+            ));
+            Ok(())
+        }
         fn reset_frontend_stats(&mut self, _id: u32) -> Result<()> {
             Ok(())
         }
@@ -679,6 +736,7 @@ mod tests {
             frontends: store.frontends.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: store.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             service_names: store.names.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            source_ranges: Vec::new(),
         };
         let ids_before: BTreeSet<u32> = store.frontends.values().map(|f| f.frontend_id).collect();
         let mut adopted = Reconciler::adopt(LIMITS, &snapshot);

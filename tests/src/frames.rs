@@ -16,6 +16,7 @@ use pnet::{
 };
 
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 /// One IPv4 TCP or UDP frame, described field by field.
@@ -28,6 +29,10 @@ pub struct Frame {
     pub sport: u16,
     pub dport: u16,
     pub ttl: u8,
+    /// TCP sequence, acknowledgement (written only with ACK set) and window.
+    pub seq: u32,
+    pub ack: u32,
+    pub window: u16,
     pub l4: L4,
     pub payload: Vec<u8>,
 }
@@ -67,6 +72,9 @@ impl Frame {
             sport: src.1,
             dport: dst.1,
             ttl: 64,
+            seq: 0x0102_0304,
+            ack: 0x0a0b_0c0d,
+            window: 64240,
             l4,
             payload: b"hello, service".to_vec(),
         }
@@ -100,11 +108,11 @@ impl Frame {
                 let mut t = MutableTcpPacket::new(ip.payload_mut()).expect("tcp");
                 t.set_source(self.sport);
                 t.set_destination(self.dport);
-                t.set_sequence(0x0102_0304);
-                t.set_acknowledgement(if flags & TCP_ACK != 0 { 0x0a0b_0c0d } else { 0 });
+                t.set_sequence(self.seq);
+                t.set_acknowledgement(if flags & TCP_ACK != 0 { self.ack } else { 0 });
                 t.set_data_offset(5);
                 t.set_flags(flags);
-                t.set_window(64240);
+                t.set_window(self.window);
                 t.set_payload(&self.payload);
                 let c = tcp::ipv4_checksum(&t.to_immutable(), &self.src, &self.dst);
                 t.set_checksum(c);

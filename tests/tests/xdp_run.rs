@@ -8,7 +8,7 @@ use lb_common::{
     ArpEntry, ArpKey, DEFAULT_CONNTRACK_SIZE, FrontendKey, hash::flow_hash, ipv4_to_wire,
 };
 use lb_tests::{
-    frames::{Frame, L4, TCP_ACK, TCP_SYN, arp_reply, arp_request, verify_checksums},
+    frames::{Frame, L4, TCP_ACK, TCP_RST, TCP_SYN, arp_reply, arp_request, verify_checksums},
     lab::{BACKEND_IF_MAC, CLIENT, CLIENT_IF_MAC, CLIENT_MAC, XdpLab, backend_mac},
     sh,
 };
@@ -23,6 +23,11 @@ const TRIO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const LONELY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
 const UNRESOLVED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 2);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
+const GUARDED_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
+const GUARDED_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 60);
+const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 15);
+const XDP_DROP: u32 = 1;
 const M: u32 = 251;
 
 fn options() -> Options {
@@ -65,6 +70,18 @@ fn lab() -> XdpLab {
             ],
         ),
         service("lonely", LONELY_VIP, &[UNRESOLVED_BACKEND]),
+        // No endpoints at all.
+        service("empty", EMPTY_VIP, &[]),
+        // LoadBalancer with loadBalancerSourceRanges admitting 10.0.0.0/30 only.
+        "apiVersion: lb.xdp.rs/v1\nkind: LoadBalancerIPPool\nmetadata: {name: pool}\nspec: {blocks: [{cidr: 192.168.30.60/32}]}\n---\n".into(),
+        service("guarded", GUARDED_VIP, &[BACKEND]).replacen(
+            "spec:\n",
+            "spec:\n  type: LoadBalancer\n  loadBalancerSourceRanges: [10.0.0.0/30]\n",
+            1,
+        ),
+        // sessionAffinity: ClientIP over three backends.
+        service("sticky", STICKY_VIP, &[Ipv4Addr::new(10, 0, 1, 2), Ipv4Addr::new(10, 0, 2, 2), Ipv4Addr::new(10, 0, 3, 2)])
+            .replacen("spec:\n", "spec:\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}\n", 1),
     ]
     .concat();
     lab.apply_yaml(&yaml).expect("apply config");
@@ -264,6 +281,63 @@ fn test_run_cases() {
             None,
         ),
     ];
+
+    // No endpoints: TCP is refused with a RST out of the interface it came in on, UDP dropped.
+    let refused = from_client(Frame::tcp((CLIENT, 40010), (EMPTY_VIP, 80), TCP_SYN));
+    let mut rst_ack = Frame::tcp((EMPTY_VIP, 80), (CLIENT, 40010), TCP_RST | TCP_ACK);
+    rst_ack.seq = 0;
+    rst_ack.ack = refused.seq + refused.payload.len() as u32 + 1;
+    rst_ack.window = 0;
+    rst_ack.payload.clear();
+    rst_ack.src_mac = CLIENT_IF_MAC;
+    rst_ack.dst_mac = CLIENT_MAC;
+    cases.push(case(
+        "SYN to a service without endpoints: RST+ACK back (XDP_TX)",
+        &refused,
+        XDP_TX,
+        Some(&rst_ack),
+    ));
+    let stray = from_client(Frame::tcp((CLIENT, 40011), (EMPTY_VIP, 80), TCP_ACK));
+    let mut rst = Frame::tcp((EMPTY_VIP, 80), (CLIENT, 40011), TCP_RST);
+    rst.seq = stray.ack;
+    rst.window = 0;
+    rst.payload.clear();
+    rst.src_mac = CLIENT_IF_MAC;
+    rst.dst_mac = CLIENT_MAC;
+    cases.push(case(
+        "ACK to a service without endpoints: RST with its ack as seq",
+        &stray,
+        XDP_TX,
+        Some(&rst),
+    ));
+    cases.push(case(
+        "UDP to a service without endpoints: dropped",
+        &from_client(Frame::udp((CLIENT, 5353), (EMPTY_VIP, 53))),
+        XDP_DROP,
+        None,
+    ));
+    // loadBalancerSourceRanges guard the LoadBalancer IP, not the ClusterIP.
+    let admitted = from_client(Frame::tcp((CLIENT, 40020), (GUARDED_LB_IP, 80), TCP_SYN));
+    cases.push(case(
+        "LoadBalancer IP from a listed source: DNAT",
+        &admitted,
+        XDP_REDIRECT,
+        Some(&dnat(&admitted, BACKEND, 8080)),
+    ));
+    let outsider = Ipv4Addr::new(10, 0, 0, 9);
+    cases.push(case(
+        "LoadBalancer IP from an unlisted source: dropped",
+        &from_client(Frame::tcp((outsider, 40021), (GUARDED_LB_IP, 80), TCP_SYN)),
+        XDP_DROP,
+        None,
+    ));
+    let inside = from_client(Frame::tcp((outsider, 40022), (GUARDED_VIP, 80), TCP_SYN));
+    cases.push(case(
+        "ClusterIP of that Service from the same source: DNAT",
+        &inside,
+        XDP_REDIRECT,
+        Some(&dnat(&inside, BACKEND, 8080)),
+    ));
 
     let syn_bytes = syn.bytes();
     let mut truncated = syn_bytes[..14 + 20 + 10].to_vec();
@@ -507,6 +581,35 @@ fn maglev_pick_matches_the_userspace_table() {
     }
     println!("flows per backend: {used:?}");
     assert_eq!(used.len(), 3, "{used:?}");
+}
+
+/// sessionAffinity: ClientIP: every new flow of a client goes to the backend of its first one.
+#[test]
+fn client_ip_affinity_pins_a_client_to_one_backend() {
+    let mut lab = lab();
+    let mut per_client = Vec::new();
+    for client in [
+        CLIENT,
+        Ipv4Addr::new(10, 0, 0, 2),
+        Ipv4Addr::new(10, 0, 0, 3),
+        Ipv4Addr::new(10, 0, 0, 4),
+    ] {
+        let mut seen = std::collections::BTreeSet::new();
+        for sport in 30000..30050u16 {
+            let f = from_client(Frame::tcp((client, sport), (STICKY_VIP, 80), TCP_SYN));
+            let run = lab.run("lb", &f.bytes(), lab.client_ifindex).expect("run");
+            assert_eq!(run.verdict, XDP_REDIRECT);
+            seen.insert(Ipv4Addr::new(
+                run.output[30],
+                run.output[31],
+                run.output[32],
+                run.output[33],
+            ));
+        }
+        assert_eq!(seen.len(), 1, "50 flows of {client} went to {seen:?}");
+        per_client.push(*seen.first().unwrap());
+    }
+    println!("backend per client: {per_client:?}");
 }
 
 fn hex(b: &[u8]) -> String {
