@@ -319,3 +319,34 @@ impl PinnedMaps {
         Ok(data.info()?.max_entries())
     }
 }
+
+impl PinnedMaps {
+    /// Deletes the UDP conntrack entries (both directions) of backends that are no longer
+    /// configured, so a client's next datagram on the same 5-tuple is balanced afresh instead
+    /// of being sent to an endpoint that is gone (the UDP blackhole kube-proxy users know).
+    /// TCP entries stay: a connection ends with its RST or FIN on its own.
+    pub fn flush_udp_conntrack(
+        &mut self,
+        live: &std::collections::BTreeSet<(u32, u16)>,
+    ) -> Result<usize> {
+        let mut dead = Vec::new();
+        for item in self.conntrack.iter() {
+            let (k, e) = item?;
+            if k.proto != lb_common::IPPROTO_UDP {
+                continue;
+            }
+            let backend = if k.dir == lb_common::CT_DIR_FORWARD {
+                (e.nat_addr, e.nat_port)
+            } else {
+                (k.src_addr, k.src_port)
+            };
+            if !live.contains(&backend) {
+                dead.push(k);
+            }
+        }
+        for k in &dead {
+            let _ = self.conntrack.remove(k);
+        }
+        Ok(dead.len())
+    }
+}

@@ -153,3 +153,50 @@ fn service_without_endpoints_refuses_tcp_at_once() {
     );
     assert!(took < Duration::from_millis(500), "refusal took {took:?}");
 }
+
+/// After an endpoint is removed, the same UDP 5-tuple is balanced afresh: its conntrack entries
+/// were flushed instead of steering datagrams to the removed endpoint.
+#[test]
+fn removed_endpoint_udp_flows_move_on() {
+    let mut topo = Topology::new(3).unwrap();
+    topo.write_config(&Topology::service_yaml(&[1, 2, 3]))
+        .unwrap();
+    topo.start_agent(&[]).unwrap();
+    let to: SocketAddr = (lb_tests::CLUSTER_IP, lb_tests::UDP_PORT).into();
+    let ask = |s: &std::net::UdpSocket| -> String {
+        s.send(b"who").unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.recv(&mut buf).expect("UDP answer");
+        String::from_utf8_lossy(&buf[..n]).trim().to_string()
+    };
+    // One connected socket = one fixed 5-tuple; find one that lands on backend-1.
+    let socket = topo
+        .client(move || {
+            for _ in 0..200 {
+                let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                s.connect(to).unwrap();
+                if ask(&s) == "backend-1" {
+                    return Some(s);
+                }
+            }
+            None
+        })
+        .expect("no UDP flow reached backend-1");
+    topo.write_config(&Topology::service_yaml(&[2, 3])).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    // backend-1's server is still running: only the flush keeps the flow from reaching it.
+    let answers = topo.client(move || (0..3).map(|_| ask(&socket)).collect::<Vec<_>>());
+    println!("same UDP 5-tuple after removing backend-1: {answers:?}");
+    assert!(answers.iter().all(|a| a != "backend-1"), "{answers:?}");
+    assert!(
+        answers.windows(2).all(|w| w[0] == w[1]),
+        "the new flow sticks: {answers:?}"
+    );
+    assert!(
+        topo.agent_log()
+            .contains("UDP conntrack entries of removed endpoints"),
+        "{}",
+        topo.agent_log()
+    );
+}

@@ -18,7 +18,7 @@ use lb_userspace::{
     datapath::{self, Datapath, Options},
     l2::{self, Announcer, Status},
     maps::PinnedMaps,
-    model::DesiredState,
+    model::{DesiredState, Protocol},
     reconcile::Reconciler,
 };
 use log::{error, info, warn};
@@ -111,25 +111,47 @@ impl Agent {
                 return;
             }
         };
-        match self.reconciler.apply(&desired, &mut self.maps) {
-            Ok(r) => info!(
-                "config {} applied: {} services, {} frontends, {} backends (+{}/-{} services, {} tables rebuilt, +{}/-{} backends)",
-                path.display(),
-                self.reconciler.service_count(),
-                self.reconciler.frontend_count(),
-                self.reconciler.backend_count(),
-                r.services_added,
-                r.services_removed,
-                r.tables_rebuilt,
-                r.backends_added,
-                r.backends_removed
-            ),
+        let report = match self.reconciler.apply(&desired, &mut self.maps) {
+            Ok(r) => {
+                info!(
+                    "config {} applied: {} services, {} frontends, {} backends (+{}/-{} services, {} tables rebuilt, +{}/-{} backends)",
+                    path.display(),
+                    self.reconciler.service_count(),
+                    self.reconciler.frontend_count(),
+                    self.reconciler.backend_count(),
+                    r.services_added,
+                    r.services_removed,
+                    r.tables_rebuilt,
+                    r.backends_added,
+                    r.backends_removed
+                );
+                r
+            }
             Err(e) => {
                 error!(
                     "config {} not applied: {e:#}; keeping the last good state",
                     path.display()
                 );
                 return;
+            }
+        };
+        if report.backends_removed > 0 {
+            let live: std::collections::BTreeSet<(u32, u16)> = desired
+                .services
+                .values()
+                .flat_map(|s| s.backends.iter())
+                .filter(|b| b.endpoint.proto == Protocol::Udp)
+                .map(|b| {
+                    (
+                        lb_common::ipv4_to_wire(b.endpoint.addr.octets()),
+                        lb_common::port_to_wire(b.endpoint.port),
+                    )
+                })
+                .collect();
+            match self.maps.flush_udp_conntrack(&live) {
+                Ok(0) => {}
+                Ok(n) => info!("flushed {n} UDP conntrack entries of removed endpoints"),
+                Err(e) => warn!("flushing UDP conntrack: {e:#}"),
             }
         }
         for s in &desired.lb_status {
