@@ -81,6 +81,8 @@ pub struct Objects {
 pub struct BuildContext {
     /// Addresses NodePort frontends listen on.
     pub node_ips: Vec<Ipv4Addr>,
+    /// This node's name, matched against EndpointSlice `nodeName` for externalTrafficPolicy Local.
+    pub node_name: Option<String>,
     /// LoadBalancer addresses each Service ("namespace/name") had before: kept when still valid.
     pub lb_hints: BTreeMap<String, Vec<Ipv4Addr>>,
 }
@@ -249,7 +251,8 @@ struct SlicePort {
 /// Endpoint addresses of one slice with their condition.
 struct SliceEndpoints {
     ports: Vec<SlicePort>,
-    endpoints: Vec<(Ipv4Addr, BackendCondition)>,
+    /// (address, condition, on this node).
+    endpoints: Vec<(Ipv4Addr, BackendCondition, bool)>,
 }
 
 /// Validates the objects and joins Services with their EndpointSlices.
@@ -264,6 +267,9 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
         .map(|s| (s.service.as_str(), s.addresses.as_slice()))
         .collect();
     let mut external_by_service: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+    // externalTrafficPolicy: Local Services, and those of them with a ready local endpoint.
+    let mut local_policy = std::collections::BTreeSet::new();
+    let mut local_ready = std::collections::BTreeSet::new();
 
     // EndpointSlices grouped by "namespace/service".
     let mut slices: HashMap<String, Vec<SliceEndpoints>> = HashMap::new();
@@ -348,9 +354,10 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
             } else {
                 continue;
             };
+            let local = ctx.node_name.is_some() && endpoint.node_name == ctx.node_name;
             for (j, address) in endpoint.addresses.iter().enumerate() {
                 match parse_ipv4(address, &object, &format!("endpoints[{i}].addresses[{j}]")) {
-                    Ok(a) => parsed.endpoints.push((a, condition)),
+                    Ok(a) => parsed.endpoints.push((a, condition, local)),
                     Err(e) => errors.push(e),
                 }
             }
@@ -465,6 +472,28 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
         }
         source_ranges.sort();
         source_ranges.dedup();
+        let etp_local = match spec.external_traffic_policy.as_deref().unwrap_or("Cluster") {
+            "Cluster" => false,
+            "Local" => service_type != "ClusterIP",
+            other => {
+                errors.push(err(
+                    &object,
+                    "spec.externalTrafficPolicy",
+                    format!("{other:?} (Cluster or Local)"),
+                ));
+                false
+            }
+        };
+        if etp_local && ctx.node_name.is_none() {
+            errors.push(err(
+                &object,
+                "spec.externalTrafficPolicy",
+                "Local needs the agent's --node-name",
+            ));
+        }
+        if etp_local {
+            local_policy.insert(service_name.clone());
+        }
         let lb_ips: &[Ipv4Addr] = if service_type == "LoadBalancer" {
             lb_addrs
                 .get(service_name.as_str())
@@ -536,6 +565,7 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
             };
 
             let mut backends: BTreeMap<Endpoint, BackendCondition> = BTreeMap::new();
+            let mut local_backends: BTreeMap<Endpoint, BackendCondition> = BTreeMap::new();
             for slice in service_slices {
                 for slice_port in slice
                     .ports
@@ -554,7 +584,7 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
                         ));
                         continue;
                     };
-                    for &(addr, condition) in &slice.endpoints {
+                    for &(addr, condition, local) in &slice.endpoints {
                         let endpoint = Endpoint {
                             addr,
                             port: backend_port,
@@ -563,6 +593,10 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
                         // The same address in two slices: the more usable condition wins.
                         let entry = backends.entry(endpoint).or_insert(condition);
                         *entry = (*entry).min(condition);
+                        if local {
+                            let entry = local_backends.entry(endpoint).or_insert(condition);
+                            *entry = (*entry).min(condition);
+                        }
                     }
                 }
             }
@@ -639,19 +673,47 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
             }
             frontends.sort();
             frontends.dedup();
+            let specs = |b: BTreeMap<Endpoint, BackendCondition>| -> Vec<BackendSpec> {
+                b.into_iter()
+                    .map(|(endpoint, condition)| BackendSpec {
+                        endpoint,
+                        condition,
+                        weight: 1,
+                    })
+                    .collect()
+            };
+            if etp_local {
+                // Traffic from outside (NodePort, LoadBalancer, externalIPs) only goes to this
+                // node's endpoints, through a table of its own; the ClusterIP keeps them all.
+                // The client's address is kept either way: the datapath never SNATs.
+                if local_backends
+                    .values()
+                    .any(|c| *c == BackendCondition::Active)
+                {
+                    local_ready.insert(service_name.clone());
+                }
+                let (cluster, external): (Vec<FrontendSpec>, Vec<FrontendSpec>) = frontends
+                    .into_iter()
+                    .partition(|f| f.kind == FrontendKind::ClusterIp);
+                let local_name = format!("{service_port_name}@local");
+                desired.services.insert(
+                    local_name.clone(),
+                    ServicePort {
+                        name: local_name,
+                        frontends: external,
+                        backends: specs(local_backends),
+                        affinity_timeout_s,
+                        source_ranges: source_ranges.clone(),
+                    },
+                );
+                frontends = cluster;
+            }
             desired.services.insert(
                 service_port_name.clone(),
                 ServicePort {
                     name: service_port_name,
                     frontends,
-                    backends: backends
-                        .into_iter()
-                        .map(|(endpoint, condition)| BackendSpec {
-                            endpoint,
-                            condition,
-                            weight: 1,
-                        })
-                        .collect(),
+                    backends: specs(backends),
                     affinity_timeout_s,
                     source_ranges: source_ranges.clone(),
                 },
@@ -663,6 +725,10 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
             let (namespace, name) = service_identity(service);
             let service_name = format!("{namespace}/{name}");
             if !lbipam::selects(spec.service_selector.as_ref(), &service_labels(service)) {
+                continue;
+            }
+            // Local traffic policy: announce only where a ready endpoint runs, as MetalLB does.
+            if local_policy.contains(&service_name) && !local_ready.contains(&service_name) {
                 continue;
             }
             let mut addrs: Vec<Ipv4Addr> = Vec::new();

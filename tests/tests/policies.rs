@@ -200,3 +200,47 @@ fn removed_endpoint_udp_flows_move_on() {
         topo.agent_log()
     );
 }
+
+/// externalTrafficPolicy: Local: traffic to the LoadBalancer IP only reaches endpoints on this
+/// node, the ClusterIP still reaches all; with no ready local endpoint the address is not
+/// announced at all.
+#[test]
+fn external_traffic_policy_local_uses_and_announces_local_endpoints_only() {
+    const LOCAL: &str = "{ready: true}\n  nodeName: node-a";
+    const REMOTE: &str = "{ready: true}\n  nodeName: node-b";
+    let mut topo = Topology::new(2).unwrap();
+    sh(&format!(
+        "ip -n {} route add 192.168.30.0/24 dev eth0",
+        topo.client
+    ))
+    .unwrap();
+    topo.write_config(&web(
+        "  externalTrafficPolicy: Local\n",
+        &[(1, LOCAL), (2, REMOTE)],
+    ))
+    .unwrap();
+    topo.start_agent(&["--node-name", "node-a"]).unwrap();
+
+    let external = answers(&topo, LB_IP, 30);
+    let internal = answers(&topo, CLUSTER_IP, 60);
+    println!("LoadBalancer IP: {external:?}\nClusterIP: {internal:?}");
+    assert_eq!(
+        external.keys().collect::<Vec<_>>(),
+        ["backend-1"],
+        "{external:?}"
+    );
+    assert_eq!(internal.len(), 2, "{internal:?}");
+
+    // Only a remote endpoint left: the LoadBalancer IP is withdrawn from ARP.
+    topo.write_config(&web("  externalTrafficPolicy: Local\n", &[(2, REMOTE)]))
+        .unwrap();
+    topo.wait_until(Duration::from_secs(3), "the announcement to go", |t| {
+        t.lbctl(&["arp", "-o", "json"])
+            .is_ok_and(|o| o.trim() == "[]")
+    })
+    .unwrap();
+    sh(&format!("ip -n {} neigh flush dev eth0", topo.client)).unwrap();
+    let (sent, replies) = Topology::arping(&topo.client, "192.168.30.60").unwrap();
+    assert!(sent >= 1 && replies.is_empty(), "{replies:?}");
+    drop(topo.stop_agent());
+}

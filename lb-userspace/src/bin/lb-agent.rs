@@ -60,6 +60,10 @@ struct Args {
     /// the --interface interfaces.
     #[arg(long = "node-ip")]
     node_ips: Vec<Ipv4Addr>,
+    /// This node's name as EndpointSlices give it (`nodeName`), for externalTrafficPolicy:
+    /// Local. Default: the host name.
+    #[arg(long)]
+    node_name: Option<String>,
     /// Directory for status.json (LoadBalancer allocations, pool usage, announcements), read by
     /// `lbctl pools` / `lbctl arp` and by the next agent run to keep allocations stable.
     #[arg(long, default_value = "/run/lb-agent")]
@@ -217,6 +221,13 @@ async fn main() -> Result<()> {
     } else {
         args.node_ips.clone()
     };
+    let node_name = match &args.node_name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the host name for --node-name")?
+            .trim()
+            .to_string(),
+    };
     // Earlier allocations stay where they were (a missing file just means a first run).
     let lb_hints = Status::read(&args.state_dir)
         .map(|s| l2::hints(&s))
@@ -236,7 +247,11 @@ async fn main() -> Result<()> {
         reconciler,
         maps,
         announcer,
-        ctx: BuildContext { node_ips, lb_hints },
+        ctx: BuildContext {
+            node_ips,
+            node_name: Some(node_name),
+            lb_hints,
+        },
     };
     let mut seen = fingerprint(&args.config);
     agent.reload();
