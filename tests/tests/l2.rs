@@ -169,3 +169,47 @@ fn pool_problems_are_reported_and_bad_pools_rejected() {
         "last good state kept:\n{services}"
     );
 }
+
+/// Allocations survive an agent restart even when a new Service that sorts first shows up, and
+/// `--garp-interval` keeps re-announcing.
+#[test]
+fn allocation_is_stable_across_restarts_and_garp_repeats() {
+    let mut topo = Topology::new(1).unwrap();
+    topo.write_config(&lb_service(&[1])).unwrap();
+    topo.start_agent(&["--garp-interval", "1"]).unwrap();
+    let first_garp = |t: &Topology| -> u64 {
+        let arp: serde_json::Value =
+            serde_json::from_str(&t.lbctl(&["arp", "-o", "json"]).unwrap()).unwrap();
+        arp[0]["last_garp"].as_u64().unwrap_or(0)
+    };
+    let before = first_garp(&topo);
+    topo.wait_until(Duration::from_secs(4), "a repeated gratuitous ARP", |t| {
+        first_garp(t) > before
+    })
+    .unwrap();
+    topo.stop_agent().unwrap();
+
+    // "aaa" sorts before "web" and would take the lowest address if allocation started over.
+    let with_new = format!(
+        "{}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: aaa, namespace: default}}\nspec:\n  type: LoadBalancer\n  \
+         clusterIP: 10.96.0.31\n  ports: [{{port: 80}}]\n",
+        lb_service(&[1])
+    );
+    topo.write_config(&with_new).unwrap();
+    topo.start_agent(&[]).unwrap();
+    let pools: serde_json::Value =
+        serde_json::from_str(&topo.lbctl(&["pools", "-o", "json"]).unwrap()).unwrap();
+    let by: std::collections::BTreeMap<String, String> = pools["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["service"].as_str().unwrap().to_string(),
+                s["addresses"][0].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(by["default/web"], "192.168.30.60", "{pools}");
+    assert_eq!(by["default/aaa"], "192.168.30.61", "{pools}");
+}

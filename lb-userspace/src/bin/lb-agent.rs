@@ -76,6 +76,8 @@ struct Args {
 
 struct Agent {
     config: PathBuf,
+    /// What was last written to status.json.
+    status: Status,
     state_dir: PathBuf,
     reconciler: Reconciler,
     maps: PinnedMaps,
@@ -180,10 +182,22 @@ impl Agent {
         self.write_status(&desired);
     }
 
-    fn write_status(&self, desired: &DesiredState) {
-        if let Err(e) = Status::new(desired, &self.announcer).write(&self.state_dir) {
+    fn write_status(&mut self, desired: &DesiredState) {
+        self.status = Status::new(desired, &self.announcer);
+        self.save_status();
+    }
+
+    fn save_status(&self) {
+        if let Err(e) = self.status.write(&self.state_dir) {
             warn!("status {}: {e:#}", self.state_dir.display());
         }
+    }
+
+    /// Periodic gratuitous ARP for everything announced (`--garp-interval`).
+    fn refresh_garp(&mut self) {
+        self.announcer.refresh();
+        self.status.announced = self.announcer.announced();
+        self.save_status();
     }
 }
 
@@ -243,6 +257,7 @@ async fn main() -> Result<()> {
     let announcer = Announcer::new(interfaces, &maps.arp)?;
     let mut agent = Agent {
         config: args.config.clone(),
+        status: Status::default(),
         state_dir: args.state_dir.clone(),
         reconciler,
         maps,
@@ -290,7 +305,7 @@ async fn main() -> Result<()> {
                     agent.reload();
                 }
             }
-            _ = garp.tick(), if args.garp_interval > 0 => agent.announcer.refresh(),
+            _ = garp.tick(), if args.garp_interval > 0 => agent.refresh_garp(),
         }
     }
     drop(agent);
