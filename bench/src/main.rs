@@ -2,6 +2,8 @@
 //! PNG under bench/results/, plus summary.csv with one row per target. Needs root (it loads XDP
 //! programs and makes network namespaces); `cargo xtask bench [--quick]` runs it.
 
+mod maglev;
+mod memory;
 mod report;
 mod xdp;
 
@@ -17,7 +19,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Benchmarks to run (default: all).
-    #[arg(long, value_delimiter = ',', value_parser = ["xdp"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["xdp", "maglev", "memory"])]
     only: Vec<String>,
     /// Where CSV, PNG and summary.csv go.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
@@ -67,6 +69,17 @@ fn main() -> Result<()> {
 
     if wanted("xdp") {
         let (table, t) = xdp::run(&xdp::Settings::new(args.quick), &args.out)?;
+        finish(&table, &args.out, &mut markdown)?;
+        targets.extend(t);
+    }
+
+    if wanted("maglev") {
+        let (table, t) = maglev::run(&maglev::Settings::new(args.quick), &args.out)?;
+        finish(&table, &args.out, &mut markdown)?;
+        targets.extend(t);
+    }
+    if wanted("memory") {
+        let (table, t) = memory::run(&memory::Settings::new(args.quick), &args.out)?;
         finish(&table, &args.out, &mut markdown)?;
         targets.extend(t);
     }

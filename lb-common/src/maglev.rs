@@ -110,7 +110,11 @@ pub fn build_table(backends: &[MaglevBackend<'_>], m: u32) -> Result<Vec<u32>, M
             // because skip and m are coprime (m prime), so the permutation visits every slot.
             loop {
                 let slot = position[k] as usize;
-                position[k] = (position[k] + skip[k]) % m64;
+                // position < m and skip < m, so one subtraction replaces the (slow) modulo.
+                position[k] += skip[k];
+                if position[k] >= m64 {
+                    position[k] -= m64;
+                }
                 if table[slot] == 0 {
                     table[slot] = i as u32 + 1;
                     filled += 1;

@@ -144,8 +144,14 @@ impl XdpLab {
         for a in addrs {
             self.add_backend_neighbour(a)?;
         }
+        self.apply_maps_only(desired)
+    }
+
+    /// Applies a desired state to the maps only (no neighbour entries): for benchmarks that
+    /// program many backends and send no packets to them.
+    pub fn apply_maps_only(&mut self, desired: &DesiredState) -> Result<()> {
         self.reconciler
-            .apply(&desired, self.maps.as_mut().expect("maps"))?;
+            .apply(desired, self.maps.as_mut().expect("maps"))?;
         Ok(())
     }
 

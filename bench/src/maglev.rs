@@ -1,0 +1,257 @@
+//! Benchmark 3: the Maglev table builder. Build time, balance and disruption for M = 16381 and
+//! 65537 with N = 10, 100, 1000 backends, against the ideal (1/N of the slots move when one of N
+//! backends leaves, 1/(N+1) when one joins) and against plain hash-mod-N. The build time of the
+//! largest table is compared with writing its 1000 backends into the real BPF backend map.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use lb_common::{
+    Backend, DEFAULT_CONNTRACK_SIZE,
+    hash::fmix64,
+    ipv4_to_wire,
+    maglev::{MaglevBackend, build_table},
+    port_to_wire,
+};
+use lb_tests::lab::XdpLab;
+use lb_userspace::datapath::Options;
+
+use crate::report::{Plot, Table, Target, num};
+
+pub struct Settings {
+    pub sizes: Vec<u32>,
+    pub counts: Vec<usize>,
+    pub repeats: usize,
+}
+
+impl Settings {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                sizes: vec![16381],
+                counts: vec![10, 100],
+                repeats: 1,
+            }
+        } else {
+            Self {
+                sizes: vec![16381, 65537],
+                counts: vec![10, 100, 1000],
+                repeats: 5,
+            }
+        }
+    }
+}
+
+fn names(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("10.{}.{}.{}:8080", 1 + i / 65536, (i / 256) % 256, i % 256))
+        .collect()
+}
+
+/// The table as backend names (so tables over different lists compare).
+fn table_of<'a>(list: &'a [String], m: u32) -> Vec<&'a str> {
+    let input: Vec<MaglevBackend> = list
+        .iter()
+        .map(|n| MaglevBackend {
+            name: n.as_bytes(),
+            weight: 1,
+        })
+        .collect();
+    build_table(&input, m)
+        .expect("table")
+        .into_iter()
+        .map(|i| list[i as usize - 1].as_str())
+        .collect()
+}
+
+fn moved(a: &[&str], b: &[&str]) -> f64 {
+    a.iter().zip(b).filter(|(x, y)| x != y).count() as f64 / a.len() as f64
+}
+
+/// Fraction of keys whose backend changes when `from` becomes `to` under hash mod len.
+fn mod_n_moved(from: &[String], to: &[String], keys: u64) -> f64 {
+    let mut changed = 0;
+    for k in 0..keys {
+        let h = fmix64(k ^ 0x5bd1_e995);
+        if from[(h % from.len() as u64) as usize] != to[(h % to.len() as u64) as usize] {
+            changed += 1;
+        }
+    }
+    changed as f64 / keys as f64
+}
+
+struct Row {
+    m: u32,
+    n: usize,
+    build_ms: f64,
+    max_over_mean: f64,
+    remove: f64,
+    add: f64,
+    mod_n_remove: f64,
+}
+
+/// Milliseconds to write `n` backends into the datapath's backend map, one update each.
+fn program_backends_ms(n: usize) -> Result<f64> {
+    let mut lab = XdpLab::new(Options {
+        bpffs: Default::default(),
+        maglev_size: 251,
+        max_services: 1,
+        max_frontends: 16,
+        max_backends: n as u32 + 1,
+        conntrack_size: DEFAULT_CONNTRACK_SIZE,
+    })?;
+    let maps = lab.maps.as_mut().expect("maps");
+    let start = Instant::now();
+    for i in 0..n {
+        let b = Backend {
+            addr: ipv4_to_wire([10, 1, (i / 256) as u8, (i % 256) as u8]),
+            port: port_to_wire(8080),
+            proto: 6,
+            state: lb_common::backend_state::ACTIVE,
+        };
+        maps.backends.set(i as u32 + 1, b, 0)?;
+    }
+    Ok(start.elapsed().as_secs_f64() * 1e3)
+}
+
+pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> {
+    let mut rows = Vec::new();
+    for &m in &s.sizes {
+        for &n in &s.counts {
+            eprintln!("maglev: M = {m}, N = {n} …");
+            let list = names(n);
+            let input: Vec<MaglevBackend> = list
+                .iter()
+                .map(|n| MaglevBackend {
+                    name: n.as_bytes(),
+                    weight: 1,
+                })
+                .collect();
+            let mut times = Vec::new();
+            for _ in 0..s.repeats {
+                let start = Instant::now();
+                std::hint::black_box(build_table(&input, m).map_err(|e| anyhow::anyhow!("{e}"))?);
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            times.sort_by(f64::total_cmp);
+            let table = table_of(&list, m);
+            let mut counts = std::collections::HashMap::new();
+            for b in &table {
+                *counts.entry(*b).or_insert(0usize) += 1;
+            }
+            let max = *counts.values().max().unwrap_or(&0) as f64;
+            let mean = m as f64 / n as f64;
+            // Remove a backend from the middle; add one that sorts in the middle.
+            let mut fewer = list.clone();
+            fewer.remove(n / 2);
+            let mut more = list.clone();
+            more.push("10.0.0.250:8080".into());
+            rows.push(Row {
+                m,
+                n,
+                build_ms: times[times.len() / 2],
+                max_over_mean: max / mean,
+                remove: moved(&table, &table_of(&fewer, m)),
+                add: moved(&table, &table_of(&more, m)),
+                mod_n_remove: mod_n_moved(&list, &fewer, m as u64),
+            });
+        }
+    }
+    let largest = rows.iter().max_by_key(|r| (r.m, r.n)).expect("rows");
+    let program_ms = program_backends_ms(largest.n)?;
+
+    let mut table = Table::new(
+        "maglev",
+        "Maglev table builder (disruption as a multiple of the ideal: 1.00 = only the removed/added backend's share moves)",
+        &[
+            "M",
+            "N",
+            "build ms",
+            "max/mean share",
+            "remove 1: moved",
+            "× ideal 1/N",
+            "add 1: moved",
+            "× ideal 1/(N+1)",
+            "hash mod N, remove 1: moved",
+        ],
+    );
+    for r in &rows {
+        table.row(vec![
+            r.m.to_string(),
+            r.n.to_string(),
+            num(r.build_ms),
+            format!("{:.3}", r.max_over_mean),
+            format!("{:.4}", r.remove),
+            format!("{:.2}", r.remove * r.n as f64),
+            format!("{:.4}", r.add),
+            format!("{:.2}", r.add * (r.n + 1) as f64),
+            format!("{:.4}", r.mod_n_remove),
+        ]);
+    }
+    table.row(vec![
+        "".into(),
+        largest.n.to_string(),
+        num(program_ms),
+        "← writing these backends into LB_BACKENDS (one map update each)".into(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+    ]);
+    let mut series = Vec::new();
+    for &m in &s.sizes {
+        let pts = |f: fn(&Row) -> f64| {
+            rows.iter()
+                .filter(|r| r.m == m)
+                .map(|r| (r.n as f64, f(r)))
+                .collect::<Vec<_>>()
+        };
+        series.push((
+            format!("M={m}: remove 1, × ideal"),
+            pts(|r| r.remove * r.n as f64),
+        ));
+        series.push((
+            format!("M={m}: add 1, × ideal"),
+            pts(|r| r.add * (r.n + 1) as f64),
+        ));
+        series.push((
+            format!("M={m}: hash mod N, × ideal"),
+            pts(|r| r.mod_n_remove * r.n as f64),
+        ));
+    }
+    Plot {
+        title: "Maglev disruption vs ideal (1 = minimal), and hash mod N",
+        x_label: "backends N",
+        y_label: "slots moved / ideal (log)",
+        log_x: true,
+        log_y: true,
+        series,
+    }
+    .write(&out.join("maglev.png"))?;
+
+    let mut targets = Vec::new();
+    for r in &rows {
+        targets.push(Target::at_most(
+            &format!(
+                "maglev disruption removing 1 of N={} at M={} (fraction vs 1/N)",
+                r.n, r.m
+            ),
+            r.remove,
+            1.0 / r.n as f64,
+            1.05,
+            "<= 1.05/N",
+        ));
+    }
+    targets.push(Target::at_most(
+        &format!(
+            "maglev build ms M={} N={} vs programming {} backends",
+            largest.m, largest.n, largest.n
+        ),
+        largest.build_ms,
+        program_ms,
+        1.0,
+        "< time to program the backends",
+    ));
+    Ok((table, targets))
+}

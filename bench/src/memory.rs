@@ -1,0 +1,180 @@
+//! Benchmark 6: kernel memory of the datapath's maps (memlock from /proc/self/fdinfo) for 10k
+//! services × 10 backends, and how it grows with the Maglev table size M. Also times
+//! programming that state (Maglev builds + map writes) at each M.
+
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    time::Instant,
+};
+
+use anyhow::{Context, Result};
+use aya::maps::MapData;
+use lb_common::{DEFAULT_CONNTRACK_SIZE, map_names};
+use lb_tests::lab::XdpLab;
+use lb_userspace::{
+    datapath::Options,
+    model::{
+        BackendCondition, BackendSpec, DesiredState, Endpoint, FrontendKind, FrontendSpec,
+        Protocol, ServicePort,
+    },
+};
+
+use crate::report::{Plot, Table, Target};
+
+pub struct Settings {
+    pub services: u32,
+    pub backends_per_service: u32,
+    pub sizes: Vec<u32>,
+}
+
+impl Settings {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                services: 1000,
+                backends_per_service: 10,
+                sizes: vec![251, 1021],
+            }
+        } else {
+            Self {
+                services: 10_000,
+                backends_per_service: 10,
+                sizes: vec![251, 1021, 4093, 16381],
+            }
+        }
+    }
+}
+
+/// `services` ClusterIP services (TCP 80), each with its own `per` backends.
+pub fn state(services: u32, per: u32) -> DesiredState {
+    let mut desired = DesiredState::default();
+    for i in 0..services {
+        let vip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 96, 0, 1)) + i);
+        let backends = (0..per)
+            .map(|k| {
+                let n = i * per + k;
+                BackendSpec {
+                    endpoint: Endpoint {
+                        addr: std::net::Ipv4Addr::from(
+                            u32::from(std::net::Ipv4Addr::new(10, 128, 0, 1)) + n,
+                        ),
+                        port: 8080,
+                        proto: Protocol::Tcp,
+                    },
+                    condition: BackendCondition::Active,
+                    weight: 1,
+                }
+            })
+            .collect();
+        let name = format!("bench/svc-{i}:http");
+        desired.services.insert(
+            name.clone(),
+            ServicePort {
+                name,
+                frontends: vec![FrontendSpec {
+                    endpoint: Endpoint {
+                        addr: vip,
+                        port: 80,
+                        proto: Protocol::Tcp,
+                    },
+                    kind: FrontendKind::ClusterIp,
+                }],
+                backends,
+                affinity_timeout_s: 0,
+                source_ranges: Vec::new(),
+            },
+        );
+    }
+    desired
+}
+
+pub fn options(services: u32, backends: u32, m: u32) -> Options {
+    Options {
+        bpffs: Default::default(),
+        maglev_size: m,
+        max_services: services,
+        max_frontends: services,
+        max_backends: backends + 1,
+        conntrack_size: DEFAULT_CONNTRACK_SIZE,
+    }
+}
+
+/// memlock bytes of the map pinned at `path`, as the kernel accounts it.
+fn memlock(path: &std::path::Path) -> Result<u64> {
+    let map = MapData::from_pin(path).with_context(|| format!("{}", path.display()))?;
+    let fd = map.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:").map(|v| v.trim().parse::<u64>()))
+        .context("no memlock in fdinfo")?
+        .context("memlock value")
+}
+
+const MAPS: [&str; 10] = [
+    map_names::FRONTENDS,
+    map_names::BACKENDS,
+    map_names::MAGLEV,
+    map_names::CONNTRACK,
+    map_names::FRONTEND_STATS,
+    map_names::BACKEND_STATS,
+    map_names::SERVICE_NAMES,
+    map_names::ARP,
+    map_names::AFFINITY,
+    map_names::SOURCE_RANGES,
+];
+
+pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> {
+    let mut headers = vec![
+        "M".to_string(),
+        "program ms".to_string(),
+        "total MiB".to_string(),
+    ];
+    headers.extend(MAPS.iter().map(|m| format!("{m} MiB")));
+    let header_refs: Vec<&str> = headers.iter().map(String::as_str).collect();
+    let mut table = Table::new(
+        "memory",
+        format!(
+            "Map memory (memlock) for {} services × {} backends, by Maglev table size M",
+            s.services, s.backends_per_service
+        ),
+        &header_refs,
+    );
+    let desired = state(s.services, s.backends_per_service);
+    let mut points = Vec::new();
+    for &m in &s.sizes {
+        eprintln!("memory: M = {m} …");
+        let mut lab = XdpLab::new(options(s.services, s.services * s.backends_per_service, m))?;
+        let start = Instant::now();
+        lab.apply_maps_only(&desired)?;
+        let program_ms = start.elapsed().as_secs_f64() * 1e3;
+        let dir = lab.maps().dir.clone();
+        let mut row = vec![m.to_string(), format!("{program_ms:.0}")];
+        let mut total = 0u64;
+        let mut cells = Vec::new();
+        for name in MAPS {
+            let bytes = memlock(&dir.join(name))?;
+            total += bytes;
+            cells.push(format!("{:.1}", bytes as f64 / 1048576.0));
+        }
+        row.push(format!("{:.1}", total as f64 / 1048576.0));
+        row.extend(cells);
+        table.row(row);
+        points.push((m as f64, total as f64 / 1048576.0));
+    }
+    Plot {
+        title: "Datapath map memory vs Maglev table size",
+        x_label: "Maglev table size M",
+        y_label: "MiB (memlock)",
+        log_x: true,
+        log_y: true,
+        series: vec![(
+            format!(
+                "{} services × {} backends",
+                s.services, s.backends_per_service
+            ),
+            points,
+        )],
+    }
+    .write(&out.join("memory.png"))?;
+    Ok((table, Vec::new()))
+}
