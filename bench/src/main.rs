@@ -2,6 +2,7 @@
 //! PNG under bench/results/, plus summary.csv with one row per target. Needs root (it loads XDP
 //! programs and makes network namespaces); `cargo xtask bench [--quick]` runs it.
 
+mod control;
 mod maglev;
 mod memory;
 mod report;
@@ -19,7 +20,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Benchmarks to run (default: all).
-    #[arg(long, value_delimiter = ',', value_parser = ["xdp", "maglev", "memory"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["xdp", "maglev", "memory", "control"])]
     only: Vec<String>,
     /// Where CSV, PNG and summary.csv go.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
@@ -75,6 +76,11 @@ fn main() -> Result<()> {
 
     if wanted("maglev") {
         let (table, t) = maglev::run(&maglev::Settings::new(args.quick), &args.out)?;
+        finish(&table, &args.out, &mut markdown)?;
+        targets.extend(t);
+    }
+    if wanted("control") {
+        let (table, t) = control::run(&control::Settings::new(args.quick), &args.out)?;
         finish(&table, &args.out, &mut markdown)?;
         targets.extend(t);
     }

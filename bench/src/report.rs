@@ -96,7 +96,6 @@ impl Target {
         }
     }
 
-    #[allow(dead_code)] // used by the forwarding and control-plane benchmarks
     pub fn at_least(metric: &str, value: f64, baseline: f64, min_ratio: f64, target: &str) -> Self {
         let ratio = value / baseline;
         Self {

@@ -8,13 +8,13 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt,
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use k8s_openapi::{
     api::{core::v1::Service, discovery::v1::EndpointSlice},
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use serde::Deserialize;
 
 use crate::{
     lbipam::{self, IpPool, L2Policy, LbRequest, Pool},
@@ -67,11 +67,11 @@ impl std::error::Error for ConfigErrors {}
 /// The objects we understand, as parsed.
 #[derive(Debug, Default, Clone)]
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     /// LoadBalancer IP pools: (kind as written, object).
-    pub pools: Vec<(String, IpPool)>,
-    pub l2_policies: Vec<(String, L2Policy)>,
+    pub pools: Vec<(String, Arc<IpPool>)>,
+    pub l2_policies: Vec<(String, Arc<L2Policy>)>,
     /// Kinds we do not handle (Deployments next to the Services, say): reported, not fatal.
     pub ignored: Vec<String>,
 }
@@ -123,70 +123,135 @@ fn typed<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Parses every YAML document of `text`.
-pub fn parse_objects(text: &str) -> Result<Objects, ConfigErrors> {
-    let mut objects = Objects::default();
-    let mut errors = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let doc = format!("document {}", index + 1);
-        let value = match serde_yaml::Value::deserialize(document) {
-            Ok(v) => v,
-            Err(e) => {
-                // A syntax error ends the stream: nothing after it can be trusted.
-                errors.push(err(doc, "", format!("invalid YAML: {e}")));
-                break;
-            }
-        };
-        if value.is_null() {
-            continue;
+/// One parsed document, kept by [`ConfigCache`] while its text stays the same.
+#[derive(Clone)]
+enum Parsed {
+    Null,
+    Service(Arc<Service>),
+    Slice(Arc<EndpointSlice>),
+    Pool(String, Arc<IpPool>),
+    Policy(String, Arc<L2Policy>),
+    /// "Kind ns/name (apiVersion)" of a kind we do not handle.
+    Ignored(String),
+}
+
+/// Splits a multi-document YAML stream at its `---` lines (document ends `...` dropped), so each
+/// document can be parsed, and cached, on its own.
+fn split_documents(text: &str) -> Vec<&str> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") || trimmed == "..." {
+            docs.push(&text[start..offset]);
+            // Content after "--- " on the marker line belongs to the next document.
+            start = if trimmed.starts_with("--- ") {
+                offset + 4
+            } else {
+                offset + line.len()
+            };
         }
-        let api_version = value["apiVersion"].as_str().unwrap_or("").to_string();
-        let Some(kind) = value["kind"].as_str().map(str::to_string) else {
-            errors.push(err(doc, "kind", "missing"));
-            continue;
-        };
-        let object = format!("{kind} {}", object_name(&value));
-        match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Service") => match typed::<Service>(value, &object) {
-                Ok(s) => objects.services.push(s),
-                Err(e) => errors.push(e),
-            },
-            ("discovery.k8s.io/v1", "EndpointSlice") => match typed::<EndpointSlice>(value, &object) {
-                Ok(s) => objects.endpoint_slices.push(s),
-                Err(e) => errors.push(e),
-            },
-            ("lb.xdp.rs/v1", "LoadBalancerIPPool") | ("cilium.io/v2alpha1" | "cilium.io/v2", "CiliumLoadBalancerIPPool") => {
-                let object = format!("{kind} {}", cluster_name(&object));
-                match typed::<IpPool>(value, &object) {
-                    Ok(p) => objects.pools.push((kind, p)),
-                    Err(e) => errors.push(e),
-                }
-            }
-            ("lb.xdp.rs/v1", "L2AnnouncementPolicy") | ("cilium.io/v2alpha1" | "cilium.io/v2", "CiliumL2AnnouncementPolicy") => {
-                let object = format!("{kind} {}", cluster_name(&object));
-                match typed::<L2Policy>(value, &object) {
-                    Ok(p) => objects.l2_policies.push((kind, p)),
-                    Err(e) => errors.push(e),
-                }
-            }
-            (_, "LoadBalancerIPPool" | "L2AnnouncementPolicy") => errors.push(err(
+        offset += line.len();
+    }
+    docs.push(&text[start..]);
+    docs
+}
+
+fn parse_document(text: &str, doc: &str) -> Result<Parsed, ConfigError> {
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(text).map_err(|e| err(doc, "", format!("invalid YAML: {e}")))?;
+    if value.is_null() {
+        return Ok(Parsed::Null);
+    }
+    let api_version = value["apiVersion"].as_str().unwrap_or("").to_string();
+    let Some(kind) = value["kind"].as_str().map(str::to_string) else {
+        return Err(err(doc, "kind", "missing"));
+    };
+    let object = format!("{kind} {}", object_name(&value));
+    Ok(match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Service") => Parsed::Service(Arc::new(typed(value, &object)?)),
+        ("discovery.k8s.io/v1", "EndpointSlice") => Parsed::Slice(Arc::new(typed(value, &object)?)),
+        ("lb.xdp.rs/v1", "LoadBalancerIPPool")
+        | ("cilium.io/v2alpha1" | "cilium.io/v2", "CiliumLoadBalancerIPPool") => {
+            let object = format!("{kind} {}", cluster_name(&object));
+            Parsed::Pool(kind, Arc::new(typed(value, &object)?))
+        }
+        ("lb.xdp.rs/v1", "L2AnnouncementPolicy")
+        | ("cilium.io/v2alpha1" | "cilium.io/v2", "CiliumL2AnnouncementPolicy") => {
+            let object = format!("{kind} {}", cluster_name(&object));
+            Parsed::Policy(kind, Arc::new(typed(value, &object)?))
+        }
+        (_, "LoadBalancerIPPool" | "L2AnnouncementPolicy") => {
+            return Err(err(
                 object,
                 "apiVersion",
                 format!("{api_version:?} not supported (lb.xdp.rs/v1)"),
-            )),
-            (_, "Service" | "EndpointSlice") => errors.push(err(
+            ));
+        }
+        (_, "Service" | "EndpointSlice") => {
+            return Err(err(
                 object,
                 "apiVersion",
-                format!("{api_version:?} not supported (Service is v1, EndpointSlice is discovery.k8s.io/v1)"),
-            )),
-            _ => objects.ignored.push(format!("{doc}: {object} ({api_version})")),
+                format!(
+                    "{api_version:?} not supported (Service is v1, EndpointSlice is discovery.k8s.io/v1)"
+                ),
+            ));
+        }
+        _ => Parsed::Ignored(format!("{object} ({api_version})")),
+    })
+}
+
+/// Parsed documents by the hash of their text: on a reload only the documents that changed are
+/// parsed again (a 10k-Service file reparses one Service, not all of them).
+#[derive(Default)]
+pub struct ConfigCache {
+    docs: HashMap<u64, Parsed>,
+}
+
+impl ConfigCache {
+    /// Parses every YAML document of `text`.
+    pub fn parse(&mut self, text: &str) -> Result<Objects, ConfigErrors> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hasher = BuildHasherDefault::<DefaultHasher>::default();
+        let mut objects = Objects::default();
+        let mut errors = Vec::new();
+        let mut seen = HashMap::new();
+        for (index, text) in split_documents(text).into_iter().enumerate() {
+            let doc = format!("document {}", index + 1);
+            let key = hasher.hash_one(text);
+            let parsed = match self.docs.get(&key) {
+                Some(p) => p.clone(),
+                None => match parse_document(text, &doc) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        errors.push(e);
+                        continue;
+                    }
+                },
+            };
+            seen.insert(key, parsed.clone());
+            match parsed {
+                Parsed::Null => {}
+                Parsed::Service(s) => objects.services.push(s),
+                Parsed::Slice(s) => objects.endpoint_slices.push(s),
+                Parsed::Pool(kind, p) => objects.pools.push((kind, p)),
+                Parsed::Policy(kind, p) => objects.l2_policies.push((kind, p)),
+                Parsed::Ignored(what) => objects.ignored.push(format!("{doc}: {what}")),
+            }
+        }
+        self.docs = seen;
+        if errors.is_empty() {
+            Ok(objects)
+        } else {
+            Err(ConfigErrors(errors))
         }
     }
-    if errors.is_empty() {
-        Ok(objects)
-    } else {
-        Err(ConfigErrors(errors))
-    }
+}
+
+/// Parses every YAML document of `text` (no cache).
+pub fn parse_objects(text: &str) -> Result<Objects, ConfigErrors> {
+    ConfigCache::default().parse(text)
 }
 
 fn parse_protocol(value: Option<&str>, object: &str, field: &str) -> Result<Protocol, ConfigError> {
@@ -948,7 +1013,16 @@ pub fn load_str_with(
     text: &str,
     ctx: &BuildContext,
 ) -> Result<(DesiredState, Objects), ConfigErrors> {
-    let objects = parse_objects(text)?;
+    load_cached(&mut ConfigCache::default(), text, ctx)
+}
+
+/// As [`load_str_with`], reusing the documents `cache` parsed before.
+pub fn load_cached(
+    cache: &mut ConfigCache,
+    text: &str,
+    ctx: &BuildContext,
+) -> Result<(DesiredState, Objects), ConfigErrors> {
+    let objects = cache.parse(text)?;
     let desired = build_desired(&objects, ctx)?;
     Ok((desired, objects))
 }
@@ -1232,6 +1306,28 @@ spec: {interfaces: ["eth0"]}
         assert_eq!(
             load_str(nodeport).unwrap_err().to_string(),
             "Service default/np: spec.ports[0].nodePort: required (an API server allocates it; a config file must set it)"
+        );
+    }
+
+    #[test]
+    fn cached_reload_equals_a_fresh_parse() {
+        let mut cache = ConfigCache::default();
+        let ctx = BuildContext::default();
+        let (first, _) = load_cached(&mut cache, GOOD, &ctx).unwrap();
+        assert_eq!(first, load_str(GOOD).unwrap().0);
+        let changed = GOOD.replace("10.0.1.2", "10.0.1.9");
+        let (second, _) = load_cached(&mut cache, &changed, &ctx).unwrap();
+        assert_eq!(second, load_str(&changed).unwrap().0);
+        assert_ne!(first, second);
+        // A broken document is reported with its number even when the others come from the cache.
+        let broken = changed.replacen("kind: EndpointSlice", "kind: [", 1);
+        let e = load_cached(&mut cache, &broken, &ctx)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("document 2: invalid YAML"), "{e}");
+        assert_eq!(
+            split_documents("a: 1\n---\nb: 2\n...\n--- c: 3\n"),
+            ["a: 1\n", "b: 2\n", "", "c: 3\n"]
         );
     }
 }

@@ -45,6 +45,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
     ("arping", "iputils-arping"),
+    ("iptables-restore", "iptables"),
+    ("nft", "nftables"),
     ("pkg-config", "pkg-config"),
     ("/usr/include/fontconfig/fontconfig.h", "libfontconfig-dev"),
     ("/usr/include/freetype2/ft2build.h", "libfreetype-dev"),

@@ -76,6 +76,8 @@ struct Args {
 
 struct Agent {
     config: PathBuf,
+    /// Parsed documents of the last reads: a reload parses only what changed.
+    cache: config::ConfigCache,
     /// What was last written to status.json.
     status: Status,
     state_dir: PathBuf,
@@ -98,7 +100,7 @@ impl Agent {
                 return;
             }
         };
-        let desired = match config::load_str_with(&text, &self.ctx) {
+        let desired = match config::load_cached(&mut self.cache, &text, &self.ctx) {
             Ok((desired, objects)) => {
                 for ignored in &objects.ignored {
                     warn!("config {}: ignoring {ignored}", path.display());
@@ -257,6 +259,7 @@ async fn main() -> Result<()> {
     let announcer = Announcer::new(interfaces, &maps.arp)?;
     let mut agent = Agent {
         config: args.config.clone(),
+        cache: config::ConfigCache::default(),
         status: Status::default(),
         state_dir: args.state_dir.clone(),
         reconciler,
