@@ -29,6 +29,44 @@ pub struct Limits {
     pub max_backends: u32,
 }
 
+/// Maglev slot tables (values: index + 1 into the input) for each service, built in parallel.
+fn build_tables<'a>(
+    to_build: &[(&'a String, &Vec<(Endpoint, u32)>)],
+    m: u32,
+) -> Result<std::collections::HashMap<&'a String, Vec<u32>>> {
+    let build =
+        |(name, input): &(&'a String, &Vec<(Endpoint, u32)>)| -> Result<(&'a String, Vec<u32>)> {
+            let names: Vec<String> = input.iter().map(|(e, _)| e.to_string()).collect();
+            let backends: Vec<maglev::MaglevBackend<'_>> = input
+                .iter()
+                .zip(&names)
+                .map(|((_, weight), n)| maglev::MaglevBackend {
+                    name: n.as_bytes(),
+                    weight: *weight,
+                })
+                .collect();
+            let slots = maglev::build_table(&backends, m)
+                .map_err(|e| anyhow::anyhow!("service {name}: {e}"))?;
+            Ok((*name, slots))
+        };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if to_build.len() < 8 || threads == 1 {
+        return to_build.iter().map(build).collect();
+    }
+    let chunk = to_build.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = to_build
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(build).collect::<Result<Vec<_>>>()))
+            .collect();
+        let mut all = std::collections::HashMap::new();
+        for w in workers {
+            all.extend(w.join().expect("table builder panicked")?);
+        }
+        Ok(all)
+    })
+}
+
 pub fn frontend_key(e: &Endpoint) -> FrontendKey {
     FrontendKey::new(e.addr.octets(), e.port, e.proto.number())
 }
@@ -354,33 +392,31 @@ impl Reconciler {
         }
 
         // 3. Each desired service: table into a free block if its backends changed, then flip.
+        //    Tables are pure functions of their input, so they are built first, on every core.
+        let inputs: BTreeMap<&String, Vec<(Endpoint, u32)>> = desired
+            .services
+            .iter()
+            .map(|(name, s)| (name, Self::table_input(s)))
+            .collect();
+        let to_build: Vec<(&String, &Vec<(Endpoint, u32)>)> = inputs
+            .iter()
+            .filter(|(name, input)| {
+                self.services
+                    .get(**name)
+                    .is_none_or(|s| s.table_input.as_ref() != Some(*input))
+            })
+            .map(|(name, input)| (*name, input))
+            .collect();
+        let mut built = build_tables(&to_build, m)?;
         for (name, service) in &desired.services {
-            let input = Self::table_input(service);
+            let input = inputs[name].clone();
             let existing = self.services.get(name).cloned();
-            let rebuild = existing
-                .as_ref()
-                .is_none_or(|s| s.table_input.as_ref() != Some(&input));
-            let block = if rebuild {
-                let names: Vec<String> = input.iter().map(|(e, _)| e.to_string()).collect();
-                let backends: Vec<maglev::MaglevBackend<'_>> = input
-                    .iter()
-                    .zip(&names)
-                    .map(|((_, weight), name)| maglev::MaglevBackend {
-                        name: name.as_bytes(),
-                        weight: *weight,
-                    })
-                    .collect();
-                let slots = maglev::build_table(&backends, m)
-                    .map_err(|e| anyhow::anyhow!("service {name}: {e}"))?;
+            let block = if let Some(slots) = built.remove(name) {
+                // Backend ids looked up once per backend, not once per slot.
+                let ids: Vec<u32> = input.iter().map(|(e, _)| self.backends[e].id).collect();
                 let table: Vec<u32> = slots
                     .iter()
-                    .map(|&s| {
-                        if s == 0 {
-                            0
-                        } else {
-                            self.backends[&input[s as usize - 1].0].id
-                        }
-                    })
+                    .map(|&s| if s == 0 { 0 } else { ids[s as usize - 1] })
                     .collect();
                 let block = self.free_blocks.pop_front().expect("capacity checked");
                 if let Some(old) = &existing {
