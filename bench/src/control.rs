@@ -76,7 +76,7 @@ fn svc_hash(i: u32) -> String {
 }
 
 /// The kube-proxy iptables-mode ruleset (nat table) for the same services.
-pub fn iptables_rules(services: u32, per: u32) -> String {
+pub fn iptables_rules(services: u32, per: u32, proto: &str) -> String {
     let mut chains = String::from("*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n");
     let mut rules = String::from(
         "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
@@ -87,7 +87,7 @@ pub fn iptables_rules(services: u32, per: u32) -> String {
         let _ = writeln!(chains, ":{svc} - [0:0]");
         let _ = writeln!(
             rules,
-            "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"bench/svc-{i}:http cluster IP\" -m tcp --dport 80 -j {svc}",
+            "-A KUBE-SERVICES -d {}/32 -p {proto} -m comment --comment \"bench/svc-{i}:http cluster IP\" -m {proto} --dport 80 -j {svc}",
             vip(i)
         );
         for k in 0..per {
@@ -113,7 +113,7 @@ pub fn iptables_rules(services: u32, per: u32) -> String {
             );
             let _ = writeln!(
                 rules,
-                "-A {sep} -p tcp -m comment --comment \"bench/svc-{i}:http\" -m tcp -j DNAT --to-destination {ep}:8080"
+                "-A {sep} -p {proto} -m comment --comment \"bench/svc-{i}:http\" -m {proto} -j DNAT --to-destination {ep}:8080"
             );
         }
     }
@@ -122,24 +122,24 @@ pub fn iptables_rules(services: u32, per: u32) -> String {
 
 /// The kube-proxy nftables-mode ruleset for the same services: a verdict map from
 /// (address, protocol, port) to a per-service chain that picks an endpoint with numgen.
-pub fn nft_rules(services: u32, per: u32) -> String {
+pub fn nft_rules(services: u32, per: u32, proto: &str) -> String {
     let mut out = String::from("table ip kube-proxy {\n");
     let mut elements = Vec::with_capacity(services as usize);
     let mut chains = String::new();
     for i in 0..services {
-        let svc = format!("service-{}-bench/svc-{i}/tcp/http", svc_hash(i));
-        elements.push(format!("{} . tcp . 80 : goto {svc}", vip(i)));
+        let svc = format!("service-{}-bench/svc-{i}/{proto}/http", svc_hash(i));
+        elements.push(format!("{} . {proto} . 80 : goto {svc}", vip(i)));
         let mut vmap = Vec::new();
         for k in 0..per {
             let ep = format!(
-                "endpoint-{}-bench/svc-{i}/tcp/http__{}/8080",
+                "endpoint-{}-bench/svc-{i}/{proto}/http__{}/8080",
                 svc_hash(i * per + k + 1_000_000),
                 endpoint(i, k, per)
             );
             vmap.push(format!("{k} : goto {ep}"));
             let _ = writeln!(
                 chains,
-                "  chain {ep} {{\n    ip saddr {} jump mark-for-masquerade\n    meta l4proto tcp dnat to {}:8080\n  }}",
+                "  chain {ep} {{\n    ip saddr {} jump mark-for-masquerade\n    meta l4proto {proto} dnat to {}:8080\n  }}",
                 endpoint(i, k, per),
                 endpoint(i, k, per)
             );
@@ -162,7 +162,7 @@ pub fn nft_rules(services: u32, per: u32) -> String {
 }
 
 /// Runs `cmd` with `input` in a fresh namespace; returns milliseconds.
-fn timed_load(what: &str, cmd: &str, input: &str) -> Result<f64> {
+pub fn timed_load(what: &str, cmd: &str, input: &str) -> Result<f64> {
     let ns = format!("lbc{}{}", std::process::id() % 100_000, what);
     sh(&format!("ip netns add {ns}"))?;
     let path = std::env::temp_dir().join(format!("{ns}.rules"));
@@ -247,9 +247,9 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
     let _ = std::fs::remove_dir_all(&dir);
 
     eprintln!("control: iptables-restore …");
-    let iptables_ms = timed_load("ipt", "iptables-restore", &iptables_rules(n, per))?;
+    let iptables_ms = timed_load("ipt", "iptables-restore", &iptables_rules(n, per, "tcp"))?;
     eprintln!("control: nft -f …");
-    let nft_ms = timed_load("nft", "nft -f -", &nft_rules(n, per))?;
+    let nft_ms = timed_load("nft", "nft -f -", &nft_rules(n, per, "tcp"))?;
     let iptables_version = Command::new("iptables")
         .arg("--version")
         .output()

@@ -3,6 +3,7 @@
 //! programs and makes network namespaces); `cargo xtask bench [--quick]` runs it.
 
 mod control;
+mod forward;
 mod maglev;
 mod memory;
 mod report;
@@ -20,7 +21,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Benchmarks to run (default: all).
-    #[arg(long, value_delimiter = ',', value_parser = ["xdp", "maglev", "memory", "control"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["xdp", "forward", "maglev", "memory", "control"])]
     only: Vec<String>,
     /// Where CSV, PNG and summary.csv go.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
@@ -74,6 +75,11 @@ fn main() -> Result<()> {
         targets.extend(t);
     }
 
+    if wanted("forward") {
+        let (table, t) = forward::run(&forward::Settings::new(args.quick), &args.out)?;
+        finish(&table, &args.out, &mut markdown)?;
+        targets.extend(t);
+    }
     if wanted("maglev") {
         let (table, t) = maglev::run(&maglev::Settings::new(args.quick), &args.out)?;
         finish(&table, &args.out, &mut markdown)?;

@@ -47,6 +47,11 @@ impl Settings {
 
 /// `services` ClusterIP services (TCP 80), each with its own `per` backends.
 pub fn state(services: u32, per: u32) -> DesiredState {
+    state_proto(services, per, Protocol::Tcp)
+}
+
+/// As [`state`], for `proto` services.
+pub fn state_proto(services: u32, per: u32, proto: Protocol) -> DesiredState {
     let mut desired = DesiredState::default();
     for i in 0..services {
         let vip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 96, 0, 1)) + i);
@@ -59,7 +64,7 @@ pub fn state(services: u32, per: u32) -> DesiredState {
                             u32::from(std::net::Ipv4Addr::new(10, 128, 0, 1)) + n,
                         ),
                         port: 8080,
-                        proto: Protocol::Tcp,
+                        proto,
                     },
                     condition: BackendCondition::Active,
                     weight: 1,
@@ -75,7 +80,7 @@ pub fn state(services: u32, per: u32) -> DesiredState {
                     endpoint: Endpoint {
                         addr: vip,
                         port: 80,
-                        proto: Protocol::Tcp,
+                        proto,
                     },
                     kind: FrontendKind::ClusterIp,
                 }],

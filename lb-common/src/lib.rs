@@ -28,6 +28,9 @@ pub mod map_names {
     pub const ARP: &str = "LB_ARP";
     pub const AFFINITY: &str = "LB_AFFINITY";
     pub const SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
+    /// Benchmark generator settings and per-CPU counters (0: frames generated, 1: frames sunk).
+    pub const GEN: &str = "LB_GEN";
+    pub const GEN_COUNTERS: &str = "LB_GEN_COUNTERS";
     /// Created by the agent, never read by the datapath: service names for `lbctl`.
     pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 }
@@ -111,6 +114,26 @@ pub mod frontend_flags {
     /// loadBalancerSourceRanges: only sources in LB_SOURCE_RANGES for the service get in.
     pub const SOURCE_RANGES: u16 = 0x0020;
 }
+
+/// Settings of the benchmark traffic generator program `lb_gen` (LB_GEN[0]). Every frame it
+/// sends gets flow number `n` (a per-CPU counter, modulo `flows` unless that is 0, so 0 means a
+/// new 5-tuple every packet): destination `vip_base + n % vip_count`, then source port and
+/// address from `n / vip_count`. Addresses in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GenConfig {
+    pub vip_base: u32,
+    pub vip_count: u32,
+    pub src_base: u32,
+    pub flows: u32,
+    /// Ethernet destination then source. Frames come back from the page pool as the node left
+    /// them (DNATed, TTL decremented), so every header field is written afresh each time.
+    pub macs: [u8; 12],
+    /// Destination port, network byte order.
+    pub dport: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<GenConfig>() == 32);
 
 /// Session affinity key: a client of a service.
 #[repr(C)]
@@ -259,6 +282,7 @@ const _: () = assert!(size_of::<ArpEntry>() == 16);
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for ArpKey {}
+    unsafe impl aya::Pod for GenConfig {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for SourceRange {}

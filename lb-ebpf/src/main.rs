@@ -28,7 +28,7 @@ use lb_common::{
     AffinityEntry, AffinityKey, ArpEntry, ArpKey, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, Config,
     Counters, CtEntry, CtKey, DEFAULT_AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE,
     DEFAULT_MAX_ANNOUNCEMENTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES,
-    DEFAULT_MAX_SOURCE_RANGES, Frontend, FrontendKey, IPPROTO_TCP, IPPROTO_UDP,
+    DEFAULT_MAX_SOURCE_RANGES, Frontend, FrontendKey, GenConfig, IPPROTO_TCP, IPPROTO_UDP,
     MAGLEV_SPARE_BLOCKS, SourceRange, backend_state, csum, ct_flags, frontend_flags,
     hash::flow_hash,
 };
@@ -86,6 +86,12 @@ static LB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
 #[map]
 static LB_SOURCE_RANGES: LpmTrie<SourceRange, u8> = LpmTrie::pinned(DEFAULT_MAX_SOURCE_RANGES, 0);
 
+#[map]
+static LB_GEN: Array<GenConfig> = Array::pinned(1, 0);
+
+#[map]
+static LB_GEN_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
+
 #[xdp]
 pub fn lb(ctx: XdpContext) -> u32 {
     match try_lb(&ctx) {
@@ -100,6 +106,59 @@ pub fn lb(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// Benchmark traffic generator (run with BPF_PROG_TEST_RUN live frames): rewrites the template
+/// UDP frame's addresses and source port to the next flow (see [`GenConfig`]) and sends it with
+/// XDP_TX. Not attached by the agent.
+#[xdp]
+pub fn lb_gen(ctx: XdpContext) -> u32 {
+    try_gen(&ctx).unwrap_or(xdp_action::XDP_ABORTED)
+}
+
+#[inline(always)]
+fn try_gen(ctx: &XdpContext) -> Result<u32, ()> {
+    let cfg = *LB_GEN.get(0).ok_or(())?;
+    let counter = LB_GEN_COUNTERS.get_ptr_mut(0).ok_or(())?;
+    let n = unsafe { *counter };
+    unsafe { *counter = n + 1 };
+    let flow = if cfg.flows == 0 {
+        n
+    } else {
+        n % cfg.flows as u64
+    };
+    let vips = cfg.vip_count.max(1) as u64;
+    let rest = flow / vips;
+    let dst = (cfg.vip_base + (flow % vips) as u32).to_be();
+    let src = (cfg.src_base + (rest / 60_000) as u32).to_be();
+    let sport = (1024 + (rest % 60_000) as u16).to_be();
+    const IP: usize = EthHdr::LEN;
+    const UDP: usize = IP + Ipv4Hdr::LEN;
+    let p: *mut [u8; UDP + 8] = ptr_at(ctx, 0)?;
+    let p = unsafe { &mut *p };
+    p[..12].copy_from_slice(&cfg.macs);
+    p[IP + 8] = 64; // TTL
+    p[IP + 10] = 0;
+    p[IP + 11] = 0;
+    p[IP + 12..IP + 16].copy_from_slice(&src.to_ne_bytes());
+    p[IP + 16..IP + 20].copy_from_slice(&dst.to_ne_bytes());
+    let sum = sum_words(&p[IP..IP + 20], 0);
+    p[IP + 10..IP + 12].copy_from_slice(&fold(sum).to_be_bytes());
+    p[UDP..UDP + 2].copy_from_slice(&sport.to_ne_bytes());
+    p[UDP + 2..UDP + 4].copy_from_slice(&cfg.dport.to_ne_bytes());
+    // UDP checksum 0: none.
+    p[UDP + 6] = 0;
+    p[UDP + 7] = 0;
+    Ok(xdp_action::XDP_TX)
+}
+
+/// Benchmark sink: counts and drops what reaches it.
+#[xdp]
+pub fn lb_sink(_ctx: XdpContext) -> u32 {
+    if let Some(c) = LB_GEN_COUNTERS.get_ptr_mut(1) {
+        unsafe { *c += 1 };
+    }
+    xdp_action::XDP_DROP
 }
 
 #[inline(always)]

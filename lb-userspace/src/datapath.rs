@@ -253,6 +253,8 @@ pub fn cleanup(dir: &Path) -> Result<()> {
         map_names::ARP,
         map_names::AFFINITY,
         map_names::SOURCE_RANGES,
+        map_names::GEN,
+        map_names::GEN_COUNTERS,
     ] {
         let path = dir.join(name);
         if path.exists() {

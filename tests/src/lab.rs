@@ -182,6 +182,46 @@ impl XdpLab {
         })
     }
 
+    /// Attaches program `name` natively to `iface` in the lab namespace; returns a handle for
+    /// [`XdpLab::detach`].
+    pub fn attach(&mut self, name: &str, iface: &str) -> Result<aya::programs::xdp::XdpLinkId> {
+        let program = self.datapath.as_mut().expect("datapath").program(name)?;
+        Ok(program.attach(iface, aya::programs::XdpMode::Driver)?)
+    }
+
+    pub fn detach(&mut self, name: &str, link: aya::programs::xdp::XdpLinkId) -> Result<()> {
+        let program = self.datapath.as_mut().expect("datapath").program(name)?;
+        Ok(program.detach(link)?)
+    }
+
+    /// Sends `frame` `repeat` times through program `name` in BPF_PROG_TEST_RUN live-frames
+    /// mode, as if received on `ingress_ifindex`: the program's verdicts really happen (XDP_TX
+    /// transmits). Returns the wall time of the run.
+    pub fn run_live(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<std::time::Duration> {
+        let ctx = xdp_md(frame.len(), ingress_ifindex);
+        let program = self.datapath.as_mut().expect("datapath").program(name)?;
+        let start = std::time::Instant::now();
+        program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat,
+            attrs: aya::programs::TestRunAttrs::new().xdp_live_frames(64),
+            ..Default::default()
+        })?;
+        Ok(start.elapsed())
+    }
+
+    /// The lab's bpffs directory (pinned maps).
+    pub fn bpffs(&self) -> PathBuf {
+        self.dir.join("bpffs")
+    }
+
     /// Mean nanoseconds per run of program `name` on `frame`, over `repeat` runs in the kernel.
     pub fn time(
         &mut self,

@@ -1,0 +1,348 @@
+//! Benchmark 2: forwarding through the node over veth, ours vs kube-proxy-style iptables and
+//! nftables rules, same topology, same generator, same flows.
+//!
+//! Inside one namespace the lab made (see `lb_tests::lab`): the generator program `lb_gen` runs
+//! in BPF_PROG_TEST_RUN live-frames mode on `cl-peer` and XDP_TXes 64-byte UDP frames into the
+//! node interface `cl`; the node DNATs them to one of the service's endpoints (10.128.0.0/9,
+//! routed out of `bk`), and `lb_sink` on `bk-peer` counts and drops what arrives. Delivered
+//! packets per second of wall time is the figure. "new flows": every packet a new 5-tuple
+//! (conntrack cannot help iptables); "established": 4096 flows over and over.
+//!
+//! a) ours: `lb` attached to `cl`; b) iptables-restore of the kube-proxy iptables ruleset
+//! (KUBE-SERVICES → KUBE-SVC-* statistic random → KUBE-SEP-* DNAT); c) nft -f of the kube-proxy
+//! nftables ruleset (verdict map + numgen). For b and c `cl` runs no XDP and the kernel forwards.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, MapData, PerCpuArray};
+use lb_common::{DEFAULT_CONNTRACK_SIZE, GenConfig, map_names};
+use lb_tests::{
+    lab::{CLIENT_IF, CLIENT_IF_MAC, XdpLab},
+    sh,
+};
+use lb_userspace::{datapath::Options, model::Protocol};
+use pnet::util::MacAddr;
+
+use crate::{
+    control::{iptables_rules, nft_rules},
+    memory::state_proto,
+    report::{Plot, Table, Target},
+};
+
+const PER: u32 = 10;
+const ESTABLISHED_FLOWS: u32 = 4096;
+
+pub struct Settings {
+    pub services: Vec<u32>,
+    pub packets: u32,
+}
+
+impl Settings {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                services: vec![1, 100],
+                packets: 100_000,
+            }
+        } else {
+            Self {
+                services: vec![1, 1000, 10_000],
+                packets: 1_000_000,
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Ours,
+    Iptables,
+    Nftables,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Ours => "ours (XDP)",
+            Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
+        }
+    }
+}
+
+fn peer_mac(ns: &str, iface: &str) -> Result<MacAddr> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-j", "link", "show", iface])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j link")?;
+    v[0]["address"]
+        .as_str()
+        .context("no MAC")?
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+}
+
+fn ifindex(ns: &str, iface: &str) -> Result<u32> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-j", "link", "show", iface])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j link")?;
+    Ok(v[0]["ifindex"].as_u64().context("no ifindex")? as u32)
+}
+
+/// The 64-byte UDP template: 10.1.0.1:1024 → 10.96.0.1:80, checksum 0.
+fn template(src_mac: MacAddr) -> Vec<u8> {
+    let mut f = lb_tests::frames::Frame::udp(
+        (Ipv4Addr::new(10, 1, 0, 1), 1024),
+        (Ipv4Addr::new(10, 96, 0, 1), 80),
+    );
+    f.l4 = lb_tests::frames::L4::Udp {
+        zero_checksum: true,
+    };
+    f.src_mac = src_mac;
+    f.dst_mac = CLIENT_IF_MAC;
+    f.payload = vec![0; 18];
+    f.bytes()
+}
+
+struct Sample {
+    services: u32,
+    mode: Mode,
+    new_flows: bool,
+    sent: u64,
+    delivered: u64,
+    seconds: f64,
+}
+
+impl Sample {
+    fn pps(&self) -> f64 {
+        self.delivered as f64 / self.seconds
+    }
+}
+
+fn measure(s: &Settings, n: u32) -> Result<Vec<Sample>> {
+    let mut lab = XdpLab::new(Options {
+        bpffs: Default::default(),
+        maglev_size: 1021,
+        max_services: n + 16,
+        max_frontends: n + 16,
+        max_backends: n * PER + 64,
+        conntrack_size: DEFAULT_CONNTRACK_SIZE,
+    })?;
+    lab.apply_maps_only(&state_proto(n, PER, Protocol::Udp))?;
+    let ns = lab.ns.clone();
+    sh(&format!(
+        "ip -n {ns} neigh replace 10.255.255.253 lladdr 02:00:00:00:ff:fd dev bk nud permanent"
+    ))?;
+    sh(&format!(
+        "ip -n {ns} route add 10.128.0.0/9 via 10.255.255.253 dev bk"
+    ))?;
+    sh(&format!(
+        "ip netns exec {ns} sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 net.ipv4.conf.cl.rp_filter=0"
+    ))?;
+    let sink = lab.attach("lb_sink", "bk-peer")?;
+    let gen_if = ifindex(&ns, "cl-peer")?;
+    let gen_mac = peer_mac(&ns, "cl-peer")?;
+    let frame = template(gen_mac);
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&CLIENT_IF_MAC.octets());
+    macs[6..].copy_from_slice(&gen_mac.octets());
+    let bpffs = lab.bpffs();
+    let mut config: Array<MapData, GenConfig> = Array::try_from(aya::maps::Map::from_map_data(
+        MapData::from_pin(bpffs.join(map_names::GEN))?,
+    )?)?;
+    let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
+        aya::maps::Map::from_map_data(MapData::from_pin(bpffs.join(map_names::GEN_COUNTERS))?)?,
+    )?;
+    let count = |i: u32| -> Result<u64> { Ok(counters.get(&i, 0)?.iter().sum()) };
+
+    let mut samples = Vec::new();
+    for mode in [Mode::Ours, Mode::Iptables, Mode::Nftables] {
+        eprintln!("forward: {n} services, {} …", mode.name());
+        let mut link = None;
+        match mode {
+            Mode::Ours => link = Some(lab.attach("lb", CLIENT_IF)?),
+            Mode::Iptables => {
+                sh(&format!("ip netns exec {ns} ethtool -K {CLIENT_IF} gro on"))?;
+                load(&ns, "iptables-restore", &iptables_rules(n, PER, "udp"))?;
+            }
+            Mode::Nftables => load(&ns, "nft -f -", &nft_rules(n, PER, "udp"))?,
+        }
+        for new_flows in [true, false] {
+            let flows = if new_flows { 0 } else { ESTABLISHED_FLOWS };
+            let src_base =
+                u32::from(Ipv4Addr::new(10, 1, 0, 1)) + if new_flows { 0 } else { 0x8000 };
+            config.set(
+                0,
+                GenConfig {
+                    vip_base: u32::from(Ipv4Addr::new(10, 96, 0, 1)),
+                    vip_count: n,
+                    src_base,
+                    flows,
+                    macs,
+                    dport: 80u16.to_be(),
+                    _pad: 0,
+                },
+                0,
+            )?;
+            if !new_flows {
+                // Warm up: every established flow has passed once.
+                lab.run_live("lb_gen", &frame, gen_if, ESTABLISHED_FLOWS * 2)?;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let (sent0, got0) = (count(0)?, count(1)?);
+            let elapsed = lab.run_live("lb_gen", &frame, gen_if, s.packets)?;
+            std::thread::sleep(Duration::from_millis(100));
+            let (sent1, got1) = (count(0)?, count(1)?);
+            samples.push(Sample {
+                services: n,
+                mode,
+                new_flows,
+                sent: sent1 - sent0,
+                delivered: got1 - got0,
+                seconds: elapsed.as_secs_f64(),
+            });
+        }
+        match mode {
+            Mode::Ours => lab.detach("lb", link.take().expect("attached"))?,
+            Mode::Iptables => sh(&format!(
+                "ip netns exec {ns} sh -c 'iptables -t nat -F && iptables -t nat -X'"
+            ))?,
+            Mode::Nftables => sh(&format!("ip netns exec {ns} nft flush ruleset"))?,
+        }
+    }
+    lab.detach("lb_sink", sink)?;
+    Ok(samples)
+}
+
+fn load(ns: &str, cmd: &str, rules: &str) -> Result<()> {
+    let path = std::env::temp_dir().join(format!("{ns}.rules"));
+    std::fs::write(&path, rules)?;
+    let r = sh(&format!("ip netns exec {ns} {cmd} < {}", path.display()));
+    let _ = std::fs::remove_file(&path);
+    r
+}
+
+pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> {
+    let mut samples = Vec::new();
+    for &n in &s.services {
+        samples.extend(measure(s, n)?);
+    }
+    let mut table = Table::new(
+        "forwarding",
+        format!(
+            "Forwarding over veth, 64-byte UDP, {} packets per run, {PER} endpoints per service (delivered Mpps; one core does generator and node)",
+            s.packets
+        ),
+        &[
+            "services",
+            "flows",
+            "ours Mpps",
+            "iptables Mpps",
+            "nftables Mpps",
+            "ours / iptables",
+            "ours / nftables",
+            "delivered % (ours/ipt/nft)",
+        ],
+    );
+    let find = |n: u32, mode: Mode, new_flows: bool| {
+        samples
+            .iter()
+            .find(|x| x.services == n && x.mode == mode && x.new_flows == new_flows)
+    };
+    for &n in &s.services {
+        for new_flows in [true, false] {
+            let (o, i, f) = (
+                find(n, Mode::Ours, new_flows).unwrap(),
+                find(n, Mode::Iptables, new_flows).unwrap(),
+                find(n, Mode::Nftables, new_flows).unwrap(),
+            );
+            let pct =
+                |x: &Sample| format!("{:.0}", 100.0 * x.delivered as f64 / x.sent.max(1) as f64);
+            table.row(vec![
+                n.to_string(),
+                if new_flows {
+                    "new every packet".into()
+                } else {
+                    format!("{ESTABLISHED_FLOWS} established")
+                },
+                format!("{:.3}", o.pps() / 1e6),
+                format!("{:.3}", i.pps() / 1e6),
+                format!("{:.3}", f.pps() / 1e6),
+                format!("{:.2}×", o.pps() / i.pps().max(1.0)),
+                format!("{:.2}×", o.pps() / f.pps().max(1.0)),
+                format!("{}/{}/{}", pct(o), pct(i), pct(f)),
+            ]);
+        }
+    }
+    let mut series = Vec::new();
+    for mode in [Mode::Ours, Mode::Iptables, Mode::Nftables] {
+        for new_flows in [true, false] {
+            let pts = s
+                .services
+                .iter()
+                .map(|&n| (n as f64, find(n, mode, new_flows).unwrap().pps() / 1e6))
+                .collect();
+            series.push((
+                format!(
+                    "{}, {}",
+                    mode.name(),
+                    if new_flows {
+                        "new flows"
+                    } else {
+                        "established"
+                    }
+                ),
+                pts,
+            ));
+        }
+    }
+    Plot {
+        title: "Forwarding rate through the node (veth, 64-byte UDP)",
+        x_label: "services",
+        y_label: "delivered Mpps (log)",
+        log_x: true,
+        log_y: true,
+        series,
+    }
+    .write(&out.join("forwarding.png"))?;
+
+    let mut targets = Vec::new();
+    let at = if s.services.contains(&10_000) {
+        10_000
+    } else {
+        *s.services.last().expect("sizes")
+    };
+    let (o, i, f) = (
+        find(at, Mode::Ours, true).unwrap(),
+        find(at, Mode::Iptables, true).unwrap(),
+        find(at, Mode::Nftables, true).unwrap(),
+    );
+    targets.push(Target::at_least(
+        &format!("forwarding new flows pps at {at} services: ours vs iptables"),
+        o.pps(),
+        i.pps(),
+        5.0,
+        ">= 5x iptables",
+    ));
+    targets.push(Target::at_least(
+        &format!("forwarding new flows pps at {at} services: ours vs nftables"),
+        o.pps(),
+        f.pps(),
+        2.0,
+        ">= 2x nftables",
+    ));
+    let first = find(s.services[0], Mode::Ours, true).unwrap();
+    targets.push(Target::at_least(
+        &format!(
+            "forwarding ours new flows pps at {at} vs {} services (flat curve)",
+            s.services[0]
+        ),
+        o.pps(),
+        first.pps(),
+        0.9,
+        "flat from 1 to 100k",
+    ));
+    Ok((table, targets))
+}
