@@ -13,7 +13,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
-use lb_common::DEFAULT_CONNTRACK_SIZE;
+use lb_common::{ArpEntry, ArpKey, DEFAULT_CONNTRACK_SIZE};
 use lb_tests::{
     frames::{Frame, TCP_ACK, TCP_SYN},
     lab::{BACKEND_IF_MAC, CLIENT, CLIENT_IF_MAC, CLIENT_MAC, XdpLab, backend_mac},
@@ -147,6 +147,7 @@ struct Row {
     tcp_ct_hit: f64,
     udp_ct_hit: f64,
     rev_nat: f64,
+    arp_reply: f64,
     floor_single: f64,
     ct_hit_single: f64,
     new_flow: f64,
@@ -196,6 +197,26 @@ fn measure(s: &Settings, n: u32) -> Result<Row> {
         check.verdict
     );
 
+    // ARP request for an announced LoadBalancer IP: answered in place.
+    let announced = Ipv4Addr::new(192, 168, 30, 60);
+    let mac = CLIENT_IF_MAC.octets();
+    lab.maps.as_mut().expect("maps").arp.insert(
+        ArpKey {
+            ifindex: ci,
+            addr: lb_common::ipv4_to_wire(announced.octets()),
+        },
+        ArpEntry {
+            mac,
+            _pad: [0; 2],
+            replies: 0,
+        },
+        0,
+    )?;
+    let request = lb_tests::frames::arp_request(CLIENT_MAC, CLIENT, announced);
+    anyhow::ensure!(
+        lab.run("lb", &request, ci)?.verdict == 3,
+        "ARP request not answered with XDP_TX"
+    );
     let mut time = |prog: &str, frame: &[u8], ingress: u32| -> Result<f64> {
         let mut v = Vec::new();
         for _ in 0..s.trials {
@@ -209,6 +230,7 @@ fn measure(s: &Settings, n: u32) -> Result<Row> {
     let tcp_ct_hit = time("lb", &ack, ci)?;
     let udp_ct_hit = time("lb", &udp, ci)?;
     let rev_nat = time("lb", &reply, bi)?;
+    let arp_reply = time("lb", &request, ci)?;
 
     let mut single = |prog: &str, base_port: u32| -> Result<f64> {
         let mut total = 0.0;
@@ -235,6 +257,7 @@ fn measure(s: &Settings, n: u32) -> Result<Row> {
         tcp_ct_hit,
         udp_ct_hit,
         rev_nat,
+        arp_reply,
         floor_single,
         ct_hit_single,
         new_flow,
@@ -261,6 +284,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
             "TCP ACK (conntrack hit)",
             "UDP (conntrack hit)",
             "reply rev-NAT",
+            "ARP reply",
             "SYN / empty",
             "single run: empty prog",
             "single run: conntrack hit",
@@ -276,6 +300,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
             num(r.tcp_ct_hit),
             num(r.udp_ct_hit),
             num(r.rev_nat),
+            num(r.arp_reply),
             format!("{:.2}×", r.tcp_syn / r.floor),
             num(r.floor_single),
             num(r.ct_hit_single),
@@ -301,6 +326,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
             series("TCP ACK, conntrack hit", |r| r.tcp_ct_hit),
             series("UDP conntrack hit", |r| r.udp_ct_hit),
             series("reply rev-NAT", |r| r.rev_nat),
+            series("ARP reply", |r| r.arp_reply),
             series("empty program, single run", |r| r.floor_single),
             series("conntrack hit, single run", |r| r.ct_hit_single),
             series("TCP SYN new flow, single run", |r| r.new_flow),
