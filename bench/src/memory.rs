@@ -115,6 +115,7 @@ fn memlock(path: &std::path::Path) -> Result<u64> {
         .context("memlock value")
 }
 
+/// The maps that scale with the configuration (the generator's two are left out).
 const MAPS: [&str; 10] = [
     map_names::FRONTENDS,
     map_names::BACKENDS,

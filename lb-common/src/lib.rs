@@ -33,6 +33,23 @@ pub mod map_names {
     pub const GEN_COUNTERS: &str = "LB_GEN_COUNTERS";
     /// Created by the agent, never read by the datapath: service names for `lbctl`.
     pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
+
+    /// Every pinned map, the agent's own last.
+    pub const ALL: [&str; 13] = [
+        FRONTENDS,
+        BACKENDS,
+        MAGLEV,
+        CONNTRACK,
+        CONFIG,
+        FRONTEND_STATS,
+        BACKEND_STATS,
+        ARP,
+        AFFINITY,
+        SOURCE_RANGES,
+        GEN,
+        GEN_COUNTERS,
+        SERVICE_NAMES,
+    ];
 }
 
 /// Default capacities; the agent may resize maps at load time.

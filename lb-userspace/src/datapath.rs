@@ -241,21 +241,7 @@ pub fn cleanup(dir: &Path) -> Result<()> {
         }
         let _ = fs::remove_dir(&links);
     }
-    for name in [
-        map_names::FRONTENDS,
-        map_names::BACKENDS,
-        map_names::MAGLEV,
-        map_names::CONNTRACK,
-        map_names::CONFIG,
-        map_names::FRONTEND_STATS,
-        map_names::BACKEND_STATS,
-        map_names::SERVICE_NAMES,
-        map_names::ARP,
-        map_names::AFFINITY,
-        map_names::SOURCE_RANGES,
-        map_names::GEN,
-        map_names::GEN_COUNTERS,
-    ] {
+    for name in map_names::ALL {
         let path = dir.join(name);
         if path.exists() {
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;

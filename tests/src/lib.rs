@@ -189,15 +189,7 @@ impl Topology {
         in_netns(ns, move || -> Result<()> {
             let mut loader = aya::EbpfLoader::new();
             loader.default_map_pin_directory(&dir);
-            for name in [
-                lb_common::map_names::FRONTENDS,
-                lb_common::map_names::BACKENDS,
-                lb_common::map_names::MAGLEV,
-                lb_common::map_names::CONNTRACK,
-                lb_common::map_names::FRONTEND_STATS,
-                lb_common::map_names::BACKEND_STATS,
-                lb_common::map_names::ARP,
-            ] {
+            for name in lb_common::map_names::ALL {
                 loader.map_max_entries(name, 1);
             }
             let mut ebpf = loader.load(lb_userspace::LB_EBPF)?;
