@@ -71,7 +71,7 @@ impl Mode {
     }
 }
 
-fn peer_mac(ns: &str, iface: &str) -> Result<MacAddr> {
+pub fn peer_mac(ns: &str, iface: &str) -> Result<MacAddr> {
     let out = std::process::Command::new("ip")
         .args(["-n", ns, "-j", "link", "show", iface])
         .output()?;
@@ -83,7 +83,7 @@ fn peer_mac(ns: &str, iface: &str) -> Result<MacAddr> {
         .map_err(|e| anyhow::anyhow!("{e:?}"))
 }
 
-fn ifindex(ns: &str, iface: &str) -> Result<u32> {
+pub fn ifindex(ns: &str, iface: &str) -> Result<u32> {
     let out = std::process::Command::new("ip")
         .args(["-n", ns, "-j", "link", "show", iface])
         .output()?;
@@ -182,7 +182,7 @@ fn measure(s: &Settings, n: u32) -> Result<Vec<Sample>> {
                     flows,
                     macs,
                     dport: 80u16.to_be(),
-                    _pad: 0,
+                    mode: lb_common::GEN_UDP,
                 },
                 0,
             )?;

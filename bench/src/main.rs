@@ -2,6 +2,7 @@
 //! PNG under bench/results/, plus summary.csv with one row per target. Needs root (it loads XDP
 //! programs and makes network namespaces); `cargo xtask bench [--quick]` runs it.
 
+mod arp;
 mod control;
 mod forward;
 mod maglev;
@@ -21,7 +22,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Benchmarks to run (default: all).
-    #[arg(long, value_delimiter = ',', value_parser = ["xdp", "forward", "maglev", "memory", "control"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["xdp", "forward", "maglev", "control", "arp", "memory"])]
     only: Vec<String>,
     /// Where CSV, PNG and summary.csv go.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
@@ -87,6 +88,11 @@ fn main() -> Result<()> {
     }
     if wanted("control") {
         let (table, t) = control::run(&control::Settings::new(args.quick), &args.out)?;
+        finish(&table, &args.out, &mut markdown)?;
+        targets.extend(t);
+    }
+    if wanted("arp") {
+        let (table, t) = arp::run(&arp::Settings::new(args.quick), &args.out)?;
         finish(&table, &args.out, &mut markdown)?;
         targets.extend(t);
     }

@@ -148,8 +148,12 @@ pub struct GenConfig {
     pub macs: [u8; 12],
     /// Destination port, network byte order.
     pub dport: u16,
-    pub _pad: u16,
+    /// [`GEN_UDP`] or [`GEN_ARP`] (an ARP request from `src_base` for `vip_base + n % vip_count`).
+    pub mode: u16,
 }
+
+pub const GEN_UDP: u16 = 0;
+pub const GEN_ARP: u16 = 1;
 const _: () = assert!(size_of::<GenConfig>() == 32);
 
 /// Session affinity key: a client of a service.

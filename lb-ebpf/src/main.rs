@@ -28,7 +28,7 @@ use lb_common::{
     AffinityEntry, AffinityKey, ArpEntry, ArpKey, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, Config,
     Counters, CtEntry, CtKey, DEFAULT_AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE,
     DEFAULT_MAX_ANNOUNCEMENTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES,
-    DEFAULT_MAX_SOURCE_RANGES, Frontend, FrontendKey, GenConfig, IPPROTO_TCP, IPPROTO_UDP,
+    DEFAULT_MAX_SOURCE_RANGES, Frontend, FrontendKey, GEN_ARP, GenConfig, IPPROTO_TCP, IPPROTO_UDP,
     MAGLEV_SPARE_BLOCKS, SourceRange, backend_state, csum, ct_flags, frontend_flags,
     hash::flow_hash,
 };
@@ -132,6 +132,20 @@ fn try_gen(ctx: &XdpContext) -> Result<u32, ()> {
     let dst = (cfg.vip_base + (flow % vips) as u32).to_be();
     let src = (cfg.src_base + (rest / 60_000) as u32).to_be();
     let sport = (1024 + (rest % 60_000) as u16).to_be();
+    if cfg.mode == GEN_ARP {
+        // Ethernet + ARP request, all 42 bytes written: replies come back in the same pages.
+        let p: *mut [u8; 42] = ptr_at(ctx, 0)?;
+        let p = unsafe { &mut *p };
+        p[..12].copy_from_slice(&cfg.macs);
+        p[12] = 0x08;
+        p[13] = 0x06;
+        p[14..22].copy_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+        p[22..28].copy_from_slice(&cfg.macs[6..12]);
+        p[28..32].copy_from_slice(&src.to_ne_bytes());
+        p[32..38].copy_from_slice(&[0; 6]);
+        p[38..42].copy_from_slice(&dst.to_ne_bytes());
+        return Ok(xdp_action::XDP_TX);
+    }
     const IP: usize = EthHdr::LEN;
     const UDP: usize = IP + Ipv4Hdr::LEN;
     let p: *mut [u8; UDP + 8] = ptr_at(ctx, 0)?;
