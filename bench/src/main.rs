@@ -8,6 +8,7 @@ mod forward;
 mod maglev;
 mod memory;
 mod report;
+mod tcp;
 mod xdp;
 
 use std::{fs, path::PathBuf, time::Instant};
@@ -22,7 +23,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Benchmarks to run (default: all).
-    #[arg(long, value_delimiter = ',', value_parser = ["xdp", "forward", "maglev", "control", "arp", "memory"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["xdp", "forward", "tcp", "maglev", "control", "arp", "memory"])]
     only: Vec<String>,
     /// Where CSV, PNG and summary.csv go.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
@@ -78,6 +79,11 @@ fn main() -> Result<()> {
 
     if wanted("forward") {
         let (table, t) = forward::run(&forward::Settings::new(args.quick), &args.out)?;
+        finish(&table, &args.out, &mut markdown)?;
+        targets.extend(t);
+    }
+    if wanted("tcp") {
+        let (table, t) = tcp::run(&tcp::Settings::new(args.quick), &args.out)?;
         finish(&table, &args.out, &mut markdown)?;
         targets.extend(t);
     }

@@ -220,6 +220,16 @@ fn main() -> Result<()> {
                 );
             }
             setup()?;
+            // The TCP benchmark starts lb-agent and the test servers from target/release.
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "lb-userspace",
+                "-p",
+                "lb-tests",
+                "--bins",
+            ]))?;
             let mut cmd = cargo();
             cmd.args(["run", "--release", "-q", "-p", "lb-bench", "--"]);
             if quick {
