@@ -232,7 +232,11 @@ fn load(ns: &str, cmd: &str, rules: &str) -> Result<()> {
 pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> {
     let mut samples = Vec::new();
     for &n in &s.services {
-        samples.extend(measure(s, n, &[Mode::Ours, Mode::Iptables, Mode::Nftables])?);
+        samples.extend(measure(
+            s,
+            n,
+            &[Mode::Ours, Mode::Iptables, Mode::Nftables],
+        )?);
     }
     for &n in &s.ours_only {
         samples.extend(measure(s, n, &[Mode::Ours])?);
@@ -265,8 +269,15 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
             let o = find(n, Mode::Ours, new_flows).unwrap();
             let pct =
                 |x: &Sample| format!("{:.0}", 100.0 * x.delivered as f64 / x.sent.max(1) as f64);
-            let flows = if new_flows { "new every packet".to_string() } else { format!("{ESTABLISHED_FLOWS} established") };
-            let (Some(i), Some(f)) = (find(n, Mode::Iptables, new_flows), find(n, Mode::Nftables, new_flows)) else {
+            let flows = if new_flows {
+                "new every packet".to_string()
+            } else {
+                format!("{ESTABLISHED_FLOWS} established")
+            };
+            let (Some(i), Some(f)) = (
+                find(n, Mode::Iptables, new_flows),
+                find(n, Mode::Nftables, new_flows),
+            ) else {
                 table.row(vec![
                     n.to_string(),
                     flows,
