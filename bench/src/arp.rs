@@ -7,10 +7,7 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::Result;
-use aya::maps::{Array, MapData, PerCpuArray};
-use lb_common::{
-    ArpEntry, ArpKey, DEFAULT_CONNTRACK_SIZE, GEN_ARP, GenConfig, ipv4_to_wire, map_names,
-};
+use lb_common::{ArpEntry, ArpKey, DEFAULT_CONNTRACK_SIZE, GEN_ARP, GenConfig, ipv4_to_wire};
 use lb_tests::{
     lab::{CLIENT_IF, CLIENT_IF_MAC, XdpLab},
     sh,
@@ -18,7 +15,7 @@ use lb_tests::{
 use lb_userspace::datapath::Options;
 
 use crate::{
-    forward::{ifindex, peer_mac},
+    forward::{gen_maps, ifindex, peer_mac},
     report::{Plot, Table, Target},
 };
 
@@ -63,13 +60,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
     let gen_if = ifindex(&ns, "cl-peer")?;
     let gen_mac = peer_mac(&ns, "cl-peer")?;
     let sink = lab.attach("lb_sink", "cl-peer")?;
-    let bpffs = lab.bpffs();
-    let mut config: Array<MapData, GenConfig> = Array::try_from(aya::maps::Map::from_map_data(
-        MapData::from_pin(bpffs.join(map_names::GEN))?,
-    )?)?;
-    let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
-        aya::maps::Map::from_map_data(MapData::from_pin(bpffs.join(map_names::GEN_COUNTERS))?)?,
-    )?;
+    let (mut config, counters) = gen_maps(&lab)?;
     let count = |i: u32| -> Result<u64> { Ok(counters.get(&i, 0)?.iter().sum()) };
     let mut macs = [0xffu8; 12];
     macs[6..].copy_from_slice(&gen_mac.octets());

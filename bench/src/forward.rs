@@ -76,6 +76,19 @@ impl Mode {
     }
 }
 
+/// The generator's settings and its counters (0: frames sent, 1: frames that reached `lb_sink`).
+pub fn gen_maps(lab: &XdpLab) -> Result<(Array<MapData, GenConfig>, PerCpuArray<MapData, u64>)> {
+    let open = |name: &str| -> Result<aya::maps::Map> {
+        Ok(aya::maps::Map::from_map_data(MapData::from_pin(
+            lab.bpffs().join(name),
+        )?)?)
+    };
+    Ok((
+        Array::try_from(open(map_names::GEN)?)?,
+        PerCpuArray::try_from(open(map_names::GEN_COUNTERS)?)?,
+    ))
+}
+
 pub fn peer_mac(ns: &str, iface: &str) -> Result<MacAddr> {
     let out = std::process::Command::new("ip")
         .args(["-n", ns, "-j", "link", "show", iface])
@@ -153,13 +166,7 @@ fn measure(s: &Settings, n: u32, modes: &[Mode]) -> Result<Vec<Sample>> {
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&CLIENT_IF_MAC.octets());
     macs[6..].copy_from_slice(&gen_mac.octets());
-    let bpffs = lab.bpffs();
-    let mut config: Array<MapData, GenConfig> = Array::try_from(aya::maps::Map::from_map_data(
-        MapData::from_pin(bpffs.join(map_names::GEN))?,
-    )?)?;
-    let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
-        aya::maps::Map::from_map_data(MapData::from_pin(bpffs.join(map_names::GEN_COUNTERS))?)?,
-    )?;
+    let (mut config, counters) = gen_maps(&lab)?;
     let count = |i: u32| -> Result<u64> { Ok(counters.get(&i, 0)?.iter().sum()) };
 
     let mut samples = Vec::new();

@@ -163,8 +163,14 @@ impl XdpLab {
         ))
     }
 
-    /// Runs program `name` once on `frame` as if it arrived on `ingress_ifindex`.
-    pub fn run(&mut self, name: &str, frame: &[u8], ingress_ifindex: u32) -> Result<Run> {
+    /// Runs program `name` `repeat` times on `frame` as if it arrived on `ingress_ifindex`.
+    fn test_run(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<(Run, f64)> {
         let ctx = xdp_md(frame.len(), ingress_ifindex);
         let mut out = vec![0u8; frame.len() + 256];
         let program = self.datapath.as_mut().expect("datapath").program(name)?;
@@ -172,14 +178,23 @@ impl XdpLab {
             data_in: Some(frame),
             data_out: Some(&mut out),
             ctx_in: Some(&ctx),
-            repeat: 1,
+            repeat,
             ..Default::default()
         })?;
         out.truncate(r.data_size_out as usize);
-        Ok(Run {
-            verdict: r.return_value,
-            output: out,
-        })
+        // The kernel reports the mean per repetition in whole nanoseconds.
+        Ok((
+            Run {
+                verdict: r.return_value,
+                output: out,
+            },
+            r.duration.as_nanos() as f64,
+        ))
+    }
+
+    /// Runs program `name` once on `frame` as if it arrived on `ingress_ifindex`.
+    pub fn run(&mut self, name: &str, frame: &[u8], ingress_ifindex: u32) -> Result<Run> {
+        Ok(self.test_run(name, frame, ingress_ifindex, 1)?.0)
     }
 
     /// Attaches program `name` natively to `iface` in the lab namespace; returns a handle for
@@ -230,18 +245,7 @@ impl XdpLab {
         ingress_ifindex: u32,
         repeat: u32,
     ) -> Result<f64> {
-        let ctx = xdp_md(frame.len(), ingress_ifindex);
-        let mut out = vec![0u8; frame.len() + 256];
-        let program = self.datapath.as_mut().expect("datapath").program(name)?;
-        let r = program.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            repeat,
-            ..Default::default()
-        })?;
-        // The kernel reports the mean per repetition in whole nanoseconds.
-        Ok(r.duration.as_nanos() as f64)
+        Ok(self.test_run(name, frame, ingress_ifindex, repeat)?.1)
     }
 
     pub fn maps(&self) -> &PinnedMaps {
