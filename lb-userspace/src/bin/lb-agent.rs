@@ -27,8 +27,8 @@ use tokio::signal::unix::{SignalKind, signal};
 #[derive(Parser, Debug)]
 #[command(version, about = "XDP service load balancer agent")]
 struct Args {
-    /// Multi-document YAML of v1 Service and discovery.k8s.io/v1 EndpointSlice objects; reloaded
-    /// when it changes.
+    /// Multi-document YAML of v1 Service, discovery.k8s.io/v1 EndpointSlice, LoadBalancerIPPool
+    /// and L2AnnouncementPolicy objects (Cilium's kinds accepted too); reloaded when it changes.
     #[arg(long)]
     config: PathBuf,
     /// Interface to attach the XDP program to (repeat for several).
