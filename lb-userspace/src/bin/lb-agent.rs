@@ -180,8 +180,8 @@ impl Agent {
             Ok(_) => {}
             Err(e) => error!("ARP announcements not applied: {e:#}"),
         }
-        self.ctx.lb_hints = l2::hints(&Status::new(&desired, &self.announcer));
         self.write_status(&desired);
+        self.ctx.lb_hints = l2::hints(&self.status);
     }
 
     fn write_status(&mut self, desired: &DesiredState) {
