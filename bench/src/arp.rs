@@ -15,7 +15,7 @@ use lb_tests::{
 use lb_userspace::datapath::Options;
 
 use crate::{
-    forward::{gen_maps, ifindex, peer_mac},
+    forward::{gen_maps, peer_mac},
     report::{Plot, Table, Target},
 };
 
@@ -57,7 +57,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
         },
         0,
     )?;
-    let gen_if = ifindex(&ns, "cl-peer")?;
+    let gen_if = lb_tests::lab::ifindex("cl-peer")?;
     let gen_mac = peer_mac(&ns, "cl-peer")?;
     let sink = lab.attach("lb_sink", "cl-peer")?;
     let (mut config, counters) = gen_maps(&lab)?;

@@ -10,7 +10,10 @@ use lb_common::DEFAULT_CONNTRACK_SIZE;
 use lb_tests::{lab::XdpLab, sh};
 use lb_userspace::{config, datapath::Options};
 
-use crate::report::{Plot, Table, Target, num};
+use crate::{
+    report::{Plot, Table, Target, num},
+    services::{endpoint, vip},
+};
 
 pub struct Settings {
     pub services: u32,
@@ -37,14 +40,6 @@ impl Settings {
             }
         }
     }
-}
-
-fn vip(i: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i)
-}
-
-fn endpoint(i: u32, k: u32, per: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 1)) + i * per + k)
 }
 
 /// Services and EndpointSlices as a user would write them. `moved` shifts the first endpoint of

@@ -14,11 +14,12 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use aya::maps::{Array, MapData, PerCpuArray};
 use lb_common::{DEFAULT_CONNTRACK_SIZE, GenConfig, map_names};
 use lb_tests::{
-    lab::{CLIENT_IF, CLIENT_IF_MAC, XdpLab},
+    Topology,
+    lab::{self, CLIENT_IF, CLIENT_IF_MAC, XdpLab},
     sh,
 };
 use lb_userspace::{datapath::Options, model::Protocol};
@@ -26,8 +27,8 @@ use pnet::util::MacAddr;
 
 use crate::{
     control::{iptables_rules, nft_rules},
-    memory::state_proto,
     report::{Plot, Table, Target},
+    services::state_proto,
 };
 
 const PER: u32 = 10;
@@ -89,24 +90,11 @@ pub fn gen_maps(lab: &XdpLab) -> Result<(Array<MapData, GenConfig>, PerCpuArray<
     ))
 }
 
+/// MAC of `iface` in namespace `ns`.
 pub fn peer_mac(ns: &str, iface: &str) -> Result<MacAddr> {
-    let out = std::process::Command::new("ip")
-        .args(["-n", ns, "-j", "link", "show", iface])
-        .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j link")?;
-    v[0]["address"]
-        .as_str()
-        .context("no MAC")?
+    Topology::mac_of(ns, iface)?
         .parse()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
-}
-
-pub fn ifindex(ns: &str, iface: &str) -> Result<u32> {
-    let out = std::process::Command::new("ip")
-        .args(["-n", ns, "-j", "link", "show", iface])
-        .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j link")?;
-    Ok(v[0]["ifindex"].as_u64().context("no ifindex")? as u32)
+        .map_err(|e| anyhow::anyhow!("{iface}: {e:?}"))
 }
 
 /// The 64-byte UDP template: 10.1.0.1:1024 → 10.96.0.1:80, checksum 0.
@@ -160,7 +148,7 @@ fn measure(s: &Settings, n: u32, modes: &[Mode]) -> Result<Vec<Sample>> {
         "ip netns exec {ns} sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 net.ipv4.conf.cl.rp_filter=0"
     ))?;
     let sink = lab.attach("lb_sink", "bk-peer")?;
-    let gen_if = ifindex(&ns, "cl-peer")?;
+    let gen_if = lab::ifindex("cl-peer")?;
     let gen_mac = peer_mac(&ns, "cl-peer")?;
     let frame = template(gen_mac);
     let mut macs = [0u8; 12];

@@ -48,16 +48,19 @@ fn names(n: usize) -> Vec<String> {
         .collect()
 }
 
-/// The table as backend names (so tables over different lists compare).
-fn table_of<'a>(list: &'a [String], m: u32) -> Vec<&'a str> {
-    let input: Vec<MaglevBackend> = list
-        .iter()
+/// Equal-weight builder input for `list`.
+fn input(list: &[String]) -> Vec<MaglevBackend<'_>> {
+    list.iter()
         .map(|n| MaglevBackend {
             name: n.as_bytes(),
             weight: 1,
         })
-        .collect();
-    build_table(&input, m)
+        .collect()
+}
+
+/// The table as backend names (so tables over different lists compare).
+fn table_of<'a>(list: &'a [String], m: u32) -> Vec<&'a str> {
+    build_table(&input(list), m)
         .expect("table")
         .into_iter()
         .map(|i| list[i as usize - 1].as_str())
@@ -120,13 +123,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
         for &n in &s.counts {
             eprintln!("maglev: M = {m}, N = {n} …");
             let list = names(n);
-            let input: Vec<MaglevBackend> = list
-                .iter()
-                .map(|n| MaglevBackend {
-                    name: n.as_bytes(),
-                    weight: 1,
-                })
-                .collect();
+            let input = input(&list);
             let mut times = Vec::new();
             for _ in 0..s.repeats {
                 let start = Instant::now();

@@ -8,6 +8,7 @@ mod forward;
 mod maglev;
 mod memory;
 mod report;
+mod services;
 mod tcp;
 mod xdp;
 

@@ -11,15 +11,12 @@ use anyhow::{Context, Result};
 use aya::maps::MapData;
 use lb_common::{DEFAULT_CONNTRACK_SIZE, map_names};
 use lb_tests::lab::XdpLab;
-use lb_userspace::{
-    datapath::Options,
-    model::{
-        BackendCondition, BackendSpec, DesiredState, Endpoint, FrontendKind, FrontendSpec,
-        Protocol, ServicePort,
-    },
-};
+use lb_userspace::datapath::Options;
 
-use crate::report::{Plot, Table, Target};
+use crate::{
+    report::{Plot, Table, Target},
+    services::state,
+};
 
 pub struct Settings {
     pub services: u32,
@@ -43,54 +40,6 @@ impl Settings {
             }
         }
     }
-}
-
-/// `services` ClusterIP services (TCP 80), each with its own `per` backends.
-pub fn state(services: u32, per: u32) -> DesiredState {
-    state_proto(services, per, Protocol::Tcp)
-}
-
-/// As [`state`], for `proto` services.
-pub fn state_proto(services: u32, per: u32, proto: Protocol) -> DesiredState {
-    let mut desired = DesiredState::default();
-    for i in 0..services {
-        let vip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 96, 0, 1)) + i);
-        let backends = (0..per)
-            .map(|k| {
-                let n = i * per + k;
-                BackendSpec {
-                    endpoint: Endpoint {
-                        addr: std::net::Ipv4Addr::from(
-                            u32::from(std::net::Ipv4Addr::new(10, 128, 0, 1)) + n,
-                        ),
-                        port: 8080,
-                        proto,
-                    },
-                    condition: BackendCondition::Active,
-                    weight: 1,
-                }
-            })
-            .collect();
-        let name = format!("bench/svc-{i}:http");
-        desired.services.insert(
-            name.clone(),
-            ServicePort {
-                name,
-                frontends: vec![FrontendSpec {
-                    endpoint: Endpoint {
-                        addr: vip,
-                        port: 80,
-                        proto,
-                    },
-                    kind: FrontendKind::ClusterIp,
-                }],
-                backends,
-                affinity_timeout_s: 0,
-                source_ranges: Vec::new(),
-            },
-        );
-    }
-    desired
 }
 
 pub fn options(services: u32, backends: u32, m: u32) -> Options {

@@ -20,13 +20,13 @@ use lb_tests::{
 };
 use lb_userspace::{
     datapath::Options,
-    model::{
-        BackendCondition, BackendSpec, DesiredState, Endpoint, FrontendKind, FrontendSpec,
-        Protocol, ServicePort,
-    },
+    model::{DesiredState, Protocol},
 };
 
-use crate::report::{Plot, Table, Target, num};
+use crate::{
+    report::{Plot, Table, Target, num},
+    services::{active, clusterip, vip},
+};
 
 const M: u32 = 251;
 const BACKEND_POOL: u32 = 32;
@@ -58,10 +58,6 @@ impl Settings {
     }
 }
 
-fn vip(i: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i)
-}
-
 fn backend_addr(k: u32) -> Ipv4Addr {
     Ipv4Addr::new(10, 1, 0, 1 + k as u8)
 }
@@ -77,38 +73,14 @@ pub fn services(n: u32) -> DesiredState {
             ports.push((Protocol::Udp, 53, 8053, "udp"));
         }
         for (proto, port, target, pname) in ports {
-            let mut backends: Vec<BackendSpec> = picks
+            let backends = picks
                 .iter()
-                .map(|&k| BackendSpec {
-                    endpoint: Endpoint {
-                        addr: backend_addr(k),
-                        port: target,
-                        proto,
-                    },
-                    condition: BackendCondition::Active,
-                    weight: 1,
-                })
+                .map(|&k| active(backend_addr(k), target, proto))
                 .collect();
-            backends.sort();
-            backends.dedup();
             let name = format!("bench/svc-{i}:{pname}");
-            desired.services.insert(
-                name.clone(),
-                ServicePort {
-                    name,
-                    frontends: vec![FrontendSpec {
-                        endpoint: Endpoint {
-                            addr: vip(i),
-                            port,
-                            proto,
-                        },
-                        kind: FrontendKind::ClusterIp,
-                    }],
-                    backends,
-                    affinity_timeout_s: 0,
-                    source_ranges: Vec::new(),
-                },
-            );
+            desired
+                .services
+                .insert(name.clone(), clusterip(name, vip(i), port, proto, backends));
         }
     }
     desired

@@ -263,7 +263,8 @@ fn xdp_md(len: usize, ingress_ifindex: u32) -> [u8; 24] {
     ctx
 }
 
-fn ifindex(name: &str) -> Result<u32> {
+/// Index of interface `name` in this thread's namespace (the lab's, while a lab is alive).
+pub fn ifindex(name: &str) -> Result<u32> {
     let c = std::ffi::CString::new(name)?;
     // SAFETY: NUL-terminated name.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
