@@ -17,6 +17,33 @@ use std::{fs, path::PathBuf, time::Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 
+type Benchmark = fn(bool, &std::path::Path) -> Result<(report::Table, Vec<report::Target>)>;
+
+/// Every benchmark in run order: name (for --only) and how to run it (quick or full).
+const BENCHMARKS: [(&str, Benchmark); 7] = [
+    ("xdp", |quick, out| {
+        xdp::run(&xdp::Settings::new(quick), out)
+    }),
+    ("forward", |quick, out| {
+        forward::run(&forward::Settings::new(quick), out)
+    }),
+    ("tcp", |quick, out| {
+        tcp::run(&tcp::Settings::new(quick), out)
+    }),
+    ("maglev", |quick, out| {
+        maglev::run(&maglev::Settings::new(quick), out)
+    }),
+    ("control", |quick, out| {
+        control::run(&control::Settings::new(quick), out)
+    }),
+    ("arp", |quick, out| {
+        arp::run(&arp::Settings::new(quick), out)
+    }),
+    ("memory", |quick, out| {
+        memory::run(&memory::Settings::new(quick), out)
+    }),
+];
+
 #[derive(Parser, Debug)]
 #[command(about = "XDP load balancer benchmarks")]
 struct Args {
@@ -24,7 +51,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Benchmarks to run (default: all).
-    #[arg(long, value_delimiter = ',', value_parser = ["xdp", "forward", "tcp", "maglev", "control", "arp", "memory"])]
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(BENCHMARKS.map(|(name, _)| name)))]
     only: Vec<String>,
     /// Where CSV, PNG and summary.csv go.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
@@ -72,41 +99,12 @@ fn main() -> Result<()> {
     );
     let mut targets = Vec::new();
 
-    if wanted("xdp") {
-        let (table, t) = xdp::run(&xdp::Settings::new(args.quick), &args.out)?;
-        finish(&table, &args.out, &mut markdown)?;
-        targets.extend(t);
-    }
-
-    if wanted("forward") {
-        let (table, t) = forward::run(&forward::Settings::new(args.quick), &args.out)?;
-        finish(&table, &args.out, &mut markdown)?;
-        targets.extend(t);
-    }
-    if wanted("tcp") {
-        let (table, t) = tcp::run(&tcp::Settings::new(args.quick), &args.out)?;
-        finish(&table, &args.out, &mut markdown)?;
-        targets.extend(t);
-    }
-    if wanted("maglev") {
-        let (table, t) = maglev::run(&maglev::Settings::new(args.quick), &args.out)?;
-        finish(&table, &args.out, &mut markdown)?;
-        targets.extend(t);
-    }
-    if wanted("control") {
-        let (table, t) = control::run(&control::Settings::new(args.quick), &args.out)?;
-        finish(&table, &args.out, &mut markdown)?;
-        targets.extend(t);
-    }
-    if wanted("arp") {
-        let (table, t) = arp::run(&arp::Settings::new(args.quick), &args.out)?;
-        finish(&table, &args.out, &mut markdown)?;
-        targets.extend(t);
-    }
-    if wanted("memory") {
-        let (table, t) = memory::run(&memory::Settings::new(args.quick), &args.out)?;
-        finish(&table, &args.out, &mut markdown)?;
-        targets.extend(t);
+    for (name, run) in BENCHMARKS {
+        if wanted(name) {
+            let (table, t) = run(args.quick, &args.out)?;
+            finish(&table, &args.out, &mut markdown)?;
+            targets.extend(t);
+        }
     }
 
     let summary = report::write_summary(&args.out, &targets)?;
