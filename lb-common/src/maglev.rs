@@ -38,6 +38,8 @@ pub enum MaglevError {
     BadTableSize(u32),
     /// Two backends share a name; the table would depend on input order.
     DuplicateBackend(usize, usize),
+    /// More backends than a table slot can name (65535).
+    TooManyBackends(usize),
 }
 
 impl core::fmt::Display for MaglevError {
@@ -49,6 +51,9 @@ impl core::fmt::Display for MaglevError {
             ),
             MaglevError::DuplicateBackend(a, b) => {
                 write!(f, "backends {a} and {b} have the same name")
+            }
+            MaglevError::TooManyBackends(n) => {
+                write!(f, "{n} backends; a table holds at most 65535")
             }
         }
     }
@@ -114,7 +119,8 @@ pub fn update_table(
     m: u32,
 ) -> Result<Vec<u32>, MaglevError> {
     validate_table_size(m)?;
-    let mut table = vec![0u32; m as usize];
+    // Built as u16 (half the cache footprint of the random writes), widened at the end.
+    let mut table = vec![0u16; m as usize];
     let mut order: Vec<usize> = (0..backends.len())
         .filter(|&i| backends[i].weight > 0)
         .collect();
@@ -125,7 +131,10 @@ pub fn update_table(
         }
     }
     if order.is_empty() {
-        return Ok(table);
+        return Ok(vec![0u32; m as usize]);
+    }
+    if backends.len() > u16::MAX as usize {
+        return Err(MaglevError::TooManyBackends(backends.len()));
     }
     // rank[i] = position of backend i in `order` + 1 (0: not in the table).
     let mut rank = vec![0u32; backends.len()];
@@ -178,7 +187,7 @@ pub fn update_table(
             && kept[r as usize - 1] < target[r as usize - 1]
         {
             kept[r as usize - 1] += 1;
-            table[s] = v;
+            table[s] = v as u16;
         } else {
             free[s / 64] |= 1 << (s % 64);
         }
@@ -188,7 +197,36 @@ pub fn update_table(
     // entry of its permutation. The paper probes entries until it meets a free slot, which
     // costs M ln M mispredicted probes for a whole table and M/free probes a slot for an
     // update that frees few slots; a bit scan finds the same region's free slot at once.
+    // Second level: bit w of summary[w / 64] is set while free[w] has a free slot, so the scan
+    // skips full regions 4096 slots at a time (late in a build free slots are rare and cluster).
     let words = free.len();
+    let mut summary = vec![0u64; words.div_ceil(64)];
+    for (w, bits) in free.iter().enumerate() {
+        if *bits != 0 {
+            summary[w / 64] |= 1 << (w % 64);
+        }
+    }
+    let next_free = |free: &[u64], summary: &[u64], start: usize| -> usize {
+        let w = start / 64;
+        let bits = free[w] & (!0u64 << (start % 64));
+        if bits != 0 {
+            return w * 64 + bits.trailing_zeros() as usize;
+        }
+        // The next word with a free slot after w, wrapping around once at most.
+        let mut sw = (w + 1) / 64;
+        let mut sbits = if w + 1 < words {
+            summary[sw] & (!0u64 << ((w + 1) % 64))
+        } else {
+            sw = 0;
+            summary[0]
+        };
+        while sbits == 0 {
+            sw = if sw + 1 == summary.len() { 0 } else { sw + 1 };
+            sbits = summary[sw];
+        }
+        let w = sw * 64 + sbits.trailing_zeros() as usize;
+        w * 64 + free[w].trailing_zeros() as usize
+    };
     let mut claimers: Vec<(usize, u32, u32)> = (0..order.len())
         .filter(|&k| kept[k] < target[k])
         .map(|k| {
@@ -204,21 +242,19 @@ pub fn update_table(
             if *position >= m {
                 *position -= m;
             }
-            let mut w = start / 64;
-            let mut bits = free[w] & (!0u64 << (start % 64));
-            // A free slot exists while any backend is below target; wrap around once at most.
-            while bits == 0 {
-                w = if w + 1 == words { 0 } else { w + 1 };
-                bits = free[w];
-            }
-            let s = w * 64 + bits.trailing_zeros() as usize;
+            // A free slot exists while any backend is below target.
+            let s = next_free(&free, &summary, start);
+            let w = s / 64;
             free[w] &= !(1 << (s % 64));
-            table[s] = order[*k] as u32 + 1;
+            if free[w] == 0 {
+                summary[w / 64] &= !(1 << (w % 64));
+            }
+            table[s] = order[*k] as u16 + 1;
             kept[*k] += 1;
             kept[*k] < target[*k]
         });
     }
-    Ok(table)
+    Ok(table.into_iter().map(u32::from).collect())
 }
 
 /// How many slots of `new` point to a different backend than in `old` (same length, values
