@@ -62,7 +62,10 @@ fn input(list: &[String]) -> Vec<MaglevBackend<'_>> {
 
 /// The table as backend names (so tables over different lists compare).
 fn names_of<'a>(table: &[u32], list: &'a [String]) -> Vec<&'a str> {
-    table.iter().map(|&i| list[i as usize - 1].as_str()).collect()
+    table
+        .iter()
+        .map(|&i| list[i as usize - 1].as_str())
+        .collect()
 }
 
 /// The table for `to` as the agent makes it from `table` (over `from`): `update_table` with the
@@ -75,7 +78,12 @@ fn updated<'a>(table: &[u32], from: &[String], to: &'a [String], m: u32) -> (Vec
         .collect();
     let previous: Vec<u32> = table
         .iter()
-        .map(|&i| index.get(from[i as usize - 1].as_str()).copied().unwrap_or(0))
+        .map(|&i| {
+            index
+                .get(from[i as usize - 1].as_str())
+                .copied()
+                .unwrap_or(0)
+        })
         .collect();
     let start = Instant::now();
     let new = update_table(&input(to), &previous, m).expect("table");
@@ -172,7 +180,10 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
                 add: moved(&table, &updated(&built, &list, &more, m).0),
                 fresh_remove: moved(
                     &table,
-                    &names_of(&build_table(&self::input(&fewer), m).expect("table"), &fewer),
+                    &names_of(
+                        &build_table(&self::input(&fewer), m).expect("table"),
+                        &fewer,
+                    ),
                 ),
                 mod_n_remove: mod_n_moved(&list, &fewer, m as u64),
             });

@@ -31,11 +31,13 @@ pub mod map_names {
     /// Benchmark generator settings and per-CPU counters (0: frames generated, 1: frames sunk).
     pub const GEN: &str = "LB_GEN";
     pub const GEN_COUNTERS: &str = "LB_GEN_COUNTERS";
+    /// Benchmark frame replayed by `lb_replay` before each run.
+    pub const REPLAY: &str = "LB_REPLAY";
     /// Created by the agent, never read by the datapath: service names for `lbctl`.
     pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 
     /// Every pinned map, the agent's own last.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         FRONTENDS,
         BACKENDS,
         MAGLEV,
@@ -48,6 +50,7 @@ pub mod map_names {
         SOURCE_RANGES,
         GEN,
         GEN_COUNTERS,
+        REPLAY,
         SERVICE_NAMES,
     ];
 }
@@ -152,6 +155,18 @@ pub struct GenConfig {
     pub mode: u16,
 }
 
+/// Largest frame `lb_replay` can restore (a power of two: the datapath masks the length).
+pub const REPLAY_MAX: usize = 128;
+
+/// The frame `lb_replay` writes over the packet before each run (LB_REPLAY[0]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayFrame {
+    pub len: u32,
+    pub data: [u8; REPLAY_MAX],
+}
+const _: () = assert!(size_of::<ReplayFrame>() == 132);
+
 pub const GEN_UDP: u16 = 0;
 pub const GEN_ARP: u16 = 1;
 const _: () = assert!(size_of::<GenConfig>() == 32);
@@ -206,11 +221,14 @@ pub struct Backend {
 }
 const _: () = assert!(size_of::<Backend>() == 8);
 
-/// Conntrack direction, part of the key so a reply entry never collides with a forward one.
+/// Conntrack direction, kept in the entry ([`CtEntry::dir`]). The key is the bare 5-tuple, so
+/// one lookup serves a packet of either direction: a forward tuple (client → frontend address)
+/// and a reply tuple (backend → client) cannot coincide, since a frontend address is never a
+/// client's.
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
 
-/// 5-tuple as seen on the wire plus direction.
+/// 5-tuple as seen on the wire.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -219,8 +237,7 @@ pub struct CtKey {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
-    pub dir: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
 }
 const _: () = assert!(size_of::<CtKey>() == 16);
 
@@ -241,13 +258,24 @@ pub struct CtEntry {
     /// Forward: backend port; reply: frontend port. Network byte order.
     pub nat_port: u16,
     pub flags: u8,
-    pub _pad: u8,
+    /// [`CT_DIR_FORWARD`] or [`CT_DIR_REPLY`].
+    pub dir: u8,
     pub backend_id: u32,
     pub frontend_id: u32,
-    /// `bpf_ktime_get_ns` when last refreshed (refreshed at most once a second).
+    /// `bpf_ktime_get_coarse_ns` when last refreshed (refreshed at most once a second).
     pub last_seen_ns: u64,
+    /// Next hop of this direction as bpf_fib_lookup last resolved it (egress ifindex, then
+    /// destination and source MAC), reused for [`NEXTHOP_CACHE_NS`] after `nexthop_ns`; 0: none.
+    pub nexthop_ifindex: u32,
+    pub nexthop_macs: [u8; 12],
+    pub nexthop_ns: u64,
 }
-const _: () = assert!(size_of::<CtEntry>() == 24);
+const _: () = assert!(size_of::<CtEntry>() == 48);
+
+/// How long a flow reuses its cached next hop before asking the FIB again. bpf_fib_lookup is
+/// most of an established packet's cost (about 170 of 300 ns here); a route or neighbour change
+/// reaches open flows within this time (new flows see it at once).
+pub const NEXTHOP_CACHE_NS: u64 = 1_000_000_000;
 
 /// Packet and byte counters (per CPU in the kernel; summed by `lbctl`).
 #[repr(C)]
@@ -304,6 +332,7 @@ const _: () = assert!(size_of::<ArpEntry>() == 16);
 mod pod {
     unsafe impl aya::Pod for ArpKey {}
     unsafe impl aya::Pod for GenConfig {}
+    unsafe impl aya::Pod for ReplayFrame {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for SourceRange {}

@@ -440,8 +440,14 @@ mod tests {
             );
             // One slot of rounding either way.
             let slack = 1.0 + n as f64 / m as f64;
-            assert!(remove <= slack + 1e-9, "M={m} N={n}: removal moved {remove}/N");
-            assert!(add <= slack + 1e-9, "M={m} N={n}: addition moved {add}/(N+1)");
+            assert!(
+                remove <= slack + 1e-9,
+                "M={m} N={n}: removal moved {remove}/N"
+            );
+            assert!(
+                add <= slack + 1e-9,
+                "M={m} N={n}: addition moved {add}/(N+1)"
+            );
             assert!(fresh_remove > 1.2 * remove, "a fresh rebuild moves more");
         }
     }

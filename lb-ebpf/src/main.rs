@@ -1,9 +1,11 @@
 //! XDP service load balancer. The packet path reads top to bottom:
 //!
 //! Ethernet → IPv4 (no fragments) → TCP/UDP →
-//!   frontend hit (vip, port, proto): conntrack hit → same backend, else Maglev slot from the flow
-//!     hash → backend; DNAT with incremental checksums; conntrack insert (forward + reply entry);
-//!   else reply conntrack hit (backend → client): rewrite the source back to the frontend;
+//!   conntrack hit on the 5-tuple (one lookup serves both directions):
+//!     forward entry (client → frontend) → DNAT to the backend it holds;
+//!     reply entry (backend → client) → rewrite the source back to the frontend;
+//!   else frontend hit (vip, port, proto): Maglev slot from the flow hash → backend; DNAT with
+//!     incremental checksums; conntrack insert (forward + reply entry);
 //!   else XDP_PASS untouched.
 //! ARP requests for an address announced on the receiving interface (LoadBalancer IPs, per the
 //! L2 announcement policies) are answered in place with XDP_TX; all other ARP passes untouched.
@@ -19,6 +21,7 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action},
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_tail,
+        bpf_xdp_store_bytes,
     },
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
@@ -29,8 +32,8 @@ use lb_common::{
     Counters, CtEntry, CtKey, DEFAULT_AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE,
     DEFAULT_MAX_ANNOUNCEMENTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES,
     DEFAULT_MAX_SOURCE_RANGES, Frontend, FrontendKey, GEN_ARP, GenConfig, IPPROTO_TCP, IPPROTO_UDP,
-    MAGLEV_SPARE_BLOCKS, SourceRange, backend_state, csum, ct_flags, frontend_flags,
-    hash::flow_hash,
+    MAGLEV_SPARE_BLOCKS, NEXTHOP_CACHE_NS, REPLAY_MAX, ReplayFrame, SourceRange, backend_state,
+    csum, ct_flags, frontend_flags, hash::flow_hash,
 };
 use network_types::{
     arp::ArpHdr,
@@ -91,6 +94,9 @@ static LB_GEN: Array<GenConfig> = Array::pinned(1, 0);
 
 #[map]
 static LB_GEN_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
+
+#[map]
+static LB_REPLAY: Array<ReplayFrame> = Array::pinned(1, 0);
 
 #[xdp]
 pub fn lb(ctx: XdpContext) -> u32 {
@@ -164,6 +170,50 @@ fn try_gen(ctx: &XdpContext) -> Result<u32, ()> {
     p[UDP + 6] = 0;
     p[UDP + 7] = 0;
     Ok(xdp_action::XDP_TX)
+}
+
+/// Benchmark replay (BPF_PROG_TEST_RUN with repeat): BPF_PROG_TEST_RUN runs every repetition on
+/// the same buffer, so after its first run `lb` would see its own DNATed output (a miss). This
+/// first writes the frame in LB_REPLAY[0] back over the packet, then runs the real datapath.
+#[xdp]
+pub fn lb_replay(ctx: XdpContext) -> u32 {
+    if !replay(&ctx) {
+        return xdp_action::XDP_ABORTED;
+    }
+    match try_lb(&ctx) {
+        Ok(action) => action,
+        Err(()) => xdp_action::XDP_PASS,
+    }
+}
+
+/// The floor for `lb_replay`: the same frame rewrite, then XDP_PASS.
+#[xdp]
+pub fn lb_replay_pass(ctx: XdpContext) -> u32 {
+    if !replay(&ctx) {
+        return xdp_action::XDP_ABORTED;
+    }
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn replay(ctx: &XdpContext) -> bool {
+    let Some(frame) = LB_REPLAY.get_ptr_mut(0) else {
+        return false;
+    };
+    let frame = unsafe { &mut *frame };
+    let len = frame.len;
+    if len == 0 || len as usize > REPLAY_MAX || len as usize != ctx.data_end() - ctx.data() {
+        return false;
+    }
+    unsafe {
+        bpf_xdp_store_bytes(
+            ctx.as_ptr() as *mut _,
+            0,
+            frame.data.as_mut_ptr() as *mut _,
+            // 1..=REPLAY_MAX in a form the verifier can follow (it equals len, checked above).
+            ((len - 1) & (REPLAY_MAX as u32 - 1)) + 1,
+        ) == 0
+    }
 }
 
 /// Benchmark sink: counts and drops what reaches it.
@@ -251,181 +301,206 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
     let dst_port = u16::from_ne_bytes(unsafe { *l4.dst_port });
     let packet_len = (ctx.data_end() - ctx.data()) as u64;
 
+    // One conntrack lookup first: established flows in both directions need nothing else.
+    let ct_key = CtKey {
+        src_addr,
+        dst_addr,
+        src_port,
+        dst_port,
+        proto,
+        _pad: [0; 3],
+    };
+    let closing = l4.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let new_connection = l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if let Some(entry) = LB_CONNTRACK.get_ptr_mut(&ct_key) {
+        let entry = unsafe { &mut *entry };
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        if entry.dir == CT_DIR_REPLY {
+            // Backend → client: restore the frontend as the source.
+            refresh(entry, now);
+            let (frontend_addr, frontend_port) = (entry.nat_addr, entry.nat_port);
+            unsafe {
+                rewrite(
+                    ip,
+                    &l4,
+                    &raw mut (*ip).src_addr,
+                    src_addr,
+                    frontend_addr,
+                    l4.src_port,
+                    src_port,
+                    frontend_port,
+                );
+            }
+            return Ok(redirect(ctx, eth, ip, &l4, now, Some(entry)));
+        }
+        // Client → frontend. A fresh SYN on a tuple whose flow ended, or whose backend left,
+        // picks again through the frontend; everything else sticks to the backend it had, even
+        // one no longer configured.
+        let keep = !new_connection
+            || (entry.flags & ct_flags::CLOSING == 0
+                && backend_is(entry.backend_id, entry.nat_addr, entry.nat_port));
+        if keep {
+            if closing && entry.flags & ct_flags::CLOSING == 0 {
+                entry.flags |= ct_flags::CLOSING;
+            }
+            refresh(entry, now);
+            let (backend_addr, backend_port) = (entry.nat_addr, entry.nat_port);
+            count(&LB_FRONTEND_STATS, entry.frontend_id, packet_len);
+            count(&LB_BACKEND_STATS, entry.backend_id, packet_len);
+            return Ok(forward(
+                ctx,
+                eth,
+                ip,
+                &l4,
+                (dst_addr, dst_port),
+                (backend_addr, backend_port),
+                now,
+                Some(entry),
+            ));
+        }
+    }
+
     let frontend_key = FrontendKey {
         addr: dst_addr,
         port: dst_port,
         proto,
         _pad: 0,
     };
-    if let Some(frontend) = unsafe { LB_FRONTENDS.get(&frontend_key) } {
-        let frontend = *frontend;
-        // loadBalancerSourceRanges: sources outside the service's ranges are dropped here.
-        if frontend.flags & frontend_flags::SOURCE_RANGES != 0 {
-            let key = Key::new(
-                64,
-                SourceRange {
-                    service_id_be: frontend.service_id.to_be(),
-                    addr: src_addr,
-                },
-            );
-            if LB_SOURCE_RANGES.get(&key).is_none() {
-                return Ok(xdp_action::XDP_DROP);
-            }
-        }
-        let forward_key = CtKey {
-            src_addr,
-            dst_addr,
-            src_port,
-            dst_port,
-            proto,
-            dir: CT_DIR_FORWARD,
-            _pad: [0; 2],
-        };
-        let closing = l4.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-        let new_connection = l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        let mut chosen: Option<(u32, u16, u32)> = None;
-        if let Some(entry) = LB_CONNTRACK.get_ptr_mut(&forward_key) {
-            let entry = unsafe { &mut *entry };
-            // A fresh SYN on a tuple whose flow ended, or whose backend left, picks again;
-            // everything else sticks to the backend it had, even one no longer configured.
-            let keep = !new_connection
-                || (entry.flags & ct_flags::CLOSING == 0
-                    && backend_is(entry.backend_id, entry.nat_addr, entry.nat_port));
-            if keep {
-                let now = unsafe { bpf_ktime_get_coarse_ns() };
-                if closing && entry.flags & ct_flags::CLOSING == 0 {
-                    entry.flags |= ct_flags::CLOSING;
-                }
-                if now.wrapping_sub(entry.last_seen_ns) > CT_REFRESH_NS {
-                    entry.last_seen_ns = now;
-                }
-                chosen = Some((entry.nat_addr, entry.nat_port, entry.backend_id));
-            }
-        }
-        let (backend_addr, backend_port, backend_id) = match chosen {
-            Some(c) => c,
-            None => {
-                if frontend.backend_count == 0 {
-                    return no_endpoint(ctx, proto, l4.tcp_flags, ihl);
-                }
-                let now = unsafe { bpf_ktime_get_coarse_ns() };
-                let affinity = frontend.flags & frontend_flags::AFFINITY != 0;
-                let affinity_key = AffinityKey {
-                    service_id: frontend.service_id,
-                    client: src_addr,
-                };
-                let mut backend_id = 0;
-                if affinity {
-                    if let Some(a) = unsafe { LB_AFFINITY.get(&affinity_key) } {
-                        let timeout_ns = frontend.affinity_timeout_s as u64 * 1_000_000_000;
-                        if now.wrapping_sub(a.last_seen_ns) < timeout_ns
-                            && backend_is_active(a.backend_id)
-                        {
-                            backend_id = a.backend_id;
-                        }
-                    }
-                }
-                if backend_id == 0 {
-                    let maglev_size = match LB_CONFIG.get(0) {
-                        Some(Config { maglev_size, .. }) if *maglev_size > 0 => *maglev_size,
-                        _ => return Ok(xdp_action::XDP_PASS),
-                    };
-                    let slot =
-                        flow_hash(src_addr, dst_addr, src_port, dst_port, proto) % maglev_size;
-                    backend_id = match LB_MAGLEV.get(frontend.maglev_offset + slot) {
-                        Some(id) if *id != 0 => *id,
-                        _ => return Ok(xdp_action::XDP_PASS),
-                    };
-                }
-                let backend = match LB_BACKENDS.get(backend_id) {
-                    Some(b) if b.state == backend_state::ACTIVE => *b,
-                    _ => return Ok(xdp_action::XDP_PASS),
-                };
-                if affinity {
-                    let entry = AffinityEntry {
-                        backend_id,
-                        _pad: 0,
-                        last_seen_ns: now,
-                    };
-                    let _ = LB_AFFINITY.insert(&affinity_key, &entry, 0);
-                }
-                let forward = CtEntry {
-                    nat_addr: backend.addr,
-                    nat_port: backend.port,
-                    flags: 0,
-                    _pad: 0,
-                    backend_id,
-                    frontend_id: frontend.frontend_id,
-                    last_seen_ns: now,
-                };
-                let reply_key = CtKey {
-                    src_addr: backend.addr,
-                    dst_addr: src_addr,
-                    src_port: backend.port,
-                    dst_port: src_port,
-                    proto,
-                    dir: CT_DIR_REPLY,
-                    _pad: [0; 2],
-                };
-                let reply = CtEntry {
-                    nat_addr: dst_addr,
-                    nat_port: dst_port,
-                    ..forward
-                };
-                // Reply entry first: once the forward entry exists, replies can arrive.
-                let _ = LB_CONNTRACK.insert(&reply_key, &reply, 0);
-                let _ = LB_CONNTRACK.insert(&forward_key, &forward, 0);
-                (backend.addr, backend.port, backend_id)
-            }
-        };
-        count(&LB_FRONTEND_STATS, frontend.frontend_id, packet_len);
-        count(&LB_BACKEND_STATS, backend_id, packet_len);
-        unsafe {
-            rewrite(
-                ip,
-                &l4,
-                &raw mut (*ip).dst_addr,
-                dst_addr,
-                backend_addr,
-                l4.dst_port,
-                dst_port,
-                backend_port,
-            );
-        }
-        return Ok(redirect(ctx, eth, ip, &l4));
-    }
-
-    let reply_key = CtKey {
-        src_addr,
-        dst_addr,
-        src_port,
-        dst_port,
-        proto,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
+    let Some(frontend) = (unsafe { LB_FRONTENDS.get(&frontend_key) }) else {
+        return Ok(xdp_action::XDP_PASS);
     };
-    if let Some(entry) = LB_CONNTRACK.get_ptr_mut(&reply_key) {
-        let entry = unsafe { &mut *entry };
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
-        if now.wrapping_sub(entry.last_seen_ns) > CT_REFRESH_NS {
-            entry.last_seen_ns = now;
+    let frontend = *frontend;
+    // loadBalancerSourceRanges: sources outside the service's ranges are dropped here.
+    if frontend.flags & frontend_flags::SOURCE_RANGES != 0 {
+        let key = Key::new(
+            64,
+            SourceRange {
+                service_id_be: frontend.service_id.to_be(),
+                addr: src_addr,
+            },
+        );
+        if LB_SOURCE_RANGES.get(&key).is_none() {
+            return Ok(xdp_action::XDP_DROP);
         }
-        let (frontend_addr, frontend_port) = (entry.nat_addr, entry.nat_port);
-        unsafe {
-            rewrite(
-                ip,
-                &l4,
-                &raw mut (*ip).src_addr,
-                src_addr,
-                frontend_addr,
-                l4.src_port,
-                src_port,
-                frontend_port,
-            );
-        }
-        return Ok(redirect(ctx, eth, ip, &l4));
     }
-    Ok(xdp_action::XDP_PASS)
+    if frontend.backend_count == 0 {
+        return no_endpoint(ctx, proto, l4.tcp_flags, ihl);
+    }
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let affinity = frontend.flags & frontend_flags::AFFINITY != 0;
+    let affinity_key = AffinityKey {
+        service_id: frontend.service_id,
+        client: src_addr,
+    };
+    let mut backend_id = 0;
+    if affinity {
+        if let Some(a) = unsafe { LB_AFFINITY.get(&affinity_key) } {
+            let timeout_ns = frontend.affinity_timeout_s as u64 * 1_000_000_000;
+            if now.wrapping_sub(a.last_seen_ns) < timeout_ns && backend_is_active(a.backend_id) {
+                backend_id = a.backend_id;
+            }
+        }
+    }
+    if backend_id == 0 {
+        let maglev_size = match LB_CONFIG.get(0) {
+            Some(Config { maglev_size, .. }) if *maglev_size > 0 => *maglev_size,
+            _ => return Ok(xdp_action::XDP_PASS),
+        };
+        let slot = flow_hash(src_addr, dst_addr, src_port, dst_port, proto) % maglev_size;
+        backend_id = match LB_MAGLEV.get(frontend.maglev_offset + slot) {
+            Some(id) if *id != 0 => *id,
+            _ => return Ok(xdp_action::XDP_PASS),
+        };
+    }
+    let backend = match LB_BACKENDS.get(backend_id) {
+        Some(b) if b.state == backend_state::ACTIVE => *b,
+        _ => return Ok(xdp_action::XDP_PASS),
+    };
+    if affinity {
+        let entry = AffinityEntry {
+            backend_id,
+            _pad: 0,
+            last_seen_ns: now,
+        };
+        let _ = LB_AFFINITY.insert(&affinity_key, &entry, 0);
+    }
+    let forward_entry = CtEntry {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        flags: 0,
+        dir: CT_DIR_FORWARD,
+        backend_id,
+        frontend_id: frontend.frontend_id,
+        last_seen_ns: now,
+        nexthop_ifindex: 0,
+        nexthop_macs: [0; 12],
+        nexthop_ns: 0,
+    };
+    let reply_key = CtKey {
+        src_addr: backend.addr,
+        dst_addr: src_addr,
+        src_port: backend.port,
+        dst_port: src_port,
+        proto,
+        _pad: [0; 3],
+    };
+    let reply_entry = CtEntry {
+        nat_addr: dst_addr,
+        nat_port: dst_port,
+        dir: CT_DIR_REPLY,
+        ..forward_entry
+    };
+    // Reply entry first: once the forward entry exists, replies can arrive.
+    let _ = LB_CONNTRACK.insert(&reply_key, &reply_entry, 0);
+    let _ = LB_CONNTRACK.insert(&ct_key, &forward_entry, 0);
+    count(&LB_FRONTEND_STATS, frontend.frontend_id, packet_len);
+    count(&LB_BACKEND_STATS, backend_id, packet_len);
+    // The next hop is cached in the entry from the flow's second packet on.
+    Ok(forward(
+        ctx,
+        eth,
+        ip,
+        &l4,
+        (dst_addr, dst_port),
+        (backend.addr, backend.port),
+        now,
+        None,
+    ))
+}
+
+/// Refreshes a conntrack entry's timestamp (at most once a second).
+#[inline(always)]
+fn refresh(entry: &mut CtEntry, now: u64) {
+    if now.wrapping_sub(entry.last_seen_ns) > CT_REFRESH_NS {
+        entry.last_seen_ns = now;
+    }
+}
+
+/// DNAT from the frontend to the backend, then on its way.
+#[inline(always)]
+fn forward(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    l4: &L4,
+    (dst_addr, dst_port): (u32, u16),
+    (backend_addr, backend_port): (u32, u16),
+    now: u64,
+    cache: Option<&mut CtEntry>,
+) -> u32 {
+    unsafe {
+        rewrite(
+            ip,
+            l4,
+            &raw mut (*ip).dst_addr,
+            dst_addr,
+            backend_addr,
+            l4.dst_port,
+            dst_port,
+            backend_port,
+        );
+    }
+    redirect(ctx, eth, ip, l4, now, cache)
 }
 
 const ARP_REQUEST: u16 = 1;
@@ -623,12 +698,61 @@ unsafe fn rewrite(
     }
 }
 
-/// Sends a rewritten packet on its way: FIB lookup for the next hop, TTL decrement, MAC rewrite,
-/// then XDP_TX (same interface) or bpf_redirect. Anything the FIB cannot resolve (no neighbour
-/// entry yet, forwarding off, no route) or a TTL about to expire goes to the kernel, which
-/// forwards the already-rewritten packet or answers with ICMP.
+/// Sends a rewritten packet on its way: next hop from the flow's conntrack entry while fresh,
+/// else from bpf_fib_lookup (and cached there); TTL decrement, MAC rewrite, then XDP_TX (same
+/// interface) or bpf_redirect. Anything the FIB cannot resolve (no neighbour entry yet,
+/// forwarding off, no route) or a TTL about to expire goes to the kernel, which forwards the
+/// already-rewritten packet or answers with ICMP.
 #[inline(always)]
-fn redirect(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, l4: &L4) -> u32 {
+fn redirect(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    l4: &L4,
+    now: u64,
+    cache: Option<&mut CtEntry>,
+) -> u32 {
+    let ttl = unsafe { (*ip).ttl };
+    if ttl <= 1 {
+        return xdp_action::XDP_PASS;
+    }
+    let (ifindex, macs) = match cache {
+        Some(e) if e.nexthop_ifindex != 0 && now.wrapping_sub(e.nexthop_ns) < NEXTHOP_CACHE_NS => {
+            (e.nexthop_ifindex, e.nexthop_macs)
+        }
+        cache => {
+            let Some((ifindex, macs)) = fib(ctx, ip, l4) else {
+                return xdp_action::XDP_PASS;
+            };
+            if let Some(e) = cache {
+                e.nexthop_ifindex = ifindex;
+                e.nexthop_macs = macs;
+                e.nexthop_ns = now;
+            }
+            (ifindex, macs)
+        }
+    };
+    unsafe {
+        // TTL shares a 16-bit checksum word with the protocol byte.
+        let old_word = u16::from_ne_bytes([ttl, (*ip).proto]);
+        let new_word = u16::from_ne_bytes([ttl - 1, (*ip).proto]);
+        (*ip).ttl = ttl - 1;
+        (*ip).check =
+            csum::csum_replace2(u16::from_ne_bytes((*ip).check), old_word, new_word).to_ne_bytes();
+        let e = &mut *eth;
+        e.dst_addr.copy_from_slice(&macs[..6]);
+        e.src_addr.copy_from_slice(&macs[6..]);
+    }
+    if ifindex == ctx.ingress_ifindex() as u32 {
+        xdp_action::XDP_TX
+    } else {
+        unsafe { bpf_redirect(ifindex, 0) as u32 }
+    }
+}
+
+/// The egress interface and (destination, source) MACs for the packet's (rewritten) addresses.
+#[inline(always)]
+fn fib(ctx: &XdpContext, ip: *mut Ipv4Hdr, l4: &L4) -> Option<(u32, [u8; 12])> {
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     unsafe {
         params.family = AF_INET;
@@ -650,27 +774,12 @@ fn redirect(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, l4: &L4) -> u3
         )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS {
-        return xdp_action::XDP_PASS;
+        return None;
     }
-    unsafe {
-        let ttl = (*ip).ttl;
-        if ttl <= 1 {
-            return xdp_action::XDP_PASS;
-        }
-        // TTL shares a 16-bit checksum word with the protocol byte.
-        let old_word = u16::from_ne_bytes([ttl, (*ip).proto]);
-        let new_word = u16::from_ne_bytes([ttl - 1, (*ip).proto]);
-        (*ip).ttl = ttl - 1;
-        (*ip).check =
-            csum::csum_replace2(u16::from_ne_bytes((*ip).check), old_word, new_word).to_ne_bytes();
-        (*eth).dst_addr = params.dmac;
-        (*eth).src_addr = params.smac;
-    }
-    if params.ifindex == ctx.ingress_ifindex() as u32 {
-        xdp_action::XDP_TX
-    } else {
-        unsafe { bpf_redirect(params.ifindex, 0) as u32 }
-    }
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&params.dmac);
+    macs[6..].copy_from_slice(&params.smac);
+    Some((params.ifindex, macs))
 }
 
 #[cfg(not(test))]

@@ -335,7 +335,7 @@ impl PinnedMaps {
             if k.proto != lb_common::IPPROTO_UDP {
                 continue;
             }
-            let backend = if k.dir == lb_common::CT_DIR_FORWARD {
+            let backend = if e.dir == lb_common::CT_DIR_FORWARD {
                 (e.nat_addr, e.nat_port)
             } else {
                 (k.src_addr, k.src_port)

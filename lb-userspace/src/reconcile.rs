@@ -854,7 +854,11 @@ mod tests {
         assert_eq!(report.services_added, 0);
         // The pinned table already is the one the backends call for: nothing is rewritten.
         assert_eq!(report.tables_rebuilt, 0);
-        assert!(!store.log.iter().any(|l| l.starts_with("maglev")), "{:?}", store.log);
+        assert!(
+            !store.log.iter().any(|l| l.starts_with("maglev")),
+            "{:?}",
+            store.log
+        );
         let ids_after: BTreeSet<u32> = store.frontends.values().map(|f| f.frontend_id).collect();
         assert_eq!(ids_before, ids_after);
     }

@@ -248,6 +248,45 @@ impl XdpLab {
         Ok(self.test_run(name, frame, ingress_ifindex, repeat)?.1)
     }
 
+    /// Like [`XdpLab::time`], but every repetition starts from `frame` again: `name` is
+    /// `lb_replay` (the datapath) or `lb_replay_pass` (its floor), which first write the frame
+    /// stored in LB_REPLAY back over the packet. Plain repetitions would run on the previous
+    /// repetition's output (BPF_PROG_TEST_RUN reuses the buffer), so after one DNAT every later
+    /// run would time a miss.
+    pub fn time_replayed(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<f64> {
+        use lb_common::{REPLAY_MAX, ReplayFrame, map_names};
+        anyhow::ensure!(
+            frame.len() <= REPLAY_MAX,
+            "replayed frame of {} bytes is longer than {REPLAY_MAX}",
+            frame.len()
+        );
+        let mut data = [0u8; REPLAY_MAX];
+        data[..frame.len()].copy_from_slice(frame);
+        let map = aya::maps::MapData::from_pin(self.bpffs().join(map_names::REPLAY))?;
+        let mut replay: aya::maps::Array<_, ReplayFrame> =
+            aya::maps::Array::try_from(aya::maps::Map::from_map_data(map)?)?;
+        replay.set(
+            0,
+            ReplayFrame {
+                len: frame.len() as u32,
+                data,
+            },
+            0,
+        )?;
+        let run = self.test_run(name, frame, ingress_ifindex, 1)?.0;
+        anyhow::ensure!(
+            run.verdict != 0,
+            "{name} aborted: the replay frame did not fit the packet"
+        );
+        self.time(name, frame, ingress_ifindex, repeat)
+    }
+
     pub fn maps(&self) -> &PinnedMaps {
         self.maps.as_ref().expect("maps")
     }

@@ -242,7 +242,7 @@ fn main() -> Result<()> {
             for item in maps.conntrack.iter() {
                 let (k, e) = item?;
                 out.push(json!({
-                    "direction": if k.dir == CT_DIR_FORWARD { "forward" } else { "reply" },
+                    "direction": if e.dir == CT_DIR_FORWARD { "forward" } else { "reply" },
                     "protocol": proto_name(k.proto),
                     "source": hostport(k.src_addr, k.src_port),
                     "destination": hostport(k.dst_addr, k.dst_port),
