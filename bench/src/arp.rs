@@ -38,6 +38,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
     let mut lab = XdpLab::new(Options {
         bpffs: Default::default(),
         maglev_size: 251,
+        maglev_capacity: 0,
         max_services: 1,
         max_frontends: 16,
         max_backends: 16,

@@ -18,6 +18,7 @@ use crate::{
 pub struct Settings {
     pub services: u32,
     pub endpoints: u32,
+    /// 0: automatic per-service sizes, as the agent does by default.
     pub maglev_size: u32,
     pub changes: usize,
 }
@@ -28,14 +29,14 @@ impl Settings {
             Self {
                 services: 500,
                 endpoints: 10,
-                maglev_size: 1021,
+                maglev_size: 0,
                 changes: 10,
             }
         } else {
             Self {
                 services: 10_000,
                 endpoints: 10,
-                maglev_size: 16381,
+                maglev_size: 0,
                 changes: 100,
             }
         }
@@ -201,6 +202,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
     let mut lab = XdpLab::new(Options {
         bpffs: Default::default(),
         maglev_size: s.maglev_size,
+        maglev_capacity: 0,
         max_services: n + 16,
         max_frontends: n + 16,
         max_backends: n * per + 64,
@@ -256,7 +258,10 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
         "control_plane",
         format!(
             "Control plane: {n} services × {per} endpoints (Maglev M = {}; {iptables_version})",
-            s.maglev_size
+            match s.maglev_size {
+                0 => "auto, the agent's default: 1024 for 10 endpoints".to_string(),
+                m => m.to_string(),
+            }
         ),
         &["what", "ms", "vs ours"],
     );

@@ -131,6 +131,7 @@ fn measure(s: &Settings, n: u32, modes: &[Mode]) -> Result<Vec<Sample>> {
     let mut lab = XdpLab::new(Options {
         bpffs: Default::default(),
         maglev_size: 1021,
+        maglev_capacity: 0,
         max_services: n + 16,
         max_frontends: n + 16,
         max_backends: n * PER + 64,

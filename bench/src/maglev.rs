@@ -124,6 +124,7 @@ fn program_backends_ms(n: usize) -> Result<f64> {
     let mut lab = XdpLab::new(Options {
         bpffs: Default::default(),
         maglev_size: 251,
+        maglev_capacity: 0,
         max_services: 1,
         max_frontends: 16,
         max_backends: n as u32 + 1,

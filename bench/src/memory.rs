@@ -46,6 +46,7 @@ pub fn options(services: u32, backends: u32, m: u32) -> Options {
     Options {
         bpffs: Default::default(),
         maglev_size: m,
+        maglev_capacity: 0,
         max_services: services,
         max_frontends: services,
         max_backends: backends + 1,

@@ -94,6 +94,7 @@ pub fn options(services: u32) -> Options {
     Options {
         bpffs: Default::default(),
         maglev_size: M,
+        maglev_capacity: 0,
         max_services: services + 1,
         max_frontends: services + 2,
         max_backends: 64,

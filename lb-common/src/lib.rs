@@ -62,7 +62,8 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
 pub const DEFAULT_MAGLEV_SIZE: u32 = 16_381;
 /// Spare Maglev blocks beyond one per service: a table is always written into a free block and
-/// the frontends are flipped to it afterwards, and freed blocks rest in a FIFO before reuse.
+/// the frontends are flipped to it afterwards; blocks freed by an update are reused only by the
+/// next one.
 pub const MAGLEV_SPARE_BLOCKS: u32 = 16;
 /// ClientIP session affinity entries (LRU).
 pub const DEFAULT_AFFINITY_SIZE: u32 = 65_536;
@@ -115,7 +116,7 @@ pub struct Frontend {
     pub service_id: u32,
     /// Index into the per-frontend counters.
     pub frontend_id: u32,
-    /// Start of this service's table in the flat Maglev array (block × M).
+    /// Start of this service's table in the flat Maglev array.
     pub maglev_offset: u32,
     /// Backends in the table; 0 means "no endpoint": TCP is answered with a RST, UDP dropped.
     pub backend_count: u16,
@@ -123,7 +124,8 @@ pub struct Frontend {
     pub flags: u16,
     /// sessionAffinity ClientIP timeout in seconds (with [`frontend_flags::AFFINITY`]).
     pub affinity_timeout_s: u32,
-    pub _pad: u32,
+    /// Slots M of this service's table (the flow hash is taken modulo M).
+    pub maglev_size: u32,
 }
 const _: () = assert!(size_of::<Frontend>() == 24);
 
@@ -290,10 +292,11 @@ const _: () = assert!(size_of::<Counters>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Config {
-    /// Maglev table size M (prime). Fixed for the life of the pinned maps.
+    /// Maglev table size M of every service, or 0: sized per service ([`maglev::auto_table_size`]).
+    /// Fixed for the life of the pinned maps.
     pub maglev_size: u32,
-    /// Number of Maglev blocks in the flat array.
-    pub maglev_blocks: u32,
+    /// Slots in the flat Maglev array.
+    pub maglev_capacity: u32,
 }
 const _: () = assert!(size_of::<Config>() == 8);
 

@@ -81,6 +81,49 @@ pub fn validate_table_size(m: u32) -> Result<(), MaglevError> {
     }
 }
 
+/// Automatic table sizes: powers of two, so a table that grows keeps every flow where it was
+/// (`h mod 2M mod M = h mod M`), from 256 to 65536 slots.
+pub const AUTO_MIN_SIZE: u32 = 256;
+pub const AUTO_MAX_SIZE: u32 = 65536;
+
+/// Table size for a service of `n` backends whose table has `current` slots: `current` while it
+/// keeps between 50 and 800 slots a backend (so a table resizes only when its backend count
+/// doubles or drops to an eighth), else the power of two nearest above 100 slots a backend.
+/// 100 slots a backend keep every backend within 1% of its share (balance is ±1 slot).
+pub fn auto_table_size(current: Option<u32>, n: usize) -> u32 {
+    let n = n.max(1) as u64;
+    if let Some(m) = current
+        && m.is_power_of_two()
+        && (AUTO_MIN_SIZE..=AUTO_MAX_SIZE).contains(&m)
+    {
+        let grow = (m as u64) < 50 * n && m < AUTO_MAX_SIZE;
+        let shrink = (m as u64) > 800 * n && m > AUTO_MIN_SIZE;
+        if !grow && !shrink {
+            return m;
+        }
+    }
+    (100 * n)
+        .next_power_of_two()
+        .clamp(AUTO_MIN_SIZE as u64, AUTO_MAX_SIZE as u64) as u32
+}
+
+/// A previous table carried over to `m` slots for [`update_table`]: unchanged when sizes match;
+/// when `m` is a multiple of the old size, slot `s` inherits old slot `s mod old` (every flow
+/// keeps its backend, since `h mod m mod old = h mod old`); when it is a divisor, the first `m`
+/// slots are kept; otherwise nothing carries over.
+pub fn resize(previous: &[u32], m: u32) -> Vec<u32> {
+    let (old, m) = (previous.len(), m as usize);
+    if old == 0 {
+        Vec::new()
+    } else if m % old == 0 {
+        (0..m).map(|s| previous[s % old]).collect()
+    } else if old % m == 0 {
+        previous[..m].to_vec()
+    } else {
+        Vec::new()
+    }
+}
+
 /// One backend as the table builder sees it: a stable name (e.g. "10.0.0.5:8080") and a weight
 /// (0 = never picked).
 #[derive(Debug, Clone, Copy)]
@@ -450,6 +493,31 @@ mod tests {
             );
             assert!(fresh_remove > 1.2 * remove, "a fresh rebuild moves more");
         }
+    }
+
+    #[test]
+    fn auto_size_has_hysteresis_and_growth_moves_nothing() {
+        assert_eq!(auto_table_size(None, 1), 256);
+        assert_eq!(auto_table_size(None, 10), 1024);
+        assert_eq!(auto_table_size(None, 100), 16384);
+        assert_eq!(auto_table_size(None, 5000), 65536);
+        // 1024 holds from 2 to 20 backends.
+        assert_eq!(auto_table_size(Some(1024), 2), 1024);
+        assert_eq!(auto_table_size(Some(1024), 20), 1024);
+        assert_eq!(auto_table_size(Some(1024), 21), 4096);
+        assert_eq!(auto_table_size(Some(1024), 1), 256);
+        // A fixed prime from an earlier run is replaced.
+        assert_eq!(auto_table_size(Some(16381), 10), 1024);
+
+        // Growing 1024 → 4096 with 20 → 21 backends: only the new backend's share moves.
+        let all = names(21, "");
+        let before = build_table(&backends(&all[..20]), 1024).unwrap();
+        let carried = resize(&carry(&before, &all[..20], &all), 4096);
+        let after = update_table(&backends(&all), &carried, 4096).unwrap();
+        let moved = (0..4096)
+            .filter(|&s| all[after[s] as usize - 1] != all[..20][before[s % 1024] as usize - 1])
+            .count();
+        assert!(moved <= 4096 / 21 + 1, "moved {moved}");
     }
 
     #[test]

@@ -402,11 +402,10 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         }
     }
     if backend_id == 0 {
-        let maglev_size = match LB_CONFIG.get(0) {
-            Some(Config { maglev_size, .. }) if *maglev_size > 0 => *maglev_size,
-            _ => return Ok(xdp_action::XDP_PASS),
-        };
-        let slot = flow_hash(src_addr, dst_addr, src_port, dst_port, proto) % maglev_size;
+        if frontend.maglev_size == 0 {
+            return Ok(xdp_action::XDP_PASS);
+        }
+        let slot = flow_hash(src_addr, dst_addr, src_port, dst_port, proto) % frontend.maglev_size;
         backend_id = match LB_MAGLEV.get(frontend.maglev_offset + slot) {
             Some(id) if *id != 0 => *id,
             _ => return Ok(xdp_action::XDP_PASS),

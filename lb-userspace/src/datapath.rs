@@ -21,14 +21,20 @@ use aya::{
 use lb_common::{Config, MAGLEV_SPARE_BLOCKS, ServiceName, map_names};
 use log::{info, warn};
 
-use crate::{LB_EBPF, reconcile::Limits};
+use crate::{
+    LB_EBPF,
+    reconcile::{self, Limits},
+};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, Clone)]
 pub struct Options {
     pub bpffs: PathBuf,
+    /// Every service's Maglev table size, or 0 ("auto"): sized per service by its backends.
     pub maglev_size: u32,
+    /// Slots of the flat Maglev array, or 0: [`Options::maglev_capacity`] derives it.
+    pub maglev_capacity: u32,
     pub max_services: u32,
     pub max_frontends: u32,
     pub max_backends: u32,
@@ -36,26 +42,45 @@ pub struct Options {
 }
 
 impl Options {
-    pub fn maglev_blocks(&self) -> u32 {
-        self.max_services + MAGLEV_SPARE_BLOCKS
+    /// Slots of the flat Maglev array: as given, else room for every service plus spares to
+    /// write changed tables into — at a fixed M, one block each; with automatic sizes, 1024
+    /// slots each (10 backends) plus four tables of the largest size.
+    pub fn maglev_capacity(&self) -> Result<u32> {
+        let block = 1u64 << reconcile::max_order(&self.limits_with(0));
+        let wanted = match (self.maglev_capacity, self.maglev_size) {
+            (0, 0) => (self.max_services as u64 + MAGLEV_SPARE_BLOCKS as u64) * 1024 + 4 * block,
+            (0, m) => {
+                (self.max_services as u64 + MAGLEV_SPARE_BLOCKS as u64)
+                    * (m as u64).next_power_of_two()
+            }
+            (c, _) => c as u64,
+        };
+        // Whole blocks of the largest order.
+        let slots = wanted.div_ceil(block) * block;
+        u32::try_from(slots).ok().filter(|&s| s <= 1 << 28).with_context(|| {
+            format!(
+                "a Maglev array of {slots} slots is too large; lower --max-services or --maglev-capacity"
+            )
+        })
     }
 
-    pub fn limits(&self) -> Limits {
+    fn limits_with(&self, maglev_capacity: u32) -> Limits {
         Limits {
             maglev_size: self.maglev_size,
-            maglev_blocks: self.maglev_blocks(),
+            maglev_capacity,
             max_services: self.max_services,
             max_frontends: self.max_frontends,
             max_backends: self.max_backends,
         }
     }
 
+    pub fn limits(&self) -> Result<Limits> {
+        Ok(self.limits_with(self.maglev_capacity()?))
+    }
+
     /// Expected max_entries of every map we size at load time.
     fn sizes(&self) -> Result<Vec<(&'static str, u32)>> {
-        let maglev = self
-            .maglev_blocks()
-            .checked_mul(self.maglev_size)
-            .context("--max-services × --maglev-table-size overflows the Maglev array")?;
+        let maglev = self.maglev_capacity()?;
         Ok(vec![
             (map_names::FRONTENDS, self.max_frontends),
             (map_names::BACKENDS, self.max_backends),
@@ -116,9 +141,33 @@ impl Datapath {
     /// Loads the program; maps already pinned under `opts.bpffs` are reused (traffic state and
     /// conntrack survive an agent restart), after checking they have the sizes asked for.
     pub fn load(opts: &Options) -> Result<Self> {
-        lb_common::maglev::validate_table_size(opts.maglev_size)
-            .map_err(|e| anyhow::anyhow!("--maglev-table-size: {e}"))?;
+        if opts.maglev_size != 0 {
+            lb_common::maglev::validate_table_size(opts.maglev_size)
+                .map_err(|e| anyhow::anyhow!("--maglev-table-size: {e}"))?;
+        }
         ensure_bpffs(&opts.bpffs)?;
+        let config_path = opts.bpffs.join(map_names::CONFIG);
+        if config_path.exists() {
+            let pinned: Array<_, Config> = Array::try_from(aya::maps::Map::from_map_data(
+                MapData::from_pin(&config_path)?,
+            )?)?;
+            let was = pinned.get(&0, 0)?.maglev_size;
+            if was != opts.maglev_size {
+                let name = |m: u32| {
+                    if m == 0 {
+                        "auto".to_string()
+                    } else {
+                        m.to_string()
+                    }
+                };
+                bail!(
+                    "pinned maps were made with --maglev-table-size {} but this run asks for {}; \
+                     start with the same size, or remove the old state with `lb-agent --cleanup`",
+                    name(was),
+                    name(opts.maglev_size)
+                );
+            }
+        }
         for (name, expected) in opts.sizes()? {
             let path = opts.bpffs.join(name);
             if !path.exists() {
@@ -155,7 +204,7 @@ impl Datapath {
             0,
             Config {
                 maglev_size: opts.maglev_size,
-                maglev_blocks: opts.maglev_blocks(),
+                maglev_capacity: opts.maglev_capacity()?,
             },
             0,
         )?;

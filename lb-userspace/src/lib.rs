@@ -3,6 +3,7 @@
 //! config (Kubernetes objects from YAML) → model (validated desired state) → reconcile (diff
 //! against what the maps hold, safe write order) → maps (pinned BPF maps).
 
+pub mod blocks;
 pub mod config;
 pub mod datapath;
 pub mod l2;

@@ -16,14 +16,17 @@ use lb_common::{
 use log::info;
 
 use crate::{
+    blocks::{self, Blocks},
     maps::{Datastore, Snapshot},
     model::{BackendCondition, DesiredState, Endpoint, FrontendKind, Protocol},
 };
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Every service's table size, or 0: sized per service by [`maglev::auto_table_size`].
     pub maglev_size: u32,
-    pub maglev_blocks: u32,
+    /// Slots in the flat Maglev array.
+    pub maglev_capacity: u32,
     pub max_services: u32,
     pub max_frontends: u32,
     pub max_backends: u32,
@@ -34,6 +37,7 @@ pub struct Limits {
 struct TableJob<'a> {
     name: &'a String,
     input: Vec<(Endpoint, u32)>,
+    size: u32,
     old: Option<(Vec<u32>, Vec<u32>)>,
 }
 
@@ -41,7 +45,6 @@ struct TableJob<'a> {
 /// starts from the job's old table, so only the slots the change forces move.
 fn build_tables<'a>(
     jobs: &[TableJob<'a>],
-    m: u32,
 ) -> Result<std::collections::HashMap<&'a String, Vec<u32>>> {
     let build = |job: &TableJob<'a>| -> Result<(&'a String, Vec<u32>)> {
         let names: Vec<String> = job.input.iter().map(|(e, _)| e.to_string()).collect();
@@ -55,7 +58,7 @@ fn build_tables<'a>(
             })
             .collect();
         let previous = job.old.as_ref().map_or(&[][..], |(_, p)| p.as_slice());
-        let slots = maglev::update_table(&backends, previous, m)
+        let slots = maglev::update_table(&backends, previous, job.size)
             .map_err(|e| anyhow::anyhow!("service {}: {e}", job.name))?;
         Ok((job.name, slots))
     };
@@ -80,6 +83,14 @@ fn build_tables<'a>(
 /// Services handled per round of step 3: bounds the tables held in memory at once.
 const TABLE_CHUNK: usize = 512;
 
+/// Order of the largest block the Maglev array is cut into: the largest table there can be.
+pub fn max_order(limits: &Limits) -> u32 {
+    match limits.maglev_size {
+        0 => blocks::order_of(maglev::AUTO_MAX_SIZE),
+        m => blocks::order_of(m),
+    }
+}
+
 pub fn frontend_key(e: &Endpoint) -> FrontendKey {
     FrontendKey::new(e.addr.octets(), e.port, e.proto.number())
 }
@@ -95,9 +106,11 @@ fn endpoint_of(addr: u32, port: u16, proto: u8) -> Option<Endpoint> {
 #[derive(Debug, Clone)]
 struct ServiceState {
     id: u32,
-    block: u32,
-    /// (backend, weight) pairs the table in `block` was built from; None when adopted from an
-    /// earlier run, so the first apply rebuilds it.
+    /// Where its table is in the flat Maglev array, and its size M.
+    offset: u32,
+    size: u32,
+    /// (backend, weight) pairs the table was built from; None when adopted from an earlier run,
+    /// so the first apply checks it.
     table_input: Option<Vec<(Endpoint, u32)>>,
     /// loadBalancerSourceRanges entries written for this service.
     source_ranges: Vec<(std::net::Ipv4Addr, u8)>,
@@ -148,7 +161,17 @@ pub struct Reconciler {
     free_service_ids: VecDeque<u32>,
     free_frontend_ids: VecDeque<u32>,
     free_backend_ids: VecDeque<u32>,
-    free_blocks: VecDeque<u32>,
+    blocks: Blocks,
+}
+
+/// One desired service as this apply handles it.
+struct Plan<'a> {
+    name: &'a String,
+    input: Vec<(Endpoint, u32)>,
+    /// Table size M it gets.
+    size: u32,
+    /// Its table must be (re)built: new service, other backends, other size, or adopted.
+    rebuild: bool,
 }
 
 impl Reconciler {
@@ -165,28 +188,36 @@ impl Reconciler {
             .iter()
             .map(|(id, n)| (*id, n.as_str()))
             .collect();
-        let mut services = BTreeMap::new();
+        let mut services: BTreeMap<String, ServiceState> = BTreeMap::new();
         let mut frontends = BTreeMap::new();
-        let mut used_blocks = BTreeSet::new();
+        let mut blocks = Blocks::new(limits.maglev_capacity, max_order(&limits));
         for (key, value) in &snapshot.frontends {
             let Some(endpoint) = endpoint_of(key.addr, key.port, key.proto) else {
                 continue;
             };
-            let block = value.maglev_offset / limits.maglev_size.max(1);
-            if value.service_id >= limits.max_services
-                || block >= limits.maglev_blocks
-                || value.frontend_id >= limits.max_frontends
+            if value.service_id >= limits.max_services || value.frontend_id >= limits.max_frontends
             {
                 continue;
             }
-            used_blocks.insert(block);
             let name = names.get(&value.service_id).map_or_else(
                 || format!("<service {}>", value.service_id),
                 |n| n.to_string(),
             );
+            match services.get(&name) {
+                Some(s) if s.offset == value.maglev_offset && s.size == value.maglev_size => {}
+                Some(_) => continue,
+                None => {
+                    if value.maglev_size == 0
+                        || !blocks.reserve(value.maglev_offset, value.maglev_size)
+                    {
+                        continue;
+                    }
+                }
+            }
             services.entry(name).or_insert(ServiceState {
                 id: value.service_id,
-                block,
+                offset: value.maglev_offset,
+                size: value.maglev_size,
                 table_input: None,
                 source_ranges: snapshot
                     .source_ranges
@@ -234,9 +265,7 @@ impl Reconciler {
             free_backend_ids: (1..limits.max_backends)
                 .filter(|i| !used_backends.contains(i))
                 .collect(),
-            free_blocks: (0..limits.maglev_blocks)
-                .filter(|i| !used_blocks.contains(i))
-                .collect(),
+            blocks,
             services,
             frontends,
             backends,
@@ -266,7 +295,7 @@ impl Reconciler {
     }
 
     /// Rejects a desired state that cannot be applied whole.
-    fn check_capacity(&self, desired: &DesiredState) -> Result<()> {
+    fn check_capacity(&self, desired: &DesiredState, plan: &[Plan<'_>]) -> Result<()> {
         let l = &self.limits;
         if desired.services.len() > l.max_services as usize {
             bail!(
@@ -303,19 +332,13 @@ impl Reconciler {
                 l.max_backends - 1
             );
         }
-        let new_tables = desired
-            .services
-            .iter()
-            .filter(|(name, s)| {
-                self.services
-                    .get(*name)
-                    .is_none_or(|cur| cur.table_input.as_ref() != Some(&Self::table_input(s)))
-            })
-            .count();
-        if new_tables > self.free_blocks.len() {
+        let sizes: Vec<u32> = plan.iter().filter(|p| p.rebuild).map(|p| p.size).collect();
+        if !self.blocks.fits(&sizes) {
             bail!(
-                "{new_tables} Maglev tables to write but only {} free blocks; raise --max-services",
-                self.free_blocks.len()
+                "{} Maglev tables ({} slots) to write but only {} slots free in the Maglev array; raise --maglev-capacity",
+                sizes.len(),
+                sizes.iter().map(|&s| s as u64).sum::<u64>(),
+                self.blocks.free_slots()
             );
         }
         Ok(())
@@ -329,15 +352,15 @@ impl Reconciler {
         name: &String,
         service: &crate::model::ServicePort,
         input: Vec<(Endpoint, u32)>,
+        size: u32,
         slots: Option<Vec<u32>>,
         old_table: Option<Vec<u32>>,
-        released_blocks: &mut Vec<u32>,
+        released_blocks: &mut Vec<(u32, u32)>,
         report: &mut ApplyReport,
         store: &mut impl Datastore,
     ) -> Result<()> {
-        let m = self.limits.maglev_size;
         let existing = self.services.get(name).cloned();
-        let block = match (slots, &existing) {
+        let offset = match (slots, &existing) {
             (Some(slots), _) => {
                 // Backend ids looked up once per backend, not once per slot.
                 let ids: Vec<u32> = input.iter().map(|(e, _)| self.backends[e].id).collect();
@@ -347,20 +370,20 @@ impl Reconciler {
                     .collect();
                 match (&existing, old_table) {
                     // Adopted or re-weighted to the same slots: nothing to write.
-                    (Some(old), Some(before)) if before == table => old.block,
+                    (Some(old), Some(before)) if before == table => old.offset,
                     (old, before) => {
-                        let block = self.free_blocks.pop_front().expect("capacity checked");
+                        let offset = self.blocks.alloc(size).expect("capacity checked");
                         if let (Some(old), Some(before)) = (old, before) {
-                            report.tables.push(table_change(name, &before, &table, m));
-                            released_blocks.push(old.block);
+                            report.tables.push(table_change(name, &before, &table));
+                            released_blocks.push((old.offset, old.size));
                         }
-                        store.write_maglev(block * m, &table)?;
+                        store.write_maglev(offset, &table)?;
                         report.tables_rebuilt += 1;
-                        block
+                        offset
                     }
                 }
             }
-            (None, Some(old)) => old.block,
+            (None, Some(old)) => old.offset,
             (None, None) => unreachable!("a new service always has a table built"),
         };
         let service_id = match &existing {
@@ -401,7 +424,7 @@ impl Reconciler {
             let value = Frontend {
                 service_id,
                 frontend_id,
-                maglev_offset: block * m,
+                maglev_offset: offset,
                 backend_count: input.len().min(u16::MAX as usize) as u16,
                 flags: frontend.kind.flags()
                     | if service.affinity_timeout_s > 0 {
@@ -417,7 +440,7 @@ impl Reconciler {
                         0
                     },
                 affinity_timeout_s: service.affinity_timeout_s,
-                _pad: 0,
+                maglev_size: size,
             };
             if current.is_none_or(|f| f.value != value) {
                 store.set_frontend(&frontend_key(&frontend.endpoint), &value)?;
@@ -442,7 +465,8 @@ impl Reconciler {
             name.clone(),
             ServiceState {
                 id: service_id,
-                block,
+                offset,
+                size,
                 table_input: Some(input),
                 source_ranges: service.source_ranges.clone(),
             },
@@ -455,8 +479,27 @@ impl Reconciler {
         desired: &DesiredState,
         store: &mut impl Datastore,
     ) -> Result<ApplyReport> {
-        self.check_capacity(desired)?;
-        let m = self.limits.maglev_size;
+        let mut plan: Vec<Plan<'_>> = desired
+            .services
+            .iter()
+            .map(|(name, service)| {
+                let input = Self::table_input(service);
+                let existing = self.services.get(name);
+                let size = match self.limits.maglev_size {
+                    0 => maglev::auto_table_size(existing.map(|s| s.size), input.len()),
+                    m => m,
+                };
+                let rebuild = existing
+                    .is_none_or(|s| s.size != size || s.table_input.as_ref() != Some(&input));
+                Plan {
+                    name,
+                    input,
+                    size,
+                    rebuild,
+                }
+            })
+            .collect();
+        self.check_capacity(desired, &plan)?;
         let mut report = ApplyReport::default();
         let mut released_blocks = Vec::new();
         let desired_frontends: BTreeSet<Endpoint> = desired
@@ -529,57 +572,52 @@ impl Reconciler {
             }
             store.remove_service_name(state.id)?;
             self.free_service_ids.push_back(state.id);
-            released_blocks.push(state.block);
+            released_blocks.push((state.offset, state.size));
             report.services_removed += 1;
         }
 
         // 3. Each desired service: table into a free block if its backends changed, then flip.
         //    Tables are built a chunk of services at a time, on every core, each from the table
         //    it replaces (adopted ones too, so a restart moves nothing).
-        let names: Vec<&String> = desired.services.keys().collect();
-        for chunk in names.chunks(TABLE_CHUNK) {
-            let mut inputs = std::collections::HashMap::new();
+        for chunk in plan.chunks_mut(TABLE_CHUNK) {
             let mut jobs = Vec::new();
-            for &name in chunk {
-                let input = Self::table_input(&desired.services[name]);
-                let existing = self.services.get(name);
-                if existing.is_none_or(|s| s.table_input.as_ref() != Some(&input)) {
-                    let old = match existing {
-                        Some(s) => {
-                            let ids = store.read_maglev(s.block * m, m)?;
-                            let index: std::collections::HashMap<u32, u32> = input
-                                .iter()
-                                .enumerate()
-                                .map(|(i, (e, _))| (self.backends[e].id, i as u32 + 1))
-                                .collect();
-                            let previous = ids
-                                .iter()
-                                .map(|id| index.get(id).copied().unwrap_or(0))
-                                .collect();
-                            Some((ids, previous))
-                        }
-                        None => None,
-                    };
-                    jobs.push(TableJob {
-                        name,
-                        input: input.clone(),
-                        old,
-                    });
-                }
-                inputs.insert(name, input);
+            for p in chunk.iter().filter(|p| p.rebuild) {
+                let old = match self.services.get(p.name) {
+                    Some(s) => {
+                        let ids = store.read_maglev(s.offset, s.size)?;
+                        let index: std::collections::HashMap<u32, u32> = p
+                            .input
+                            .iter()
+                            .enumerate()
+                            .map(|(i, (e, _))| (self.backends[e].id, i as u32 + 1))
+                            .collect();
+                        let previous: Vec<u32> = ids
+                            .iter()
+                            .map(|id| index.get(id).copied().unwrap_or(0))
+                            .collect();
+                        Some((ids, maglev::resize(&previous, p.size)))
+                    }
+                    None => None,
+                };
+                jobs.push(TableJob {
+                    name: p.name,
+                    input: p.input.clone(),
+                    size: p.size,
+                    old,
+                });
             }
-            let mut built = build_tables(&jobs, m)?;
+            let mut built = build_tables(&jobs)?;
             let mut old_tables: std::collections::HashMap<&String, Vec<u32>> = jobs
                 .into_iter()
                 .filter_map(|j| j.old.map(|(ids, _)| (j.name, ids)))
                 .collect();
-            for &name in chunk {
-                let service = &desired.services[name];
-                let input = inputs.remove(name).expect("every service of the chunk");
+            for p in chunk {
+                let name = p.name;
                 self.apply_service(
                     name,
-                    service,
-                    input,
+                    &desired.services[name],
+                    std::mem::take(&mut p.input),
+                    p.size,
                     built.remove(name),
                     old_tables.remove(name),
                     &mut released_blocks,
@@ -618,7 +656,9 @@ impl Reconciler {
         }
 
         // 6. Blocks no frontend points at any more.
-        self.free_blocks.extend(released_blocks);
+        for (offset, size) in released_blocks {
+            self.blocks.free(offset, size);
+        }
 
         for change in &report.tables {
             info!(
@@ -634,15 +674,15 @@ impl Reconciler {
     }
 }
 
-fn table_change(service: &str, before: &[u32], after: &[u32], m: u32) -> TableChange {
+fn table_change(service: &str, before: &[u32], after: &[u32]) -> TableChange {
     let old: BTreeSet<u32> = before.iter().copied().filter(|&i| i != 0).collect();
     let new: BTreeSet<u32> = after.iter().copied().filter(|&i| i != 0).collect();
     let removed = old.difference(&new).count() as f64 / old.len().max(1) as f64;
     let added = new.difference(&old).count() as f64 / new.len().max(1) as f64;
     TableChange {
         service: service.to_string(),
-        slots: m,
-        slots_moved: maglev::slots_moved(before, after),
+        slots: after.len() as u32,
+        slots_moved: maglev::slots_moved(&maglev::resize(before, after.len() as u32), after),
         ideal_fraction: removed.max(added),
     }
 }
@@ -673,7 +713,9 @@ mod tests {
             Ok(())
         }
         fn write_maglev(&mut self, offset: u32, table: &[u32]) -> Result<()> {
-            assert_eq!(table.len() as u32, self.m);
+            if self.m != 0 {
+                assert_eq!(table.len() as u32, self.m);
+            }
             assert!(
                 !self.frontends.values().any(|f| f.maglev_offset == offset),
                 "block at {offset} rewritten while a frontend points at it"
@@ -745,7 +787,7 @@ mod tests {
 
     const LIMITS: Limits = Limits {
         maglev_size: 251,
-        maglev_blocks: 6,
+        maglev_capacity: 6 * 256,
         max_services: 4,
         max_frontends: 8,
         max_backends: 16,
@@ -816,7 +858,7 @@ mod tests {
         let moved = change.slots_moved as f64 / change.slots as f64;
         assert!(moved < 0.36, "{moved}");
         let offsets: BTreeSet<u32> = store.frontends.values().map(|f| f.maglev_offset).collect();
-        assert_eq!(offsets, BTreeSet::from([LIMITS.maglev_size]));
+        assert_eq!(offsets, BTreeSet::from([256]), "the next 256-slot block");
         // The removed backend's entry is cleared.
         assert_eq!(store.backends[&3], Backend::default());
     }
@@ -861,6 +903,46 @@ mod tests {
         );
         let ids_after: BTreeSet<u32> = store.frontends.values().map(|f| f.frontend_id).collect();
         assert_eq!(ids_before, ids_after);
+    }
+
+    #[test]
+    fn automatic_sizes_grow_with_the_backends_without_moving_flows() {
+        let limits = Limits {
+            maglev_size: 0,
+            maglev_capacity: 1 << 17,
+            max_services: 4,
+            max_frontends: 8,
+            max_backends: 64,
+        };
+        let mut store = MemStore::default();
+        let mut r = Reconciler::new(limits);
+        let few: Vec<String> = (1..=3).map(|i| format!("10.0.0.{i}")).collect();
+        let few: Vec<&str> = few.iter().map(String::as_str).collect();
+        r.apply(&desired(&few), &mut store).unwrap();
+        let sizes: BTreeSet<u32> = store.frontends.values().map(|f| f.maglev_size).collect();
+        assert_eq!(sizes, BTreeSet::from([512]), "3 backends: 300 slots → 512");
+        let many: Vec<String> = (1..=30).map(|i| format!("10.0.0.{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let report = r.apply(&desired(&many), &mut store).unwrap();
+        let fe = *store.frontends.values().next().unwrap();
+        assert_eq!(fe.maglev_size, 4096, "30 backends: grown to 4096");
+        // Only what the 27 new backends take moves (27/30 of the flows), nothing more.
+        let change = &report.tables[0];
+        let moved = change.slots_moved as f64 / change.slots as f64;
+        assert!(moved <= 27.0 / 30.0 + 0.01, "moved {moved}");
+        // Back to 3: 4096 slots is above 800 a backend, so the table shrinks to 512 again and
+        // names exactly the 3 remaining backends.
+        r.apply(&desired(&few), &mut store).unwrap();
+        let fe = *store.frontends.values().next().unwrap();
+        assert_eq!(fe.maglev_size, 512);
+        let table = &store.maglev[&fe.maglev_offset];
+        assert_eq!(table.len(), 512);
+        let ids: BTreeSet<u32> = table.iter().copied().collect();
+        assert_eq!(ids.len(), 3);
+        assert!(
+            ids.iter()
+                .all(|id| store.backends[id].state == backend_state::ACTIVE)
+        );
     }
 
     #[test]

@@ -86,7 +86,7 @@ impl XdpLab {
             home,
             datapath: None,
             maps: None,
-            reconciler: Reconciler::new(opts.limits()),
+            reconciler: Reconciler::new(opts.limits()?),
             client_ifindex: 0,
             backend_ifindex: 0,
         };

@@ -34,6 +34,7 @@ fn options() -> Options {
     Options {
         bpffs: Default::default(),
         maglev_size: M,
+        maglev_capacity: 0,
         max_services: 16,
         max_frontends: 64,
         max_backends: 64,

@@ -10,8 +10,7 @@ use std::{
 use anyhow::{Context, Result};
 use clap::Parser;
 use lb_common::{
-    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS,
-    DEFAULT_MAX_SERVICES,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES,
 };
 use lb_userspace::{
     config::{self, BuildContext},
@@ -37,9 +36,15 @@ struct Args {
     /// bpffs directory for pinned maps and links (mounted if it is not a bpffs yet).
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     bpffs: PathBuf,
-    /// Maglev table size M per service: a prime such as 251, 1021, 4093, 16381, 65521, 131071.
-    #[arg(long, default_value_t = DEFAULT_MAGLEV_SIZE)]
+    /// Maglev table size M: "auto" sizes each service's table by its backends (a power of two
+    /// near 100 slots a backend, 256 to 65536, grown without moving flows); a number (a prime
+    /// such as 16381 or a power of two, 251 to 1048576) gives every service that size, as
+    /// Cilium's maglev.tableSize does.
+    #[arg(long, default_value = "auto", value_parser = parse_table_size)]
     maglev_table_size: u32,
+    /// Slots of the flat Maglev array shared by all tables (default: enough for --max-services).
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
+    maglev_capacity: u32,
     /// Service ports (one Maglev table each) the maps can hold.
     #[arg(long, default_value_t = DEFAULT_MAX_SERVICES)]
     max_services: u32,
@@ -210,11 +215,24 @@ fn fingerprint(path: &Path) -> Option<(i64, i64, u64, u64)> {
     Some((m.mtime(), m.mtime_nsec(), m.size(), m.ino()))
 }
 
+/// `--maglev-table-size`: "auto" (0) or a size the builder accepts.
+fn parse_table_size(v: &str) -> Result<u32, String> {
+    if v == "auto" {
+        return Ok(0);
+    }
+    let m: u32 = v
+        .parse()
+        .map_err(|_| format!("{v:?} is neither \"auto\" nor a number"))?;
+    lb_common::maglev::validate_table_size(m).map_err(|e| e.to_string())?;
+    Ok(m)
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
     let opts = Options {
+        maglev_capacity: args.maglev_capacity,
         bpffs: args.bpffs.clone(),
         maglev_size: args.maglev_table_size,
         max_services: args.max_services,
@@ -255,7 +273,7 @@ async fn main() -> Result<()> {
 
     let mut datapath = Datapath::load(&opts)?;
     let maps = PinnedMaps::open(&opts.bpffs, true)?;
-    let reconciler = Reconciler::adopt(opts.limits(), &maps.snapshot()?);
+    let reconciler = Reconciler::adopt(opts.limits()?, &maps.snapshot()?);
     let announcer = Announcer::new(interfaces, &maps.arp)?;
     let mut agent = Agent {
         config: args.config.clone(),

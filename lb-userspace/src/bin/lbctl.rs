@@ -131,15 +131,15 @@ fn frontends(maps: &PinnedMaps) -> Result<Vec<(FrontendKey, Frontend)>> {
 }
 
 /// Backend ids in a frontend's Maglev table with their slot counts.
-fn table_shares(maps: &PinnedMaps, frontend: &Frontend, m: u32) -> Result<BTreeMap<u32, usize>> {
+fn table_shares(maps: &PinnedMaps, frontend: &Frontend) -> Result<BTreeMap<u32, usize>> {
     let mut shares = BTreeMap::new();
     if frontend.backend_count == 0 {
         return Ok(shares);
     }
-    for id in maps
-        .maglev
-        .read(frontend.maglev_offset as usize, m as usize)?
-    {
+    for id in maps.maglev.read(
+        frontend.maglev_offset as usize,
+        frontend.maglev_size as usize,
+    )? {
         if id != 0 {
             *shares.entry(id).or_insert(0) += 1;
         }
@@ -158,7 +158,6 @@ fn main() -> Result<()> {
         return pools(&args);
     }
     let maps = PinnedMaps::open(&args.bpffs, false)?;
-    let config = maps.config()?;
     let json_out = args.output == Output::Json;
     match &args.command {
         Command::Services => {
@@ -166,7 +165,7 @@ fn main() -> Result<()> {
             let mut out = Vec::new();
             for (key, fe) in frontends(&maps)? {
                 let mut backends: Vec<String> = Vec::new();
-                for id in table_shares(&maps, &fe, config.maglev_size)?.keys() {
+                for id in table_shares(&maps, &fe)?.keys() {
                     backends.push(backend_name(&maps, *id)?);
                 }
                 backends.sort();
@@ -346,10 +345,10 @@ fn main() -> Result<()> {
                 .frontends
                 .get(&key, 0)
                 .with_context(|| format!("frontend {} not found", frontend_name(&key)))?;
-            let m = config.maglev_size;
+            let m = fe.maglev_size;
             let mut rows = Vec::new();
             let mut out = Vec::new();
-            for (id, slots) in table_shares(&maps, &fe, m)? {
+            for (id, slots) in table_shares(&maps, &fe)? {
                 let name = backend_name(&maps, id)?;
                 let share = slots as f64 / m as f64;
                 rows.push(vec![
