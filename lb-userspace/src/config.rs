@@ -210,34 +210,56 @@ pub struct ConfigCache {
 }
 
 impl ConfigCache {
-    /// Parses every YAML document of `text`.
+    /// Parses every YAML document of `text`; documents not seen before are parsed on all cores.
     pub fn parse(&mut self, text: &str) -> Result<Objects, ConfigErrors> {
         use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
         let hasher = BuildHasherDefault::<DefaultHasher>::default();
+        let docs: Vec<(u64, &str)> = split_documents(text)
+            .into_iter()
+            .map(|t| (hasher.hash_one(t), t))
+            .collect();
+        let fresh: Vec<usize> = (0..docs.len())
+            .filter(|&i| !self.docs.contains_key(&docs[i].0))
+            .collect();
+        let parse = |i: &usize| (*i, parse_document(docs[*i].1, &format!("document {}", i + 1)));
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut parsed_fresh: HashMap<usize, Result<Parsed, ConfigError>> =
+            if fresh.len() < 64 || threads == 1 {
+                fresh.iter().map(parse).collect()
+            } else {
+                std::thread::scope(|scope| {
+                    let workers: Vec<_> = fresh
+                        .chunks(fresh.len().div_ceil(threads))
+                        .map(|part| scope.spawn(move || part.iter().map(parse).collect::<Vec<_>>()))
+                        .collect();
+                    workers
+                        .into_iter()
+                        .flat_map(|w| w.join().expect("parser thread panicked"))
+                        .collect()
+                })
+            };
         let mut objects = Objects::default();
         let mut errors = Vec::new();
         let mut seen = HashMap::new();
-        for (index, text) in split_documents(text).into_iter().enumerate() {
-            let doc = format!("document {}", index + 1);
-            let key = hasher.hash_one(text);
-            let parsed = match self.docs.get(&key) {
-                Some(p) => p.clone(),
-                None => match parse_document(text, &doc) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        errors.push(e);
-                        continue;
-                    }
-                },
+        for (index, (key, _)) in docs.iter().enumerate() {
+            let parsed = match parsed_fresh.remove(&index) {
+                Some(Ok(p)) => p,
+                Some(Err(e)) => {
+                    errors.push(e);
+                    continue;
+                }
+                None => self.docs[key].clone(),
             };
-            seen.insert(key, parsed.clone());
+            seen.insert(*key, parsed.clone());
             match parsed {
                 Parsed::Null => {}
                 Parsed::Service(s) => objects.services.push(s),
                 Parsed::Slice(s) => objects.endpoint_slices.push(s),
                 Parsed::Pool(kind, p) => objects.pools.push((kind, p)),
                 Parsed::Policy(kind, p) => objects.l2_policies.push((kind, p)),
-                Parsed::Ignored(what) => objects.ignored.push(format!("{doc}: {what}")),
+                Parsed::Ignored(what) => objects
+                    .ignored
+                    .push(format!("document {}: {what}", index + 1)),
             }
         }
         self.docs = seen;
@@ -421,9 +443,17 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
             };
             let local = ctx.node_name.is_some() && endpoint.node_name == ctx.node_name;
             for (j, address) in endpoint.addresses.iter().enumerate() {
-                match parse_ipv4(address, &object, &format!("endpoints[{i}].addresses[{j}]")) {
+                // The field name is only formatted for an error (100k addresses in a big file).
+                match address.parse::<Ipv4Addr>() {
                     Ok(a) => parsed.endpoints.push((a, condition, local)),
-                    Err(e) => errors.push(e),
+                    Err(_) => match parse_ipv4(
+                        address,
+                        &object,
+                        &format!("endpoints[{i}].addresses[{j}]"),
+                    ) {
+                        Ok(a) => parsed.endpoints.push((a, condition, local)),
+                        Err(e) => errors.push(e),
+                    },
                 }
             }
         }

@@ -6,7 +6,7 @@
 //!
 //! Capacity is checked before the first write: a state that does not fit is rejected whole.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use anyhow::{Result, bail};
 use lb_common::{
@@ -114,6 +114,8 @@ struct ServiceState {
     table_input: Option<Vec<(Endpoint, u32)>>,
     /// loadBalancerSourceRanges entries written for this service.
     source_ranges: Vec<(std::net::Ipv4Addr, u8)>,
+    /// The service as last applied: an equal one next time needs no work at all.
+    applied: Option<crate::model::ServicePort>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -172,6 +174,8 @@ struct Plan<'a> {
     size: u32,
     /// Its table must be (re)built: new service, other backends, other size, or adopted.
     rebuild: bool,
+    /// Exactly as last applied: nothing to write.
+    unchanged: bool,
 }
 
 impl Reconciler {
@@ -219,6 +223,7 @@ impl Reconciler {
                 offset: value.maglev_offset,
                 size: value.maglev_size,
                 table_input: None,
+                applied: None,
                 source_ranges: snapshot
                     .source_ranges
                     .iter()
@@ -304,7 +309,7 @@ impl Reconciler {
                 l.max_services
             );
         }
-        let mut frontends: BTreeSet<Endpoint> = self.frontends.keys().copied().collect();
+        let mut frontends: HashSet<Endpoint> = self.frontends.keys().copied().collect();
         frontends.extend(
             desired
                 .services
@@ -318,7 +323,7 @@ impl Reconciler {
                 l.max_frontends
             );
         }
-        let mut backends: BTreeSet<Endpoint> = self.backends.keys().copied().collect();
+        let mut backends: HashSet<Endpoint> = self.backends.keys().copied().collect();
         backends.extend(
             desired
                 .services
@@ -469,6 +474,7 @@ impl Reconciler {
                 size,
                 table_input: Some(input),
                 source_ranges: service.source_ranges.clone(),
+                applied: Some(service.clone()),
             },
         );
         Ok(())
@@ -483,8 +489,17 @@ impl Reconciler {
             .services
             .iter()
             .map(|(name, service)| {
-                let input = Self::table_input(service);
                 let existing = self.services.get(name);
+                if existing.is_some_and(|s| s.applied.as_ref() == Some(service)) {
+                    return Plan {
+                        name,
+                        input: Vec::new(),
+                        size: 0,
+                        rebuild: false,
+                        unchanged: true,
+                    };
+                }
+                let input = Self::table_input(service);
                 let size = match self.limits.maglev_size {
                     0 => maglev::auto_table_size(existing.map(|s| s.size), input.len()),
                     m => m,
@@ -496,20 +511,21 @@ impl Reconciler {
                     input,
                     size,
                     rebuild,
+                    unchanged: false,
                 }
             })
             .collect();
         self.check_capacity(desired, &plan)?;
         let mut report = ApplyReport::default();
         let mut released_blocks = Vec::new();
-        let desired_frontends: BTreeSet<Endpoint> = desired
+        let desired_frontends: HashSet<Endpoint> = desired
             .services
             .values()
             .flat_map(|s| s.frontends.iter().map(|f| f.endpoint))
             .collect();
 
         // 1. Backends: new ones get an id and their entry before any table can point at them.
-        let mut wanted: BTreeMap<Endpoint, u8> = BTreeMap::new();
+        let mut wanted: HashMap<Endpoint, u8> = HashMap::with_capacity(self.backends.len());
         for service in desired.services.values() {
             for b in &service.backends {
                 let state = match b.condition {
@@ -522,27 +538,31 @@ impl Reconciler {
                 }
             }
         }
+        let value = |endpoint: &Endpoint, state: u8| Backend {
+            addr: ipv4_to_wire(endpoint.addr.octets()),
+            port: port_to_wire(endpoint.port),
+            proto: endpoint.proto.number(),
+            state,
+        };
+        let mut new = Vec::new();
         for (endpoint, &state) in &wanted {
-            let value = Backend {
-                addr: ipv4_to_wire(endpoint.addr.octets()),
-                port: port_to_wire(endpoint.port),
-                proto: endpoint.proto.number(),
-                state,
-            };
             match self.backends.get_mut(endpoint) {
                 Some(current) if current.state == state => {}
                 Some(current) => {
-                    store.set_backend(current.id, &value)?;
+                    store.set_backend(current.id, &value(endpoint, state))?;
                     current.state = state;
                 }
-                None => {
-                    let id = self.free_backend_ids.pop_front().expect("capacity checked");
-                    store.reset_backend_stats(id)?;
-                    store.set_backend(id, &value)?;
-                    self.backends.insert(*endpoint, BackendState { id, state });
-                    report.backends_added += 1;
-                }
+                None => new.push((*endpoint, state)),
             }
+        }
+        // New ids in endpoint order, so they do not depend on hashing.
+        new.sort_unstable();
+        for (endpoint, state) in new {
+            let id = self.free_backend_ids.pop_front().expect("capacity checked");
+            store.reset_backend_stats(id)?;
+            store.set_backend(id, &value(&endpoint, state))?;
+            self.backends.insert(endpoint, BackendState { id, state });
+            report.backends_added += 1;
         }
 
         // 2. Services that are gone: their frontends go (unless another service takes the
@@ -611,7 +631,7 @@ impl Reconciler {
                 .into_iter()
                 .filter_map(|j| j.old.map(|(ids, _)| (j.name, ids)))
                 .collect();
-            for p in chunk {
+            for p in chunk.iter_mut().filter(|p| !p.unchanged) {
                 let name = p.name;
                 self.apply_service(
                     name,
