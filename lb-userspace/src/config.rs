@@ -5,7 +5,7 @@
 //! all-or-nothing: one bad object rejects the whole file and the last good state stays in force.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
@@ -77,7 +77,7 @@ pub struct Objects {
 }
 
 /// What building the desired state needs besides the objects.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BuildContext {
     /// Addresses NodePort frontends listen on.
     pub node_ips: Vec<Ipv4Addr>,
@@ -207,6 +207,11 @@ fn parse_document(text: &str, doc: &str) -> Result<Parsed, ConfigError> {
 #[derive(Default)]
 pub struct ConfigCache {
     docs: HashMap<u64, Parsed>,
+    /// Objects, context and desired state of the last successful build: a reload that only
+    /// changed EndpointSlices rebuilds just their Services on top of it.
+    last: Option<(Objects, BuildContext, DesiredState)>,
+    /// Reloads that took that shortcut.
+    pub incremental_builds: u64,
 }
 
 impl ConfigCache {
@@ -221,7 +226,12 @@ impl ConfigCache {
         let fresh: Vec<usize> = (0..docs.len())
             .filter(|&i| !self.docs.contains_key(&docs[i].0))
             .collect();
-        let parse = |i: &usize| (*i, parse_document(docs[*i].1, &format!("document {}", i + 1)));
+        let parse = |i: &usize| {
+            (
+                *i,
+                parse_document(docs[*i].1, &format!("document {}", i + 1)),
+            )
+        };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut parsed_fresh: HashMap<usize, Result<Parsed, ConfigError>> =
             if fresh.len() < 64 || threads == 1 {
@@ -1053,8 +1063,150 @@ pub fn load_cached(
     ctx: &BuildContext,
 ) -> Result<(DesiredState, Objects), ConfigErrors> {
     let objects = cache.parse(text)?;
-    let desired = build_desired(&objects, ctx)?;
+    let desired = match cache.last.take() {
+        Some((old, old_ctx, mut previous)) if old_ctx == *ctx => {
+            match endpoint_slice_change(&old, &objects, &previous, ctx) {
+                Some(affected) => match rebuild_services(&mut previous, &objects, &affected, ctx) {
+                    Some(Ok(())) => {
+                        cache.incremental_builds += 1;
+                        previous
+                    }
+                    Some(Err(e)) => {
+                        cache.last = Some((old, old_ctx, previous));
+                        return Err(e);
+                    }
+                    None => build_desired(&objects, ctx)?,
+                },
+                None => build_desired(&objects, ctx)?,
+            }
+        }
+        _ => build_desired(&objects, ctx)?,
+    };
+    cache.last = Some((objects.clone(), ctx.clone(), desired.clone()));
     Ok((desired, objects))
+}
+
+/// The Services ("namespace/name") whose EndpointSlices differ between `old` and `new`, when
+/// nothing else does (documents the cache did not reparse are the same `Arc`s) and each of them
+/// with a LoadBalancer allocation holds it as a hint (so it gets the same address alone);
+/// None otherwise.
+fn endpoint_slice_change(
+    old: &Objects,
+    new: &Objects,
+    previous: &DesiredState,
+    ctx: &BuildContext,
+) -> Option<BTreeSet<String>> {
+    fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
+    }
+    fn same_named<T>(a: &[(String, Arc<T>)], b: &[(String, Arc<T>)]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x.0 == y.0 && Arc::ptr_eq(&x.1, &y.1))
+    }
+    if !same(&old.services, &new.services)
+        || !same_named(&old.pools, &new.pools)
+        || !same_named(&old.l2_policies, &new.l2_policies)
+        || old.ignored != new.ignored
+    {
+        return None;
+    }
+    let ptrs = |list: &[Arc<EndpointSlice>]| -> HashSet<*const EndpointSlice> {
+        list.iter().map(Arc::as_ptr).collect()
+    };
+    let (old_ptrs, new_ptrs) = (ptrs(&old.endpoint_slices), ptrs(&new.endpoint_slices));
+    let mut affected = BTreeSet::new();
+    let changed = old
+        .endpoint_slices
+        .iter()
+        .filter(|s| !new_ptrs.contains(&Arc::as_ptr(s)))
+        .chain(
+            new.endpoint_slices
+                .iter()
+                .filter(|s| !old_ptrs.contains(&Arc::as_ptr(s))),
+        );
+    for slice in changed {
+        let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
+        // A slice without its Service label is an error the full build reports.
+        let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+        affected.insert(format!("{namespace}/{service}"));
+    }
+    if previous.lb_status.iter().any(|s| {
+        affected.contains(&s.service)
+            && (s.error.is_some() || ctx.lb_hints.get(&s.service) != Some(&s.addresses))
+    }) {
+        return None;
+    }
+    Some(affected)
+}
+
+/// Rebuilds the service ports of the `affected` Services in `desired` from their Service and
+/// EndpointSlices alone. LoadBalancer allocation does not depend on endpoints, so each keeps
+/// its address (the hints hold it) and the allocation status stays as it was. None when the
+/// result cannot be merged safely (an address announced for another Service too).
+fn rebuild_services(
+    desired: &mut DesiredState,
+    objects: &Objects,
+    affected: &BTreeSet<String>,
+    ctx: &BuildContext,
+) -> Option<Result<(), ConfigErrors>> {
+    let key = |namespace: Option<&String>, name: &str| {
+        format!("{}/{name}", namespace.map_or("default", String::as_str))
+    };
+    let subset = Objects {
+        services: objects
+            .services
+            .iter()
+            .filter(|s| {
+                s.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| affected.contains(&key(s.metadata.namespace.as_ref(), n)))
+            })
+            .cloned()
+            .collect(),
+        endpoint_slices: objects
+            .endpoint_slices
+            .iter()
+            .filter(|s| {
+                s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    .is_some_and(|n| affected.contains(&key(s.metadata.namespace.as_ref(), n)))
+            })
+            .cloned()
+            .collect(),
+        pools: objects.pools.clone(),
+        l2_policies: objects.l2_policies.clone(),
+        ignored: Vec::new(),
+    };
+    let rebuilt = match build_desired(&subset, ctx) {
+        Ok(d) => d,
+        Err(e) => return Some(Err(e)),
+    };
+    let mut announcements = desired.announcements.clone();
+    announcements.retain(|_, a| !affected.contains(&a.service));
+    for (addr, a) in rebuilt.announcements {
+        if announcements.insert(addr, a).is_some() {
+            return None;
+        }
+    }
+    desired.announcements = announcements;
+    for service in affected {
+        // Service ports are "namespace/name:port" (and "…@local"): ':' + 1 is ';'.
+        let ports: Vec<String> = desired
+            .services
+            .range(format!("{service}:")..format!("{service};"))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for port in ports {
+            desired.services.remove(&port);
+        }
+    }
+    desired.services.extend(rebuilt.services);
+    Some(Ok(()))
 }
 
 #[cfg(test)]
@@ -1336,6 +1488,63 @@ spec: {interfaces: ["eth0"]}
         assert_eq!(
             load_str(nodeport).unwrap_err().to_string(),
             "Service default/np: spec.ports[0].nodePort: required (an API server allocates it; a config file must set it)"
+        );
+    }
+
+    /// An EndpointSlice-only change rebuilds just its Service, with the same result as a full
+    /// build; a Service with an allocation problem takes the full build.
+    #[test]
+    fn endpoint_change_rebuilds_only_its_service_and_equals_a_full_build() {
+        let slice = |service: &str, addr: &str| {
+            format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-1, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n- addresses: [\"{addr}\"]\n"
+            )
+        };
+        let text = |web: &str, pinned: &str| {
+            format!(
+                "{GOOD}---{LB}{}{}",
+                slice("web", web),
+                slice("pinned", pinned)
+            )
+        };
+        let mut cache = ConfigCache::default();
+        let mut ctx = BuildContext {
+            node_ips: vec![Ipv4Addr::new(10, 0, 0, 254)],
+            ..Default::default()
+        };
+        let (first, _) = load_cached(&mut cache, &text("10.0.5.1", "10.0.6.1"), &ctx).unwrap();
+        // The agent hands the allocations back as hints.
+        ctx.lb_hints = first
+            .lb_status
+            .iter()
+            .filter(|s| s.error.is_none())
+            .map(|s| (s.service.clone(), s.addresses.clone()))
+            .collect();
+        load_cached(&mut cache, &text("10.0.5.1", "10.0.6.1"), &ctx).unwrap();
+        assert_eq!(cache.incremental_builds, 0, "the hints changed: full build");
+        // "pinned" lost its requested address to "clash" (which sorts first): no shortcut.
+        for (web, pinned, incremental) in [
+            ("10.0.5.2", "10.0.6.1", 1),
+            ("10.0.5.3", "10.0.6.1", 2),
+            ("10.0.5.3", "10.0.6.2", 2),
+        ] {
+            let t = text(web, pinned);
+            let (desired, _) = load_cached(&mut cache, &t, &ctx).unwrap();
+            let full = build_desired(&parse_objects(&t).unwrap(), &ctx).unwrap();
+            assert_eq!(desired, full, "web {web}, pinned {pinned}");
+            assert_eq!(
+                cache.incremental_builds, incremental,
+                "web {web}, pinned {pinned}"
+            );
+        }
+        // A bad address in the changed slice is still an error, and the cache recovers.
+        let e = load_cached(&mut cache, &text("10.0.5.x", "10.0.6.2"), &ctx).unwrap_err();
+        assert!(e.to_string().contains("EndpointSlice default/web-1"), "{e}");
+        let t = text("10.0.5.4", "10.0.6.2");
+        let (desired, _) = load_cached(&mut cache, &t, &ctx).unwrap();
+        assert_eq!(
+            desired,
+            build_desired(&parse_objects(&t).unwrap(), &ctx).unwrap()
         );
     }
 

@@ -164,6 +164,51 @@ pub struct Reconciler {
     free_frontend_ids: VecDeque<u32>,
     free_backend_ids: VecDeque<u32>,
     blocks: Blocks,
+    /// How many applied services use each backend, active and terminating; None until an apply
+    /// succeeded (adopted state has no record of which service used what).
+    refs: Option<HashMap<Endpoint, (u32, u32)>>,
+}
+
+/// What an apply has to look at beyond the services it rebuilds: every backend and frontend
+/// (a full pass), or only those of services that changed.
+struct Scope {
+    /// Backends to (re)write with their state, or to remove (None).
+    backends: HashMap<Endpoint, Option<u8>>,
+    /// Frontends that may have become stale.
+    frontend_candidates: Vec<Endpoint>,
+    /// Frontends some desired service has (all of them, or all that changed services have).
+    wanted_frontends: HashSet<Endpoint>,
+    /// Reference counts after this apply: all of them (full pass), or the new counts of the
+    /// backends it touched ((0, 0): gone).
+    refs: HashMap<Endpoint, (u32, u32)>,
+    full: bool,
+}
+
+fn backend_state_of(refs: (u32, u32)) -> Option<u8> {
+    match refs {
+        (0, 0) => None,
+        (0, _) => Some(backend_state::TERMINATING),
+        _ => Some(backend_state::ACTIVE),
+    }
+}
+
+fn count_refs(
+    refs: &mut HashMap<Endpoint, (u32, u32)>,
+    service: &crate::model::ServicePort,
+    add: bool,
+) {
+    for b in &service.backends {
+        let r = refs.entry(b.endpoint).or_insert((0, 0));
+        let field = match b.condition {
+            BackendCondition::Active => &mut r.0,
+            BackendCondition::Terminating => &mut r.1,
+        };
+        if add {
+            *field += 1;
+        } else {
+            *field -= 1;
+        }
+    }
 }
 
 /// One desired service as this apply handles it.
@@ -271,6 +316,7 @@ impl Reconciler {
                 .filter(|i| !used_backends.contains(i))
                 .collect(),
             blocks,
+            refs: None,
             services,
             frontends,
             backends,
@@ -300,7 +346,94 @@ impl Reconciler {
     }
 
     /// Rejects a desired state that cannot be applied whole.
-    fn check_capacity(&self, desired: &DesiredState, plan: &[Plan<'_>]) -> Result<()> {
+    /// The backends and frontends this apply must look at. With reference counts from the last
+    /// apply, only those of changed, added and removed services (an endpoint change touches one
+    /// service's, not 100k); otherwise all of them.
+    fn scope(
+        &self,
+        desired: &DesiredState,
+        plan: &[Plan<'_>],
+        removed: &[String],
+        refs: Option<&HashMap<Endpoint, (u32, u32)>>,
+    ) -> Scope {
+        let changed: Vec<&String> = plan
+            .iter()
+            .filter(|p| !p.unchanged)
+            .map(|p| p.name)
+            .collect();
+        if let Some(all) = refs {
+            // Counts of the touched backends only, starting from the current ones.
+            let mut refs: HashMap<Endpoint, (u32, u32)> = HashMap::new();
+            let mut touched = HashSet::new();
+            let mut frontend_candidates = Vec::new();
+            let old = changed
+                .iter()
+                .map(|n| n.as_str())
+                .chain(removed.iter().map(String::as_str))
+                .filter_map(|n| self.services.get(n)?.applied.as_ref());
+            for service in old
+                .clone()
+                .chain(changed.iter().map(|n| &desired.services[*n]))
+            {
+                for b in &service.backends {
+                    refs.entry(b.endpoint)
+                        .or_insert_with(|| all.get(&b.endpoint).copied().unwrap_or((0, 0)));
+                }
+            }
+            for service in old {
+                count_refs(&mut refs, service, false);
+                touched.extend(service.backends.iter().map(|b| b.endpoint));
+                frontend_candidates.extend(service.frontends.iter().map(|f| f.endpoint));
+            }
+            let mut wanted_frontends = HashSet::new();
+            for name in &changed {
+                let service = &desired.services[*name];
+                count_refs(&mut refs, service, true);
+                touched.extend(service.backends.iter().map(|b| b.endpoint));
+                wanted_frontends.extend(service.frontends.iter().map(|f| f.endpoint));
+            }
+            let backends = touched
+                .into_iter()
+                .map(|e| (e, refs.get(&e).copied().and_then(backend_state_of)))
+                .collect();
+            return Scope {
+                backends,
+                frontend_candidates,
+                wanted_frontends,
+                refs,
+                full: false,
+            };
+        }
+        let mut refs = HashMap::with_capacity(self.backends.len());
+        for service in desired.services.values() {
+            count_refs(&mut refs, service, true);
+        }
+        let mut backends: HashMap<Endpoint, Option<u8>> = refs
+            .iter()
+            .map(|(e, r)| (*e, backend_state_of(*r)))
+            .collect();
+        for e in self.backends.keys() {
+            backends.entry(*e).or_insert(None);
+        }
+        Scope {
+            backends,
+            frontend_candidates: self.frontends.keys().copied().collect(),
+            wanted_frontends: desired
+                .services
+                .values()
+                .flat_map(|s| s.frontends.iter().map(|f| f.endpoint))
+                .collect(),
+            refs,
+            full: true,
+        }
+    }
+
+    fn check_capacity(
+        &self,
+        desired: &DesiredState,
+        plan: &[Plan<'_>],
+        scope: &Scope,
+    ) -> Result<()> {
         let l = &self.limits;
         if desired.services.len() > l.max_services as usize {
             bail!(
@@ -309,31 +442,28 @@ impl Reconciler {
                 l.max_services
             );
         }
-        let mut frontends: HashSet<Endpoint> = self.frontends.keys().copied().collect();
-        frontends.extend(
-            desired
-                .services
-                .values()
-                .flat_map(|s| s.frontends.iter().map(|f| f.endpoint)),
-        );
-        if frontends.len() > l.max_frontends as usize {
+        // Old and new are both in the maps for a moment during the update.
+        let frontends = self.frontends.len()
+            + scope
+                .wanted_frontends
+                .iter()
+                .filter(|e| !self.frontends.contains_key(e))
+                .count();
+        if frontends > l.max_frontends as usize {
             bail!(
-                "{} frontends (old and new during the update) exceed the capacity of {}",
-                frontends.len(),
+                "{frontends} frontends (old and new during the update) exceed the capacity of {}",
                 l.max_frontends
             );
         }
-        let mut backends: HashSet<Endpoint> = self.backends.keys().copied().collect();
-        backends.extend(
-            desired
-                .services
-                .values()
-                .flat_map(|s| s.backends.iter().map(|b| b.endpoint)),
-        );
-        if backends.len() >= l.max_backends as usize {
+        let backends = self.backends.len()
+            + scope
+                .backends
+                .iter()
+                .filter(|(e, s)| s.is_some() && !self.backends.contains_key(e))
+                .count();
+        if backends >= l.max_backends as usize {
             bail!(
-                "{} backends (old and new during the update) exceed the capacity of {}",
-                backends.len(),
+                "{backends} backends (old and new during the update) exceed the capacity of {}",
                 l.max_backends - 1
             );
         }
@@ -515,29 +645,24 @@ impl Reconciler {
                 }
             })
             .collect();
-        self.check_capacity(desired, &plan)?;
+        let removed: Vec<String> = self
+            .services
+            .keys()
+            .filter(|n| !desired.services.contains_key(*n))
+            .cloned()
+            .collect();
+        // Taken while the maps change: a failure half-way leaves the counts unknown.
+        let refs = self.refs.take();
+        let scope = self.scope(desired, &plan, &removed, refs.as_ref());
+        if let Err(e) = self.check_capacity(desired, &plan, &scope) {
+            self.refs = refs;
+            return Err(e);
+        }
         let mut report = ApplyReport::default();
         let mut released_blocks = Vec::new();
-        let desired_frontends: HashSet<Endpoint> = desired
-            .services
-            .values()
-            .flat_map(|s| s.frontends.iter().map(|f| f.endpoint))
-            .collect();
+        let desired_frontends = &scope.wanted_frontends;
 
         // 1. Backends: new ones get an id and their entry before any table can point at them.
-        let mut wanted: HashMap<Endpoint, u8> = HashMap::with_capacity(self.backends.len());
-        for service in desired.services.values() {
-            for b in &service.backends {
-                let state = match b.condition {
-                    BackendCondition::Active => backend_state::ACTIVE,
-                    BackendCondition::Terminating => backend_state::TERMINATING,
-                };
-                let entry = wanted.entry(b.endpoint).or_insert(state);
-                if state == backend_state::ACTIVE {
-                    *entry = state;
-                }
-            }
-        }
         let value = |endpoint: &Endpoint, state: u8| Backend {
             addr: ipv4_to_wire(endpoint.addr.octets()),
             port: port_to_wire(endpoint.port),
@@ -545,7 +670,7 @@ impl Reconciler {
             state,
         };
         let mut new = Vec::new();
-        for (endpoint, &state) in &wanted {
+        for (endpoint, state) in scope.backends.iter().filter_map(|(e, s)| Some((e, (*s)?))) {
             match self.backends.get_mut(endpoint) {
                 Some(current) if current.state == state => {}
                 Some(current) => {
@@ -567,12 +692,6 @@ impl Reconciler {
 
         // 2. Services that are gone: their frontends go (unless another service takes the
         //    address over below), then their names; blocks are released at the end.
-        let removed: Vec<String> = self
-            .services
-            .keys()
-            .filter(|n| !desired.services.contains_key(*n))
-            .cloned()
-            .collect();
         for name in removed {
             let state = self.services.remove(&name).expect("listed above");
             let stale: Vec<Endpoint> = self
@@ -648,28 +767,30 @@ impl Reconciler {
         }
 
         // 4. Frontends nobody wants any more.
-        let stale: Vec<Endpoint> = self
-            .frontends
-            .keys()
-            .filter(|e| !desired_frontends.contains(e))
-            .copied()
-            .collect();
-        for endpoint in stale {
-            let f = self.frontends.remove(&endpoint).expect("listed above");
-            store.remove_frontend(&frontend_key(&endpoint))?;
+        for endpoint in &scope.frontend_candidates {
+            if desired_frontends.contains(endpoint) {
+                continue;
+            }
+            let Some(f) = self.frontends.remove(endpoint) else {
+                continue;
+            };
+            store.remove_frontend(&frontend_key(endpoint))?;
             self.free_frontend_ids.push_back(f.id);
             report.frontends_removed += 1;
         }
 
         // 5. Backends no service references: open flows keep their cached address in conntrack.
-        let unused: Vec<Endpoint> = self
+        let mut unused: Vec<Endpoint> = scope
             .backends
-            .keys()
-            .filter(|e| !wanted.contains_key(e))
-            .copied()
+            .iter()
+            .filter(|(_, s)| s.is_none())
+            .map(|(e, _)| *e)
             .collect();
+        unused.sort_unstable();
         for endpoint in unused {
-            let b = self.backends.remove(&endpoint).expect("listed above");
+            let Some(b) = self.backends.remove(&endpoint) else {
+                continue;
+            };
             store.set_backend(b.id, &Backend::default())?;
             self.free_backend_ids.push_back(b.id);
             report.backends_removed += 1;
@@ -679,6 +800,19 @@ impl Reconciler {
         for (offset, size) in released_blocks {
             self.blocks.free(offset, size);
         }
+        self.refs = Some(match (scope.full, refs) {
+            (false, Some(mut all)) => {
+                for (e, r) in scope.refs {
+                    if r == (0, 0) {
+                        all.remove(&e);
+                    } else {
+                        all.insert(e, r);
+                    }
+                }
+                all
+            }
+            (_, _) => scope.refs,
+        });
 
         for change in &report.tables {
             info!(
@@ -963,6 +1097,93 @@ mod tests {
             ids.iter()
                 .all(|id| store.backends[id].state == backend_state::ACTIVE)
         );
+    }
+
+    /// Services "web" (ClusterIP 10.96.0.10) and "api" (10.96.0.11, absent when `api` is None)
+    /// with the given ready (and "~addr": terminating) endpoints.
+    fn two(web: &[&str], api: Option<&[&str]>) -> DesiredState {
+        let service = |name: &str, ip: &str, backends: &[&str]| {
+            let endpoints: Vec<String> = backends
+                .iter()
+                .map(|b| match b.strip_prefix('~') {
+                    Some(a) => format!("- addresses: [\"{a}\"]\n  conditions: {{ready: false, serving: true, terminating: true}}"),
+                    None => format!("- addresses: [\"{b}\"]"),
+                })
+                .collect();
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  clusterIP: {ip}\n  ports: [{{port: 80, targetPort: 8080}}]\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+                 addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{}\n---\n",
+                endpoints.join("\n")
+            )
+        };
+        let mut text = service("web", "10.96.0.10", web);
+        if let Some(api) = api {
+            text.push_str(&service("api", "10.96.0.11", api));
+        }
+        config::load_str(&text).unwrap().0
+    }
+
+    /// What the maps say, independent of ids: backends by address with state, and frontends with
+    /// the backends their tables name.
+    fn contents(store: &MemStore) -> (BTreeSet<(u32, u8)>, BTreeMap<FrontendKey, BTreeSet<u32>>) {
+        let backends = store
+            .backends
+            .values()
+            .filter(|b| **b != Backend::default())
+            .map(|b| (b.addr, b.state))
+            .collect();
+        let frontends = store
+            .frontends
+            .iter()
+            .map(|(k, f)| {
+                let names = store.maglev[&f.maglev_offset]
+                    .iter()
+                    .map(|id| store.backends[id].addr)
+                    .collect();
+                (*k, names)
+            })
+            .collect();
+        (backends, frontends)
+    }
+
+    /// Applying a sequence of changes one after the other (the incremental pass after the first)
+    /// leaves the maps as a fresh agent applying the last state at once.
+    #[test]
+    fn incremental_applies_equal_a_full_apply() {
+        let limits = Limits {
+            maglev_size: 251,
+            maglev_capacity: 64 * 256,
+            max_services: 8,
+            max_frontends: 8,
+            max_backends: 32,
+        };
+        let steps: [(&[&str], Option<&[&str]>); 6] = [
+            (&["10.0.0.1", "10.0.0.2"], Some(&["10.0.0.2", "10.0.0.3"])),
+            (&["10.0.0.1", "10.0.0.4"], Some(&["10.0.0.2", "10.0.0.3"])),
+            (&["10.0.0.1", "~10.0.0.4"], Some(&["10.0.0.4", "10.0.0.3"])),
+            (&["10.0.0.1"], None),
+            (&["10.0.0.1", "10.0.0.3"], Some(&["10.0.0.3"])),
+            (&["~10.0.0.3", "10.0.0.5"], Some(&["10.0.0.6"])),
+        ];
+        let mut store = MemStore::default();
+        let mut r = Reconciler::new(limits);
+        for (i, (web, api)) in steps.iter().enumerate() {
+            let d = two(web, *api);
+            r.apply(&d, &mut store).unwrap();
+            let mut fresh_store = MemStore::default();
+            Reconciler::new(limits).apply(&d, &mut fresh_store).unwrap();
+            assert_eq!(contents(&store), contents(&fresh_store), "step {i}");
+            assert_eq!(
+                r.backend_count(),
+                fresh_store
+                    .backends
+                    .values()
+                    .filter(|b| **b != Backend::default())
+                    .count(),
+                "step {i}"
+            );
+        }
     }
 
     #[test]
