@@ -21,6 +21,7 @@ use crate::{
 pub struct Settings {
     pub services: u32,
     pub backends_per_service: u32,
+    /// Fixed table sizes, and 0: the agent's default automatic sizes (1024 for 10 backends).
     pub sizes: Vec<u32>,
 }
 
@@ -30,13 +31,13 @@ impl Settings {
             Self {
                 services: 1000,
                 backends_per_service: 10,
-                sizes: vec![251, 1021],
+                sizes: vec![251, 1021, 0],
             }
         } else {
             Self {
                 services: 10_000,
                 backends_per_service: 10,
-                sizes: vec![251, 1021, 4093, 16381],
+                sizes: vec![251, 1021, 4093, 16381, 0],
             }
         }
     }
@@ -97,6 +98,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
     );
     let desired = state(s.services, s.backends_per_service);
     let mut points = Vec::new();
+    let mut auto = None;
     for &m in &s.sizes {
         eprintln!("memory: M = {m} …");
         let mut lab = XdpLab::new(options(s.services, s.services * s.backends_per_service, m))?;
@@ -104,7 +106,11 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
         lab.apply_maps_only(&desired)?;
         let program_ms = start.elapsed().as_secs_f64() * 1e3;
         let dir = lab.maps().dir.clone();
-        let mut row = vec![m.to_string(), format!("{program_ms:.0}")];
+        let label = match m {
+            0 => "auto (1024 each)".to_string(),
+            m => m.to_string(),
+        };
+        let mut row = vec![label, format!("{program_ms:.0}")];
         let mut total = 0u64;
         let mut cells = Vec::new();
         for name in MAPS {
@@ -115,7 +121,11 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
         row.push(format!("{:.1}", total as f64 / 1048576.0));
         row.extend(cells);
         table.row(row);
-        points.push((m as f64, total as f64 / 1048576.0));
+        let mib = total as f64 / 1048576.0;
+        match m {
+            0 => auto = Some(mib),
+            m => points.push((m as f64, mib)),
+        }
     }
     Plot {
         title: "Datapath map memory vs Maglev table size",
@@ -123,13 +133,19 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
         y_label: "MiB (memlock)",
         log_x: true,
         log_y: true,
-        series: vec![(
-            format!(
-                "{} services × {} backends",
-                s.services, s.backends_per_service
+        series: vec![
+            (
+                format!(
+                    "{} services × {} backends, fixed M",
+                    s.services, s.backends_per_service
+                ),
+                points,
             ),
-            points,
-        )],
+            (
+                "automatic sizes (1024 slots each)".to_string(),
+                auto.map(|mib| vec![(1024.0, mib)]).unwrap_or_default(),
+            ),
+        ],
     }
     .write(&out.join("memory.png"))?;
     Ok((table, Vec::new()))
