@@ -165,9 +165,13 @@ pub const REPLAY_MAX: usize = 128;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplayFrame {
     pub len: u32,
+    /// Non-zero: every run gets a new 5-tuple (IPv4 source address and L4 source port, of a
+    /// frame with a 20-byte IP header, from `counter`), so each run is a new flow.
+    pub new_flow: u32,
+    pub counter: u32,
     pub data: [u8; REPLAY_MAX],
 }
-const _: () = assert!(size_of::<ReplayFrame>() == 132);
+const _: () = assert!(size_of::<ReplayFrame>() == 140);
 
 pub const GEN_UDP: u16 = 0;
 pub const GEN_ARP: u16 = 1;

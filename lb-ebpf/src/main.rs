@@ -205,7 +205,7 @@ fn replay(ctx: &XdpContext) -> bool {
     if len == 0 || len as usize > REPLAY_MAX || len as usize != ctx.data_end() - ctx.data() {
         return false;
     }
-    unsafe {
+    let stored = unsafe {
         bpf_xdp_store_bytes(
             ctx.as_ptr() as *mut _,
             0,
@@ -213,7 +213,24 @@ fn replay(ctx: &XdpContext) -> bool {
             // 1..=REPLAY_MAX in a form the verifier can follow (it equals len, checked above).
             ((len - 1) & (REPLAY_MAX as u32 - 1)) + 1,
         ) == 0
+    };
+    if !stored {
+        return false;
     }
+    if frame.new_flow != 0 {
+        // Source port and the low 16 bits of the source address from the run counter.
+        let n = frame.counter;
+        frame.counter = n.wrapping_add(1);
+        const SRC: usize = EthHdr::LEN + 12;
+        const SPORT: usize = EthHdr::LEN + Ipv4Hdr::LEN;
+        let Ok(p) = ptr_at::<[u8; SPORT + 2]>(ctx, 0) else {
+            return false;
+        };
+        let p = unsafe { &mut *p };
+        p[SRC + 2..SRC + 4].copy_from_slice(&((n >> 16) as u16).to_be_bytes());
+        p[SPORT..SPORT + 2].copy_from_slice(&((n as u16) | 1024).to_be_bytes());
+    }
+    true
 }
 
 /// Benchmark sink: counts and drops what reaches it.

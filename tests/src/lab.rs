@@ -253,12 +253,15 @@ impl XdpLab {
     /// stored in LB_REPLAY back over the packet. Plain repetitions would run on the previous
     /// repetition's output (BPF_PROG_TEST_RUN reuses the buffer), so after one DNAT every later
     /// run would time a miss.
+    /// With `new_flow`, every repetition also gets a new source address and port (a frame with a
+    /// 20-byte IP header), so each one is a new flow.
     pub fn time_replayed(
         &mut self,
         name: &str,
         frame: &[u8],
         ingress_ifindex: u32,
         repeat: u32,
+        new_flow: bool,
     ) -> Result<f64> {
         use lb_common::{REPLAY_MAX, ReplayFrame, map_names};
         anyhow::ensure!(
@@ -275,6 +278,8 @@ impl XdpLab {
             0,
             ReplayFrame {
                 len: frame.len() as u32,
+                new_flow: new_flow as u32,
+                counter: 0,
                 data,
             },
             0,
