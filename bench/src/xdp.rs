@@ -209,31 +209,19 @@ fn measure(s: &Settings, n: u32) -> Result<Row> {
             *b = b.min(t);
         }
     }
-    let [
-        empty,
-        floor,
-        miss,
-        tcp_syn,
-        tcp_ct_hit,
-        udp_ct_hit,
-        rev_nat,
-        arp_reply,
-        syn_new,
-        udp_new,
-    ] = best;
-
+    // `best` is in the order of `cases`.
     Ok(Row {
         frontends,
-        empty,
-        floor,
-        miss,
-        tcp_syn,
-        tcp_ct_hit,
-        udp_ct_hit,
-        rev_nat,
-        arp_reply,
-        syn_new,
-        udp_new,
+        empty: best[0],
+        floor: best[1],
+        miss: best[2],
+        tcp_syn: best[3],
+        tcp_ct_hit: best[4],
+        udp_ct_hit: best[5],
+        rev_nat: best[6],
+        arp_reply: best[7],
+        syn_new: best[8],
+        udp_new: best[9],
     })
 }
 
