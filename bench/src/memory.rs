@@ -67,7 +67,7 @@ fn memlock(path: &std::path::Path) -> Result<u64> {
 }
 
 /// The maps that scale with the configuration (the generator's two are left out).
-const MAPS: [&str; 10] = [
+const MAPS: [&str; 11] = [
     map_names::FRONTENDS,
     map_names::BACKENDS,
     map_names::MAGLEV,
@@ -78,6 +78,7 @@ const MAPS: [&str; 10] = [
     map_names::ARP,
     map_names::AFFINITY,
     map_names::SOURCE_RANGES,
+    map_names::NEXTHOPS,
 ];
 
 pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> {

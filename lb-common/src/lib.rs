@@ -33,11 +33,13 @@ pub mod map_names {
     pub const GEN_COUNTERS: &str = "LB_GEN_COUNTERS";
     /// Benchmark frame replayed by `lb_replay` before each run.
     pub const REPLAY: &str = "LB_REPLAY";
+    /// Next hop of each backend, by backend id (for first packets).
+    pub const NEXTHOPS: &str = "LB_NEXTHOPS";
     /// Created by the agent, never read by the datapath: service names for `lbctl`.
     pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 
     /// Every pinned map, the agent's own last.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         FRONTENDS,
         BACKENDS,
         MAGLEV,
@@ -48,6 +50,7 @@ pub mod map_names {
         ARP,
         AFFINITY,
         SOURCE_RANGES,
+        NEXTHOPS,
         GEN,
         GEN_COUNTERS,
         REPLAY,
@@ -270,13 +273,26 @@ pub struct CtEntry {
     pub frontend_id: u32,
     /// `bpf_ktime_get_coarse_ns` when last refreshed (refreshed at most once a second).
     pub last_seen_ns: u64,
-    /// Next hop of this direction as bpf_fib_lookup last resolved it (egress ifindex, then
-    /// destination and source MAC), reused for [`NEXTHOP_CACHE_NS`] after `nexthop_ns`; 0: none.
-    pub nexthop_ifindex: u32,
-    pub nexthop_macs: [u8; 12],
-    pub nexthop_ns: u64,
+    /// Next hop of this direction (the backend's for forward entries, the client's for reply
+    /// entries).
+    pub nexthop: NextHop,
 }
-const _: () = assert!(size_of::<CtEntry>() == 48);
+const _: () = assert!(size_of::<CtEntry>() == 56);
+
+/// A next hop as bpf_fib_lookup last resolved it for destination `addr`: egress ifindex, then
+/// destination and source MAC. Reused for [`NEXTHOP_CACHE_NS`] after `checked_ns`, and only for
+/// that destination (ifindex 0: none). Kept in each conntrack entry and, for first packets, per
+/// backend (LB_NEXTHOPS, by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    pub addr: u32,
+    pub ifindex: u32,
+    pub macs: [u8; 12],
+    pub _pad: u32,
+    pub checked_ns: u64,
+}
+const _: () = assert!(size_of::<NextHop>() == 32);
 
 /// How long a flow reuses its cached next hop before asking the FIB again. bpf_fib_lookup is
 /// most of an established packet's cost (about 170 of 300 ns here); a route or neighbour change
@@ -340,6 +356,7 @@ mod pod {
     unsafe impl aya::Pod for ArpKey {}
     unsafe impl aya::Pod for GenConfig {}
     unsafe impl aya::Pod for ReplayFrame {}
+    unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for SourceRange {}

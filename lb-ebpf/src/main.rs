@@ -32,8 +32,8 @@ use lb_common::{
     Counters, CtEntry, CtKey, DEFAULT_AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE,
     DEFAULT_MAX_ANNOUNCEMENTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES,
     DEFAULT_MAX_SOURCE_RANGES, Frontend, FrontendKey, GEN_ARP, GenConfig, IPPROTO_TCP, IPPROTO_UDP,
-    MAGLEV_SPARE_BLOCKS, NEXTHOP_CACHE_NS, REPLAY_MAX, ReplayFrame, SourceRange, backend_state,
-    csum, ct_flags, frontend_flags, hash::flow_hash,
+    MAGLEV_SPARE_BLOCKS, NEXTHOP_CACHE_NS, NextHop, REPLAY_MAX, ReplayFrame, SourceRange,
+    backend_state, csum, ct_flags, frontend_flags, hash::flow_hash,
 };
 use network_types::{
     arp::ArpHdr,
@@ -97,6 +97,17 @@ static LB_GEN_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
 
 #[map]
 static LB_REPLAY: Array<ReplayFrame> = Array::pinned(1, 0);
+
+#[map]
+static LB_NEXTHOPS: Array<NextHop> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
+
+const NO_NEXTHOP: NextHop = NextHop {
+    addr: 0,
+    ifindex: 0,
+    macs: [0; 12],
+    _pad: 0,
+    checked_ns: 0,
+};
 
 #[xdp]
 pub fn lb(ctx: XdpContext) -> u32 {
@@ -348,7 +359,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
                     frontend_port,
                 );
             }
-            return Ok(redirect(ctx, eth, ip, &l4, now, Some(entry)));
+            return Ok(redirect(ctx, eth, ip, &l4, now, Some(&mut entry.nexthop)));
         }
         // Client → frontend. A fresh SYN on a tuple whose flow ended, or whose backend left,
         // picks again through the frontend; everything else sticks to the backend it had, even
@@ -372,7 +383,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
                 (dst_addr, dst_port),
                 (backend_addr, backend_port),
                 now,
-                Some(entry),
+                Some(&mut entry.nexthop),
             ));
         }
     }
@@ -440,6 +451,10 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         };
         let _ = LB_AFFINITY.insert(&affinity_key, &entry, 0);
     }
+    // First packets use the backend's next hop, which the flow's own entry starts from.
+    let nexthop = LB_NEXTHOPS
+        .get_ptr_mut(backend_id)
+        .map(|n| unsafe { &mut *n });
     let forward_entry = CtEntry {
         nat_addr: backend.addr,
         nat_port: backend.port,
@@ -448,9 +463,8 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         backend_id,
         frontend_id: frontend.frontend_id,
         last_seen_ns: now,
-        nexthop_ifindex: 0,
-        nexthop_macs: [0; 12],
-        nexthop_ns: 0,
+        // The backend's next hop as last resolved (checked again before use, like any cache).
+        nexthop: nexthop.as_ref().map_or(NO_NEXTHOP, |n| **n),
     };
     let reply_key = CtKey {
         src_addr: backend.addr,
@@ -464,6 +478,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         nat_addr: dst_addr,
         nat_port: dst_port,
         dir: CT_DIR_REPLY,
+        nexthop: NO_NEXTHOP,
         ..forward_entry
     };
     // Reply entry first: once the forward entry exists, replies can arrive.
@@ -471,7 +486,6 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
     let _ = LB_CONNTRACK.insert(&ct_key, &forward_entry, 0);
     count(&LB_FRONTEND_STATS, frontend.frontend_id, packet_len);
     count(&LB_BACKEND_STATS, backend_id, packet_len);
-    // The next hop is cached in the entry from the flow's second packet on.
     Ok(forward(
         ctx,
         eth,
@@ -480,7 +494,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, ()> {
         (dst_addr, dst_port),
         (backend.addr, backend.port),
         now,
-        None,
+        nexthop,
     ))
 }
 
@@ -502,7 +516,7 @@ fn forward(
     (dst_addr, dst_port): (u32, u16),
     (backend_addr, backend_port): (u32, u16),
     now: u64,
-    cache: Option<&mut CtEntry>,
+    cache: Option<&mut NextHop>,
 ) -> u32 {
     unsafe {
         rewrite(
@@ -726,24 +740,33 @@ fn redirect(
     ip: *mut Ipv4Hdr,
     l4: &L4,
     now: u64,
-    cache: Option<&mut CtEntry>,
+    cache: Option<&mut NextHop>,
 ) -> u32 {
     let ttl = unsafe { (*ip).ttl };
     if ttl <= 1 {
         return xdp_action::XDP_PASS;
     }
+    let dst = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
     let (ifindex, macs) = match cache {
-        Some(e) if e.nexthop_ifindex != 0 && now.wrapping_sub(e.nexthop_ns) < NEXTHOP_CACHE_NS => {
-            (e.nexthop_ifindex, e.nexthop_macs)
+        Some(n)
+            if n.ifindex != 0
+                && n.addr == dst
+                && now.wrapping_sub(n.checked_ns) < NEXTHOP_CACHE_NS =>
+        {
+            (n.ifindex, n.macs)
         }
         cache => {
             let Some((ifindex, macs)) = fib(ctx, ip, l4) else {
                 return xdp_action::XDP_PASS;
             };
-            if let Some(e) = cache {
-                e.nexthop_ifindex = ifindex;
-                e.nexthop_macs = macs;
-                e.nexthop_ns = now;
+            if let Some(n) = cache {
+                *n = NextHop {
+                    addr: dst,
+                    ifindex,
+                    macs,
+                    _pad: 0,
+                    checked_ns: now,
+                };
             }
             (ifindex, macs)
         }

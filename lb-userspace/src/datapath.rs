@@ -88,6 +88,7 @@ impl Options {
             (map_names::CONNTRACK, self.conntrack_size),
             (map_names::FRONTEND_STATS, self.max_frontends),
             (map_names::BACKEND_STATS, self.max_backends),
+            (map_names::NEXTHOPS, self.max_backends),
             (map_names::SERVICE_NAMES, self.max_services),
         ])
     }
