@@ -14,8 +14,8 @@ use aya::maps::{
     lpm_trie::{Key as LpmKey, LpmTrie},
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, ArpEntry, ArpKey, Backend, Config, Counters, CtEntry, CtKey,
-    Frontend, FrontendKey, ServiceName, SourceRange, ipv4_to_wire, map_names,
+    AffinityEntry, AffinityKey, ArpEntry, ArpKey, Backend, Counters, CtEntry, CtKey, Frontend,
+    FrontendKey, ServiceName, SourceRange, ipv4_to_wire, map_names,
 };
 
 /// What the reconciler needs from the datapath's maps. The in-memory implementation in
@@ -133,7 +133,6 @@ pub struct PinnedMaps {
     pub backends: Array<MapData, Backend>,
     pub maglev: MaglevMmap,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
-    pub config: Array<MapData, Config>,
     pub frontend_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub service_names: HashMap<MapData, u32, ServiceName>,
@@ -172,7 +171,6 @@ impl PinnedMaps {
             backends: Array::try_from(open_map(dir, map_names::BACKENDS)?)?,
             maglev: MaglevMmap::open(&dir.join(map_names::MAGLEV), writable)?,
             conntrack: HashMap::try_from(open_map(dir, map_names::CONNTRACK)?)?,
-            config: Array::try_from(open_map(dir, map_names::CONFIG)?)?,
             frontend_stats: PerCpuArray::try_from(open_map(dir, map_names::FRONTEND_STATS)?)?,
             backend_stats: PerCpuArray::try_from(open_map(dir, map_names::BACKEND_STATS)?)?,
             service_names: HashMap::try_from(open_map(dir, map_names::SERVICE_NAMES)?)?,
@@ -180,10 +178,6 @@ impl PinnedMaps {
             affinity: HashMap::try_from(open_map(dir, map_names::AFFINITY)?)?,
             source_ranges: LpmTrie::try_from(open_map(dir, map_names::SOURCE_RANGES)?)?,
         })
-    }
-
-    pub fn config(&self) -> Result<Config> {
-        Ok(self.config.get(&0, 0)?)
     }
 
     /// Sums a per-CPU counter.
