@@ -285,13 +285,22 @@ fn test_run_cases() {
 
     // No endpoints: TCP is refused with a RST out of the interface it came in on, UDP dropped.
     let refused = from_client(Frame::tcp((CLIENT, 40010), (EMPTY_VIP, 80), TCP_SYN));
-    let mut rst_ack = Frame::tcp((EMPTY_VIP, 80), (CLIENT, 40010), TCP_RST | TCP_ACK);
-    rst_ack.seq = 0;
-    rst_ack.ack = refused.seq + refused.payload.len() as u32 + 1;
-    rst_ack.window = 0;
-    rst_ack.payload.clear();
-    rst_ack.src_mac = CLIENT_IF_MAC;
-    rst_ack.dst_mac = CLIENT_MAC;
+    // The RST the node sends back to the client: no window, no payload, node MAC to client MAC.
+    let rst_to_client = |port: u16, flags: u8, seq: u32, ack: u32| Frame {
+        seq,
+        ack,
+        window: 0,
+        payload: Vec::new(),
+        src_mac: CLIENT_IF_MAC,
+        dst_mac: CLIENT_MAC,
+        ..Frame::tcp((EMPTY_VIP, 80), (CLIENT, port), flags)
+    };
+    let rst_ack = rst_to_client(
+        40010,
+        TCP_RST | TCP_ACK,
+        0,
+        refused.seq + refused.payload.len() as u32 + 1,
+    );
     cases.push(case(
         "SYN to a service without endpoints: RST+ACK back (XDP_TX)",
         &refused,
@@ -299,12 +308,7 @@ fn test_run_cases() {
         Some(&rst_ack),
     ));
     let stray = from_client(Frame::tcp((CLIENT, 40011), (EMPTY_VIP, 80), TCP_ACK));
-    let mut rst = Frame::tcp((EMPTY_VIP, 80), (CLIENT, 40011), TCP_RST);
-    rst.seq = stray.ack;
-    rst.window = 0;
-    rst.payload.clear();
-    rst.src_mac = CLIENT_IF_MAC;
-    rst.dst_mac = CLIENT_MAC;
+    let rst = rst_to_client(40011, TCP_RST, stray.ack, 0);
     cases.push(case(
         "ACK to a service without endpoints: RST with its ack as seq",
         &stray,
