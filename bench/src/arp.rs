@@ -7,16 +7,16 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::Result;
-use lb_common::{ArpEntry, ArpKey, DEFAULT_CONNTRACK_SIZE, GEN_ARP, GenConfig, ipv4_to_wire};
+use lb_common::{ArpEntry, ArpKey, GEN_ARP, GenConfig, ipv4_to_wire};
 use lb_tests::{
     lab::{CLIENT_IF, CLIENT_IF_MAC, XdpLab},
     sh,
 };
-use lb_userspace::datapath::Options;
 
 use crate::{
     forward::{gen_maps, peer_mac},
     report::{Plot, Table, Target},
+    services::lab_options,
 };
 
 const ANNOUNCED: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 60);
@@ -35,15 +35,7 @@ impl Settings {
 
 pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> {
     eprintln!("arp: flood of {} requests …", s.requests);
-    let mut lab = XdpLab::new(Options {
-        bpffs: Default::default(),
-        maglev_size: 251,
-        maglev_capacity: 0,
-        max_services: 1,
-        max_frontends: 16,
-        max_backends: 16,
-        conntrack_size: DEFAULT_CONNTRACK_SIZE,
-    })?;
+    let mut lab = XdpLab::new(lab_options(251, 1, 16, 16))?;
     let ns = lab.ns.clone();
     let cl = lab.client_ifindex;
     lab.maps.as_mut().expect("maps").arp.insert(

@@ -6,12 +6,12 @@
 use std::{fmt::Write as _, net::Ipv4Addr, process::Command, time::Instant};
 
 use anyhow::{Context, Result, bail};
-use lb_common::DEFAULT_CONNTRACK_SIZE;
 use lb_tests::{lab::XdpLab, sh};
-use lb_userspace::{config, datapath::Options};
+use lb_userspace::config;
 
 use crate::{
     report::{Plot, Table, Target, num},
+    services::lab_options,
     services::{endpoint, vip},
 };
 
@@ -199,15 +199,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
     let file = dir.join("services.yaml");
     std::fs::write(&file, &text)?;
 
-    let mut lab = XdpLab::new(Options {
-        bpffs: Default::default(),
-        maglev_size: s.maglev_size,
-        maglev_capacity: 0,
-        max_services: n + 16,
-        max_frontends: n + 16,
-        max_backends: n * per + 64,
-        conntrack_size: DEFAULT_CONNTRACK_SIZE,
-    })?;
+    let mut lab = XdpLab::new(lab_options(s.maglev_size, n + 16, n + 16, n * per + 64))?;
     // Full programming: read, parse, validate, build every table, write every map.
     let start = Instant::now();
     let read = std::fs::read_to_string(&file)?;

@@ -16,18 +16,19 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::Result;
 use aya::maps::{Array, MapData, PerCpuArray};
-use lb_common::{DEFAULT_CONNTRACK_SIZE, GenConfig, map_names};
+use lb_common::{GenConfig, map_names};
 use lb_tests::{
     Topology,
     lab::{self, CLIENT_IF, CLIENT_IF_MAC, XdpLab},
     sh,
 };
-use lb_userspace::{datapath::Options, model::Protocol};
+use lb_userspace::model::Protocol;
 use pnet::util::MacAddr;
 
 use crate::{
     control::{iptables_rules, nft_rules},
     report::{Plot, Table, Target},
+    services::lab_options,
     services::state_proto,
 };
 
@@ -128,15 +129,7 @@ impl Sample {
 }
 
 fn measure(s: &Settings, n: u32, modes: &[Mode]) -> Result<Vec<Sample>> {
-    let mut lab = XdpLab::new(Options {
-        bpffs: Default::default(),
-        maglev_size: 1021,
-        maglev_capacity: 0,
-        max_services: n + 16,
-        max_frontends: n + 16,
-        max_backends: n * PER + 64,
-        conntrack_size: DEFAULT_CONNTRACK_SIZE,
-    })?;
+    let mut lab = XdpLab::new(lab_options(1021, n + 16, n + 16, n * PER + 64))?;
     lab.apply_maps_only(&state_proto(n, PER, Protocol::Udp))?;
     let ns = lab.ns.clone();
     sh(&format!(

@@ -9,16 +9,18 @@ use std::time::Instant;
 
 use anyhow::Result;
 use lb_common::{
-    Backend, DEFAULT_CONNTRACK_SIZE,
+    Backend,
     hash::fmix64,
     ipv4_to_wire,
     maglev::{MaglevBackend, build_table, update_table},
     port_to_wire,
 };
 use lb_tests::lab::XdpLab;
-use lb_userspace::datapath::Options;
 
-use crate::report::{Plot, Table, Target, num};
+use crate::{
+    report::{Plot, Table, Target, num},
+    services::lab_options,
+};
 
 pub struct Settings {
     pub sizes: Vec<u32>,
@@ -122,15 +124,7 @@ struct Row {
 /// Milliseconds to write `n` backends into the datapath's backend map, one update each (best of
 /// `repeats`, as the builds are).
 fn program_backends_ms(n: usize, repeats: usize) -> Result<f64> {
-    let mut lab = XdpLab::new(Options {
-        bpffs: Default::default(),
-        maglev_size: 251,
-        maglev_capacity: 0,
-        max_services: 1,
-        max_frontends: 16,
-        max_backends: n as u32 + 1,
-        conntrack_size: DEFAULT_CONNTRACK_SIZE,
-    })?;
+    let mut lab = XdpLab::new(lab_options(251, 1, 16, n as u32 + 1))?;
     let maps = lab.maps.as_mut().expect("maps");
     let mut best = f64::INFINITY;
     for _ in 0..repeats {

@@ -9,12 +9,13 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::MapData;
-use lb_common::{DEFAULT_CONNTRACK_SIZE, map_names};
+use lb_common::map_names;
 use lb_tests::lab::XdpLab;
 use lb_userspace::datapath::Options;
 
 use crate::{
     report::{Plot, Table, Target},
+    services::lab_options,
     services::state,
 };
 
@@ -44,15 +45,7 @@ impl Settings {
 }
 
 pub fn options(services: u32, backends: u32, m: u32) -> Options {
-    Options {
-        bpffs: Default::default(),
-        maglev_size: m,
-        maglev_capacity: 0,
-        max_services: services,
-        max_frontends: services,
-        max_backends: backends + 1,
-        conntrack_size: DEFAULT_CONNTRACK_SIZE,
-    }
+    lab_options(m, services, services, backends + 1)
 }
 
 /// memlock bytes of the map pinned at `path`, as the kernel accounts it.

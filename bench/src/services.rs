@@ -3,10 +3,28 @@
 
 use std::net::Ipv4Addr;
 
-use lb_userspace::model::{
-    BackendCondition, BackendSpec, DesiredState, Endpoint, FrontendKind, FrontendSpec, Protocol,
-    ServicePort,
+use lb_common::DEFAULT_CONNTRACK_SIZE;
+use lb_userspace::{
+    datapath::Options,
+    model::{
+        BackendCondition, BackendSpec, DesiredState, Endpoint, FrontendKind, FrontendSpec,
+        Protocol, ServicePort,
+    },
 };
+
+/// Lab options with these capacities (Maglev size 0: automatic), the default conntrack size,
+/// and a bpffs the lab makes.
+pub fn lab_options(maglev_size: u32, services: u32, frontends: u32, backends: u32) -> Options {
+    Options {
+        bpffs: Default::default(),
+        maglev_size,
+        maglev_capacity: 0,
+        max_services: services,
+        max_frontends: frontends,
+        max_backends: backends,
+        conntrack_size: DEFAULT_CONNTRACK_SIZE,
+    }
+}
 
 /// ClusterIP of service `i`: 10.96.0.1 + i.
 pub fn vip(i: u32) -> Ipv4Addr {

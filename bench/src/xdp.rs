@@ -13,7 +13,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
-use lb_common::{ArpEntry, ArpKey, DEFAULT_CONNTRACK_SIZE};
+use lb_common::{ArpEntry, ArpKey};
 use lb_tests::{
     frames::{Frame, TCP_ACK, TCP_SYN},
     lab::{BACKEND_IF_MAC, CLIENT, CLIENT_IF_MAC, CLIENT_MAC, XdpLab, backend_mac},
@@ -25,6 +25,7 @@ use lb_userspace::{
 
 use crate::{
     report::{Plot, Table, Target, num},
+    services::lab_options,
     services::{active, clusterip, vip},
 };
 
@@ -84,15 +85,7 @@ pub fn services(n: u32) -> DesiredState {
 }
 
 pub fn options(services: u32) -> Options {
-    Options {
-        bpffs: Default::default(),
-        maglev_size: M,
-        maglev_capacity: 0,
-        max_services: services + 1,
-        max_frontends: services + 2,
-        max_backends: 64,
-        conntrack_size: DEFAULT_CONNTRACK_SIZE,
-    }
+    lab_options(M, services + 1, services + 2, 64)
 }
 
 fn client(f: Frame) -> Vec<u8> {
