@@ -28,18 +28,15 @@ pub mod map_names {
     pub const ARP: &str = "LB_ARP";
     pub const AFFINITY: &str = "LB_AFFINITY";
     pub const SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
-    /// Benchmark generator settings and per-CPU counters (0: frames generated, 1: frames sunk).
-    pub const GEN: &str = "LB_GEN";
-    pub const GEN_COUNTERS: &str = "LB_GEN_COUNTERS";
-    /// Benchmark frame replayed by `lb_replay` before each run.
-    pub const REPLAY: &str = "LB_REPLAY";
     /// Next hop of each backend, by backend id (for first packets).
     pub const NEXTHOPS: &str = "LB_NEXTHOPS";
+    /// Interfaces that take XDP frames (a DEVMAP_HASH by ifindex).
+    pub const XDP_TARGETS: &str = "LB_XDP_TARGETS";
     /// Created by the agent, never read by the datapath: service names for `lbctl`.
     pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 
-    /// Every pinned map, the agent's own last.
-    pub const ALL: [&str; 15] = [
+    /// Every map a node pins, the agent's own last.
+    pub const ALL: [&str; 13] = [
         FRONTENDS,
         BACKENDS,
         MAGLEV,
@@ -51,11 +48,16 @@ pub mod map_names {
         AFFINITY,
         SOURCE_RANGES,
         NEXTHOPS,
-        GEN,
-        GEN_COUNTERS,
-        REPLAY,
+        XDP_TARGETS,
         SERVICE_NAMES,
     ];
+
+    /// Maps of the benchmark object only (`lb-bench`): generator settings and per-CPU counters
+    /// (0: frames generated, 1: frames sunk), and the frame `lb_replay` restores before each run.
+    pub const GEN: &str = "LB_GEN";
+    pub const GEN_COUNTERS: &str = "LB_GEN_COUNTERS";
+    pub const REPLAY: &str = "LB_REPLAY";
+    pub const BENCH: [&str; 3] = [GEN, GEN_COUNTERS, REPLAY];
 }
 
 /// Default capacities; the agent may resize maps at load time.
@@ -74,6 +76,8 @@ pub const DEFAULT_AFFINITY_SIZE: u32 = 65_536;
 pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 /// Announced (interface, address) pairs the ARP responder can hold.
 pub const DEFAULT_MAX_ANNOUNCEMENTS: u32 = 4_096;
+/// Interfaces the XDP fast path may redirect to.
+pub const DEFAULT_MAX_INTERFACES: u32 = 1_024;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;

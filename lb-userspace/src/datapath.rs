@@ -1,5 +1,5 @@
-//! Loading the XDP program over pinned maps, attaching it with pinned links (so traffic keeps
-//! flowing while the agent restarts), and removing it all on `--cleanup`.
+//! Loading the node's programs over pinned maps, attaching them with pinned links (so traffic
+//! keeps flowing while the agent restarts), and removing it all on `--cleanup`.
 
 use std::{
     ffi::CString,
@@ -11,10 +11,11 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData},
+    maps::{Array, DevMapHash, HashMap, MapData},
     programs::{
-        Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
     },
 };
@@ -22,7 +23,9 @@ use lb_common::{Config, MAGLEV_SPARE_BLOCKS, ServiceName, map_names};
 use log::{info, warn};
 
 use crate::{
-    LB_EBPF,
+    LB_BENCH_EBPF, LB_EBPF,
+    attach::{self, AttachMode, Attached, Hooks},
+    l2::Interface,
     reconcile::{self, Limits},
 };
 
@@ -135,12 +138,19 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
 
 pub struct Datapath {
     ebpf: Ebpf,
+    /// The benchmark object (`lb-bench`) over the same pinned maps, loaded on first use.
+    bench: Option<Ebpf>,
     opts: Options,
 }
 
+/// Programs of the node's object.
+pub const XDP_PROGRAM: &str = "lb";
+pub const TC_PROGRAM: &str = "lb_tc";
+
 impl Datapath {
-    /// Loads the program; maps already pinned under `opts.bpffs` are reused (traffic state and
-    /// conntrack survive an agent restart), after checking they have the sizes asked for.
+    /// Loads the node's programs; maps already pinned under `opts.bpffs` are reused (traffic
+    /// state and conntrack survive an agent restart), after checking they have the sizes asked
+    /// for.
     pub fn load(opts: &Options) -> Result<Self> {
         if opts.maglev_size != 0 {
             lb_common::maglev::validate_table_size(opts.maglev_size)
@@ -210,23 +220,44 @@ impl Datapath {
             0,
         )?;
 
-        let program: &mut Xdp = ebpf.program_mut("lb").context("program lb")?.try_into()?;
-        program
-            .load()
-            .context("loading XDP program lb (verifier)")?;
+        let xdp: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .context("program lb")?
+            .try_into()?;
+        xdp.load().context("loading XDP program lb (verifier)")?;
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(TC_PROGRAM)
+            .context("program lb_tc")?
+            .try_into()?;
+        tc.load().context("loading tc program lb_tc (verifier)")?;
         Ok(Self {
             ebpf,
+            bench: None,
             opts: opts.clone(),
         })
     }
 
-    /// Program `name` of the object, loaded on first use: the agent only runs `lb`; tests and
-    /// benchmarks also run the empty `lb_pass` through BPF_PROG_TEST_RUN.
+    /// XDP program `name`: `lb` from the node's object, or one of the benchmark object's
+    /// (`lb_pass`, `lb_replay`, `lb_replay_pass`, `lb_gen`, `lb_sink`), which is loaded over
+    /// the same pinned maps on first use. Tests and benchmarks run these with BPF_PROG_TEST_RUN.
     pub fn program(&mut self, name: &str) -> Result<&mut Xdp> {
-        let program: &mut Xdp = self
-            .ebpf
+        let ebpf = if self.ebpf.program(name).is_some() {
+            &mut self.ebpf
+        } else {
+            if self.bench.is_none() {
+                let mut loader = EbpfLoader::new();
+                loader.default_map_pin_directory(&self.opts.bpffs);
+                self.bench = Some(
+                    loader
+                        .load(LB_BENCH_EBPF)
+                        .context("loading the benchmark object")?,
+                );
+            }
+            self.bench.as_mut().expect("just loaded")
+        };
+        let program: &mut Xdp = ebpf
             .program_mut(name)
-            .with_context(|| format!("no program {name} in the object"))?
+            .with_context(|| format!("no program {name} in either object"))?
             .try_into()?;
         if program.fd().is_err() {
             program
@@ -236,36 +267,135 @@ impl Datapath {
         Ok(program)
     }
 
-    fn link_path(&self, interface: &str) -> PathBuf {
-        self.opts.bpffs.join("links").join(interface)
+    /// The tc program `lb_tc`, for BPF_PROG_TEST_RUN.
+    pub fn classifier(&mut self) -> Result<&mut SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut(TC_PROGRAM)
+            .context("program lb_tc")?
+            .try_into()?)
     }
 
-    /// Attaches to `interface` in native mode (generic if the driver has none), or atomically
-    /// replaces the program of a link pinned by an earlier run.
-    pub fn attach(&mut self, interface: &str) -> Result<()> {
-        let path = self.link_path(interface);
-        fs::create_dir_all(path.parent().expect("has parent"))?;
+    fn link_path(&self, hook: &str, interface: &str) -> PathBuf {
+        self.opts
+            .bpffs
+            .join("links")
+            .join(format!("{hook}-{interface}"))
+    }
+
+    /// Attaches to `interface` what `mode` gives it (see [`attach::choose`]), replacing the
+    /// programs of links pinned by an earlier run atomically, and records whether XDP may send
+    /// frames to it.
+    pub fn attach(&mut self, interface: &Interface, mode: AttachMode) -> Result<Attached> {
+        let name = interface.name.as_str();
+        let (driver, bus_info) = attach::driver_info(name)?;
+        let (mut hooks, mut reason) = attach::choose(mode, &driver, &bus_info);
+        fs::create_dir_all(self.opts.bpffs.join("links"))?;
+        // tc first: once XDP runs, tc must already be there to finish what XDP leaves.
+        self.attach_tc(name)?;
+        if hooks == Hooks::XdpTc {
+            if let Err(e) = self.attach_xdp(name) {
+                if mode == AttachMode::Xdp {
+                    return Err(e.context(format!("--attach xdp: native XDP on {name}")));
+                }
+                hooks = Hooks::Tc;
+                reason = format!("{reason}; but native XDP failed ({e:#}): tc only");
+            }
+        }
+        let mut targets = self.xdp_targets()?;
+        if hooks == Hooks::XdpTc {
+            targets
+                .insert(interface.index, interface.index, None, 0)
+                .with_context(|| format!("{name}: adding to {}", map_names::XDP_TARGETS))?;
+        } else {
+            let _ = targets.remove(interface.index);
+            // XDP left by an earlier run with another mode.
+            detach_pinned(&self.link_path("xdp", name));
+        }
+        info!("{name}: {hooks} ({reason})");
+        Ok(Attached {
+            interface: name.to_string(),
+            ifindex: interface.index,
+            driver,
+            hooks,
+            reason,
+            ipv4: interface.ipv4.clone(),
+        })
+    }
+
+    fn xdp_targets(&mut self) -> Result<DevMapHash<&mut MapData>> {
+        Ok(DevMapHash::try_from(
+            self.ebpf
+                .map_mut(map_names::XDP_TARGETS)
+                .context("map LB_XDP_TARGETS")?,
+        )?)
+    }
+
+    fn attach_tc(&mut self, interface: &str) -> Result<()> {
+        let path = self.link_path("tc", interface);
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(TC_PROGRAM)
+            .context("program lb_tc")?
+            .try_into()?;
+        let replaced = match PinnedLink::from_pin(&path) {
+            Ok(pinned) => {
+                let link = SchedClassifierLink::try_from(pinned.unpin()?)?;
+                match program.attach_to_link(link) {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        // The interface it was on is gone (recreated under the same name).
+                        warn!("{interface}: pinned tc link is stale ({e}); attaching anew");
+                        None
+                    }
+                }
+            }
+            Err(_) => None,
+        };
+        let id = match replaced {
+            Some(id) => id,
+            None => {
+                let _ = fs::remove_file(&path);
+                program
+                    .attach_with_options(
+                        interface,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .with_context(|| format!("attaching tc (tcx ingress) to {interface}"))?
+            }
+        };
+        let link = program.take_link(id)?;
+        FdLink::try_from(link)?
+            .pin(&path)
+            .with_context(|| format!("pinning link {}", path.display()))?;
+        Ok(())
+    }
+
+    fn attach_xdp(&mut self, interface: &str) -> Result<()> {
+        let path = self.link_path("xdp", interface);
         let program: &mut Xdp = self
             .ebpf
-            .program_mut("lb")
+            .program_mut(XDP_PROGRAM)
             .context("program lb")?
             .try_into()?;
-        let id = if path.exists() {
-            let fd_link = PinnedLink::from_pin(&path)
-                .with_context(|| format!("opening pinned link {}", path.display()))?
-                .unpin()?;
-            program
-                .attach_to_link(XdpLink::try_from(fd_link)?)
-                .with_context(|| format!("replacing program on {interface}"))?
-        } else {
-            match program.attach(interface, XdpMode::Driver) {
-                Ok(id) => id,
+        let replaced = match PinnedLink::from_pin(&path) {
+            Ok(pinned) => match program.attach_to_link(XdpLink::try_from(pinned.unpin()?)?) {
+                Ok(id) => Some(id),
                 Err(e) => {
-                    warn!("{interface}: native XDP failed ({e}); using generic XDP");
-                    program
-                        .attach(interface, XdpMode::Skb)
-                        .with_context(|| format!("attaching XDP to {interface}"))?
+                    warn!("{interface}: pinned XDP link is stale ({e}); attaching anew");
+                    None
                 }
+            },
+            Err(_) => None,
+        };
+        let id = match replaced {
+            Some(id) => id,
+            None => {
+                let _ = fs::remove_file(&path);
+                program
+                    .attach(interface, XdpMode::Driver)
+                    .with_context(|| format!("attaching native XDP to {interface}"))?
             }
         };
         let link = program.take_link(id)?;
@@ -276,22 +406,25 @@ impl Datapath {
     }
 }
 
+/// Detaches and forgets the link pinned at `path`, if any.
+fn detach_pinned(path: &Path) {
+    if let Ok(link) = PinnedLink::from_pin(path) {
+        // Dropping the unpinned link detaches the program.
+        drop(link.unpin());
+    }
+    let _ = fs::remove_file(path);
+}
+
 /// Detaches every pinned link and removes every pinned map under `dir`.
 pub fn cleanup(dir: &Path) -> Result<()> {
     let links = dir.join("links");
     if links.exists() {
         for entry in fs::read_dir(&links)? {
-            let path = entry?.path();
-            match PinnedLink::from_pin(&path) {
-                // Dropping the unpinned link detaches the program.
-                Ok(link) => drop(link.unpin()),
-                Err(e) => warn!("{}: {e}", path.display()),
-            }
-            let _ = fs::remove_file(&path);
+            detach_pinned(&entry?.path());
         }
         let _ = fs::remove_dir(&links);
     }
-    for name in map_names::ALL {
+    for name in map_names::ALL.iter().chain(&map_names::BENCH) {
         let path = dir.join(name);
         if path.exists() {
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;

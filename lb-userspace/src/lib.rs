@@ -3,6 +3,7 @@
 //! config (Kubernetes objects from YAML) → model (validated desired state) → reconcile (diff
 //! against what the maps hold, safe write order) → maps (pinned BPF maps).
 
+pub mod attach;
 pub mod blocks;
 pub mod config;
 pub mod datapath;
@@ -12,5 +13,9 @@ pub mod maps;
 pub mod model;
 pub mod reconcile;
 
-/// The XDP object built from `lb-ebpf` by `build.rs`.
+/// The node's eBPF object (XDP and tc programs) built from `lb-ebpf` by `build.rs`.
 pub static LB_EBPF: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+/// The benchmark-only object (traffic generator, sink, replay); never loaded by the agent.
+pub static LB_BENCH_EBPF: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench"));

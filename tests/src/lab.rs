@@ -122,6 +122,10 @@ impl XdpLab {
         opts.bpffs = lab.dir.join("bpffs");
         lab.datapath = Some(Datapath::load(&opts)?);
         lab.maps = Some(PinnedMaps::open(&opts.bpffs, true)?);
+        // Like `--attach xdp`: both lab interfaces take XDP frames.
+        for ifindex in [lab.client_ifindex, lab.backend_ifindex] {
+            lab.set_xdp_target(ifindex, true)?;
+        }
         Ok(lab)
     }
 
@@ -152,6 +156,19 @@ impl XdpLab {
     pub fn apply_maps_only(&mut self, desired: &DesiredState) -> Result<()> {
         self.reconciler
             .apply(desired, self.maps.as_mut().expect("maps"))?;
+        Ok(())
+    }
+
+    /// Lists `ifindex` in LB_XDP_TARGETS (or removes it): whether XDP may send frames there.
+    pub fn set_xdp_target(&mut self, ifindex: u32, on: bool) -> Result<()> {
+        let map =
+            aya::maps::MapData::from_pin(self.bpffs().join(lb_common::map_names::XDP_TARGETS))?;
+        let mut targets = aya::maps::DevMapHash::try_from(aya::maps::Map::from_map_data(map)?)?;
+        if on {
+            targets.insert(ifindex, ifindex, None, 0)?;
+        } else {
+            targets.remove(ifindex)?;
+        }
         Ok(())
     }
 
@@ -190,6 +207,25 @@ impl XdpLab {
             },
             r.duration.as_nanos() as f64,
         ))
+    }
+
+    /// Runs the tc program `lb_tc` once on `frame` as if it arrived on `ingress_ifindex` (an skb
+    /// whose checksum state is CHECKSUM_NONE: BPF_PROG_TEST_RUN cannot make a partial one).
+    pub fn run_tc(&mut self, frame: &[u8], ingress_ifindex: u32) -> Result<Run> {
+        let ctx = sk_buff(ingress_ifindex);
+        let mut out = vec![0u8; frame.len() + 256];
+        let program = self.datapath.as_mut().expect("datapath").classifier()?;
+        let r = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        Ok(Run {
+            verdict: r.return_value,
+            output: out,
+        })
     }
 
     /// Runs program `name` once on `frame` as if it arrived on `ingress_ifindex`.
@@ -304,6 +340,15 @@ fn xdp_md(len: usize, ingress_ifindex: u32) -> [u8; 24] {
     for (i, f) in fields.iter().enumerate() {
         ctx[i * 4..i * 4 + 4].copy_from_slice(&f.to_ne_bytes());
     }
+    ctx
+}
+
+/// struct __sk_buff as BPF_PROG_TEST_RUN takes it: only ingress_ifindex (offset 36) and
+/// ifindex (40, the device the skb is on) set; the kernel rejects other non-zero fields.
+fn sk_buff(ifindex: u32) -> [u8; 192] {
+    let mut ctx = [0u8; 192];
+    ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
     ctx
 }
 

@@ -4,7 +4,8 @@
 //! client ns (10.0.0.1) ── veth ── lb ns (the node: lb-agent + XDP) ── veth ── backend ns i (10.0.i.2)
 //! ```
 //! The client routes the service range 10.96.0.0/12 via the lb ns; each backend routes everything
-//! via the lb ns. Each backend runs `lb-test-server`, which answers TCP and UDP with its name.
+//! via the lb ns. Every veth is left as the kernel makes it (TX checksum offload on, GRO off,
+//! nothing attached to peers), as a node's pod interfaces are. Each backend runs `lb-test-server`, which answers TCP and UDP with its name.
 //! Everything is removed on drop, also when a test fails. No packet leaves these namespaces.
 
 use std::{
@@ -134,11 +135,6 @@ impl Topology {
         sh(&format!("ip -n {c} route add 10.96.0.0/12 via 10.0.0.254"))?;
         sh(&format!("ip -n {c} route add 10.0.0.0/8 via 10.0.0.254"))?;
         self.node_interfaces.push("c0".into());
-        // XDP_REDIRECT into a veth needs NAPI on the receiving peer: GRO on gives it that.
-        // TX checksum offload off: a veth otherwise hands XDP packets whose L4 checksum is only
-        // the partial pseudo-header sum, which a real NIC never delivers.
-        sh(&format!("ip netns exec {c} ethtool -K eth0 gro on tx off"))?;
-        self.attach_pass(&c)?;
         for (i, b) in self.backends.clone().iter().enumerate() {
             let i = i + 1;
             let nif = format!("b{i}");
@@ -152,8 +148,6 @@ impl Topology {
             sh(&format!(
                 "ip -n {n} addr add 10.0.{i}.1/24 dev {nif} && ip -n {n} link set {nif} up"
             ))?;
-            sh(&format!("ip netns exec {b} ethtool -K eth0 gro on tx off"))?;
-            self.attach_pass(b)?;
             self.node_interfaces.push(nif);
             let server = Command::new("ip")
                 .args(["netns", "exec", b])
@@ -175,31 +169,6 @@ impl Topology {
             })?;
         }
         Ok(())
-    }
-
-    /// Attaches the empty `lb_pass` XDP program natively to `eth0` in namespace `ns`, as a
-    /// physical NIC would behave: a veth only wakes up for frames another veth sends it with
-    /// XDP_TX (our ARP replies) when it has a native XDP program itself. The object's maps are
-    /// shrunk to one entry and pinned in a bpffs of the topology's own.
-    fn attach_pass(&self, ns: &str) -> Result<()> {
-        use aya::programs::{Xdp, XdpMode, links::FdLink};
-        let dir = self.dir.join("bpffs-pass");
-        lb_userspace::datapath::ensure_bpffs(&dir)?;
-        let link_path = dir.join(format!("link-{ns}"));
-        in_netns(ns, move || -> Result<()> {
-            let mut loader = aya::EbpfLoader::new();
-            loader.default_map_pin_directory(&dir);
-            for name in lb_common::map_names::ALL {
-                loader.map_max_entries(name, 1);
-            }
-            let mut ebpf = loader.load(lb_userspace::LB_EBPF)?;
-            let program: &mut Xdp = ebpf.program_mut("lb_pass").context("lb_pass")?.try_into()?;
-            program.load()?;
-            let id = program.attach("eth0", XdpMode::Driver)?;
-            FdLink::try_from(program.take_link(id)?)?.pin(&link_path)?;
-            Ok(())
-        })
-        .with_context(|| format!("attaching lb_pass in {ns}"))
     }
 
     /// Runs `f` in the client namespace.
@@ -382,11 +351,6 @@ impl Drop for Topology {
         }
         for ns in [&self.client, &self.node].into_iter().chain(&self.backends) {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        // The namespaces took their veths, and with them the lb_pass attachments.
-        let pass = self.dir.join("bpffs-pass");
-        if pass.exists() {
-            let _ = Command::new("umount").arg(&pass).status();
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

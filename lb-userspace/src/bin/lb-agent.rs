@@ -13,6 +13,7 @@ use lb_common::{
     DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES,
 };
 use lb_userspace::{
+    attach::{self, AttachMode},
     config::{self, BuildContext},
     datapath::{self, Datapath, Options},
     l2::{self, Announcer, Status},
@@ -30,9 +31,14 @@ struct Args {
     /// and L2AnnouncementPolicy objects (Cilium's kinds accepted too); reloaded when it changes.
     #[arg(long)]
     config: PathBuf,
-    /// Interface to attach the XDP program to (repeat for several).
+    /// Interface to balance traffic on (repeat for several).
     #[arg(long = "interface", required = true)]
     interfaces: Vec<String>,
+    /// Hooks per interface: auto (XDP with tc behind it on physical NICs with native XDP, tc on
+    /// virtual interfaces such as veths), xdp (XDP + tc everywhere: only for labs whose veths
+    /// deliver full checksums and have NAPI on every peer), tc (tc only).
+    #[arg(long, default_value = "auto")]
+    attach: AttachMode,
     /// bpffs directory for pinned maps and links (mounted if it is not a bpffs yet).
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     bpffs: PathBuf,
@@ -274,7 +280,7 @@ async fn main() -> Result<()> {
     let mut datapath = Datapath::load(&opts)?;
     let maps = PinnedMaps::open(&opts.bpffs, true)?;
     let reconciler = Reconciler::adopt(opts.limits()?, &maps.snapshot()?);
-    let announcer = Announcer::new(interfaces, &maps.arp)?;
+    let announcer = Announcer::new(interfaces.clone(), &maps.arp)?;
     let mut agent = Agent {
         config: args.config.clone(),
         cache: config::ConfigCache::default(),
@@ -291,18 +297,26 @@ async fn main() -> Result<()> {
     };
     let mut seen = fingerprint(&args.config);
     agent.reload();
-    for interface in &args.interfaces {
-        datapath
-            .attach(interface)
-            .with_context(|| format!("--interface {interface}"))?;
+    let mut attached = Vec::new();
+    for interface in &interfaces {
+        attached.push(
+            datapath
+                .attach(interface, args.attach)
+                .with_context(|| format!("--interface {}", interface.name))?,
+        );
     }
+    attach::write_interfaces(&args.state_dir, &attached)?;
     let reconciler = &agent.reconciler;
+    let hooks: Vec<String> = attached
+        .iter()
+        .map(|a| format!("{} {}", a.interface, a.hooks))
+        .collect();
     info!(
-        "lb-agent ready: {} services, {} frontends, {} backends; XDP on {}; maps in {}",
+        "lb-agent ready: {} services, {} frontends, {} backends; {}; maps in {}",
         reconciler.service_count(),
         reconciler.frontend_count(),
         reconciler.backend_count(),
-        args.interfaces.join(","),
+        hooks.join(", "),
         opts.bpffs.display()
     );
 

@@ -9,6 +9,7 @@ use lb_common::{
     port_from_wire,
 };
 use lb_userspace::{
+    attach,
     l2::{self, Status},
     maps::PinnedMaps,
     model::{Endpoint, Protocol, service_of},
@@ -53,6 +54,9 @@ enum Command {
     Arp,
     /// LoadBalancer IP pools (size, used) and each LoadBalancer Service's address or problem.
     Pools,
+    /// Interfaces the agent attached to: hooks (xdp+tc or tc), why, and whether the pinned links
+    /// are still there.
+    Interfaces,
 }
 
 fn addr(wire: u32) -> Ipv4Addr {
@@ -154,8 +158,10 @@ fn backend_name(maps: &PinnedMaps, id: u32) -> Result<String> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if let Command::Pools = args.command {
-        return pools(&args);
+    match args.command {
+        Command::Pools => return pools(&args),
+        Command::Interfaces => return interfaces(&args),
+        _ => {}
     }
     let maps = PinnedMaps::open(&args.bpffs, false)?;
     let json_out = args.output == Output::Json;
@@ -433,8 +439,58 @@ fn main() -> Result<()> {
                 );
             }
         }
-        Command::Pools => unreachable!("handled before the maps are opened"),
+        Command::Pools | Command::Interfaces => {
+            unreachable!("handled before the maps are opened")
+        }
     }
+    Ok(())
+}
+
+fn interfaces(args: &Args) -> Result<()> {
+    let attached = attach::read_interfaces(&args.state_dir)?;
+    let links = args.bpffs.join("links");
+    let pinned = |hook: &str, name: &str| links.join(format!("{hook}-{name}")).exists();
+    let out: Vec<Value> = attached
+        .iter()
+        .map(|a| {
+            let mut hooks = vec![];
+            if pinned("xdp", &a.interface) {
+                hooks.push("xdp");
+            }
+            if pinned("tc", &a.interface) {
+                hooks.push("tc");
+            }
+            json!({
+                "interface": a.interface,
+                "ifindex": a.ifindex,
+                "driver": a.driver,
+                "mode": a.hooks,
+                "pinned": hooks.join("+"),
+                "reason": a.reason,
+            })
+        })
+        .collect();
+    if args.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let cell = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let rows: Vec<Vec<String>> = out
+        .iter()
+        .map(|o| {
+            ["interface", "ifindex", "driver", "mode", "pinned", "reason"]
+                .iter()
+                .map(|k| cell(&o[*k]))
+                .collect()
+        })
+        .collect();
+    print_table(
+        &["INTERFACE", "IFINDEX", "DRIVER", "MODE", "PINNED", "WHY"],
+        &rows,
+    );
     Ok(())
 }
 

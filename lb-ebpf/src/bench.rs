@@ -1,0 +1,169 @@
+//! Benchmark-only programs and maps, in an object of their own so a node never loads or pins
+//! them: the traffic generator `lb_gen`, the sink `lb_sink`, the replaying datapath `lb_replay`
+//! and its floor `lb_replay_pass`, and the empty `lb_pass`. They share the node's pinned maps
+//! (and packet path) when loaded over the same bpffs directory.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::xdp_action,
+    helpers::bpf_xdp_store_bytes,
+    macros::{map, xdp},
+    maps::{Array, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{GEN_ARP, GenConfig, REPLAY_MAX, ReplayFrame};
+use lb_ebpf::{
+    lb::balance,
+    packet::ptr_at,
+    reject::{fold, sum_words},
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+#[map]
+static LB_GEN: Array<GenConfig> = Array::pinned(1, 0);
+
+#[map]
+static LB_GEN_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
+
+#[map]
+static LB_REPLAY: Array<ReplayFrame> = Array::pinned(1, 0);
+
+/// An empty program: the floor in benchmarks, and a way to give a veth peer the NAPI context that
+/// XDP_REDIRECT into it needs.
+#[xdp]
+pub fn lb_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// Benchmark traffic generator (run with BPF_PROG_TEST_RUN live frames): rewrites the template
+/// UDP frame's addresses and source port to the next flow (see [`GenConfig`]) and sends it with
+/// XDP_TX. Not attached by the agent.
+#[xdp]
+pub fn lb_gen(ctx: XdpContext) -> u32 {
+    try_gen(&ctx).unwrap_or(xdp_action::XDP_ABORTED)
+}
+
+#[inline(always)]
+fn try_gen(ctx: &XdpContext) -> Result<u32, ()> {
+    let cfg = *LB_GEN.get(0).ok_or(())?;
+    let counter = LB_GEN_COUNTERS.get_ptr_mut(0).ok_or(())?;
+    let n = unsafe { *counter };
+    unsafe { *counter = n + 1 };
+    let flow = if cfg.flows == 0 {
+        n
+    } else {
+        n % cfg.flows as u64
+    };
+    let vips = cfg.vip_count.max(1) as u64;
+    let rest = flow / vips;
+    let dst = (cfg.vip_base + (flow % vips) as u32).to_be();
+    let src = (cfg.src_base + (rest / 60_000) as u32).to_be();
+    let sport = (1024 + (rest % 60_000) as u16).to_be();
+    if cfg.mode == GEN_ARP {
+        // Ethernet + ARP request, all 42 bytes written: replies come back in the same pages.
+        let p: *mut [u8; 42] = ptr_at(ctx, 0)?;
+        let p = unsafe { &mut *p };
+        p[..12].copy_from_slice(&cfg.macs);
+        p[12] = 0x08;
+        p[13] = 0x06;
+        p[14..22].copy_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+        p[22..28].copy_from_slice(&cfg.macs[6..12]);
+        p[28..32].copy_from_slice(&src.to_ne_bytes());
+        p[32..38].copy_from_slice(&[0; 6]);
+        p[38..42].copy_from_slice(&dst.to_ne_bytes());
+        return Ok(xdp_action::XDP_TX);
+    }
+    const IP: usize = EthHdr::LEN;
+    const UDP: usize = IP + Ipv4Hdr::LEN;
+    let p: *mut [u8; UDP + 8] = ptr_at(ctx, 0)?;
+    let p = unsafe { &mut *p };
+    p[..12].copy_from_slice(&cfg.macs);
+    p[IP + 8] = 64; // TTL
+    p[IP + 10] = 0;
+    p[IP + 11] = 0;
+    p[IP + 12..IP + 16].copy_from_slice(&src.to_ne_bytes());
+    p[IP + 16..IP + 20].copy_from_slice(&dst.to_ne_bytes());
+    let sum = sum_words(&p[IP..IP + 20], 0);
+    p[IP + 10..IP + 12].copy_from_slice(&fold(sum).to_be_bytes());
+    p[UDP..UDP + 2].copy_from_slice(&sport.to_ne_bytes());
+    p[UDP + 2..UDP + 4].copy_from_slice(&cfg.dport.to_ne_bytes());
+    // UDP checksum 0: none.
+    p[UDP + 6] = 0;
+    p[UDP + 7] = 0;
+    Ok(xdp_action::XDP_TX)
+}
+
+/// Benchmark replay (BPF_PROG_TEST_RUN with repeat): BPF_PROG_TEST_RUN runs every repetition on
+/// the same buffer, so after its first run `lb` would see its own DNATed output (a miss). This
+/// first writes the frame in LB_REPLAY[0] back over the packet, then runs the real datapath.
+#[xdp]
+pub fn lb_replay(ctx: XdpContext) -> u32 {
+    if !replay(&ctx) {
+        return xdp_action::XDP_ABORTED;
+    }
+    balance(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+/// The floor for `lb_replay`: the same frame rewrite, then XDP_PASS.
+#[xdp]
+pub fn lb_replay_pass(ctx: XdpContext) -> u32 {
+    if !replay(&ctx) {
+        return xdp_action::XDP_ABORTED;
+    }
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn replay(ctx: &XdpContext) -> bool {
+    let Some(frame) = LB_REPLAY.get_ptr_mut(0) else {
+        return false;
+    };
+    let frame = unsafe { &mut *frame };
+    let len = frame.len;
+    if len == 0 || len as usize > REPLAY_MAX || len as usize != ctx.data_end() - ctx.data() {
+        return false;
+    }
+    let stored = unsafe {
+        bpf_xdp_store_bytes(
+            ctx.as_ptr() as *mut _,
+            0,
+            frame.data.as_mut_ptr() as *mut _,
+            // 1..=REPLAY_MAX in a form the verifier can follow (it equals len, checked above).
+            ((len - 1) & (REPLAY_MAX as u32 - 1)) + 1,
+        ) == 0
+    };
+    if !stored {
+        return false;
+    }
+    if frame.new_flow != 0 {
+        // Source port and the low 16 bits of the source address from the run counter.
+        let n = frame.counter;
+        frame.counter = n.wrapping_add(1);
+        const SRC: usize = EthHdr::LEN + 12;
+        const SPORT: usize = EthHdr::LEN + Ipv4Hdr::LEN;
+        let Ok(p) = ptr_at::<_, [u8; SPORT + 2]>(ctx, 0) else {
+            return false;
+        };
+        let p = unsafe { &mut *p };
+        p[SRC + 2..SRC + 4].copy_from_slice(&((n >> 16) as u16).to_be_bytes());
+        p[SPORT..SPORT + 2].copy_from_slice(&((n as u16) | 1024).to_be_bytes());
+    }
+    true
+}
+
+/// Benchmark sink: counts and drops what reaches it.
+#[xdp]
+pub fn lb_sink(_ctx: XdpContext) -> u32 {
+    if let Some(c) = LB_GEN_COUNTERS.get_ptr_mut(1) {
+        unsafe { *c += 1 };
+    }
+    xdp_action::XDP_DROP
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,118 @@
+//! The packet path of a node's interfaces, the same for XDP and tc. It reads top to bottom:
+//!
+//! Ethernet → ARP request for an announced address? answer it.
+//! IPv4 (no fragments) → TCP/UDP → TTL ≤ 1? the kernel's (it answers Time Exceeded) →
+//!   conntrack hit on the 5-tuple (one lookup serves both directions):
+//!     forward entry (client → frontend) → DNAT to the backend it holds;
+//!     reply entry (backend → client) → rewrite the source back to the frontend;
+//!   else frontend hit (vip, port, proto) → policies → Maglev → backend; conntrack insert; DNAT;
+//!   else untouched.
+//! A frontend without endpoints answers TCP with a RST; loadBalancerSourceRanges drop others.
+
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use lb_common::Counters;
+
+use crate::{
+    arp,
+    conntrack::{self, Hit, NO_NEXTHOP},
+    maps::{LB_BACKEND_STATS, LB_FRONTEND_STATS, LB_NEXTHOPS},
+    nat::{self, Side},
+    packet::Packet,
+    parse::{self, Parsed},
+    reject,
+    service::{self, NoPick},
+};
+
+#[inline(always)]
+pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
+    let flow = match parse::parse(ctx)? {
+        Parsed::Arp => return arp::reply(ctx),
+        Parsed::Other => return Ok(P::PASS),
+        Parsed::Flow(flow) => flow,
+    };
+    if flow.ttl <= 1 {
+        return Ok(P::PASS);
+    }
+    let len = ctx.len();
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+
+    match conntrack::lookup(&flow, now) {
+        Hit::Reply(entry) => {
+            let entry = unsafe { &mut *entry };
+            let frontend = (entry.nat_addr, entry.nat_port);
+            return Ok(nat::translate(
+                ctx,
+                &flow,
+                Side::Source,
+                frontend,
+                now,
+                Some(&mut entry.nexthop),
+            ));
+        }
+        Hit::Forward(entry) => {
+            let entry = unsafe { &mut *entry };
+            let backend = (entry.nat_addr, entry.nat_port);
+            let (frontend_id, backend_id) = (entry.frontend_id, entry.backend_id);
+            let verdict = nat::translate(
+                ctx,
+                &flow,
+                Side::Destination,
+                backend,
+                now,
+                Some(&mut entry.nexthop),
+            );
+            count(ctx, verdict, frontend_id, backend_id, len);
+            return Ok(verdict);
+        }
+        Hit::Miss => {}
+    }
+
+    let Some(frontend) = service::frontend(flow.dst_addr, flow.dst_port, flow.proto) else {
+        return Ok(P::PASS);
+    };
+    let pick = match service::pick(
+        &frontend,
+        (flow.src_addr, flow.src_port),
+        (flow.dst_addr, flow.dst_port),
+        flow.proto,
+        now,
+    ) {
+        Ok(pick) => pick,
+        Err(NoPick::SourceDenied) => return Ok(P::DROP),
+        Err(NoPick::NoEndpoint) => return reject::no_endpoint(ctx, &flow),
+        Err(NoPick::NotService | NoPick::Unavailable) => return Ok(P::PASS),
+    };
+    // The flow's entry starts from the backend's next hop as last resolved (checked again
+    // before use, like any cache).
+    let nexthop = LB_NEXTHOPS
+        .get_ptr_mut(pick.backend_id)
+        .map(|n| unsafe { &mut *n });
+    conntrack::insert(
+        &flow,
+        &pick,
+        now,
+        nexthop.as_ref().map_or(&NO_NEXTHOP, |n| &**n),
+    );
+    let backend = (pick.backend.addr, pick.backend.port);
+    let verdict = nat::translate(ctx, &flow, Side::Destination, backend, now, nexthop);
+    count(ctx, verdict, pick.frontend_id, pick.backend_id, len);
+    Ok(verdict)
+}
+
+/// Counts a forwarded packet once: not when XDP leaves it to tc.
+#[inline(always)]
+fn count<P: Packet>(_ctx: &P, verdict: u32, frontend_id: u32, backend_id: u32, len: u64) {
+    if P::IS_XDP && verdict == P::PASS {
+        return;
+    }
+    for (map, index) in [
+        (&LB_FRONTEND_STATS, frontend_id),
+        (&LB_BACKEND_STATS, backend_id),
+    ] {
+        if let Some(c) = map.get_ptr_mut(index) {
+            let c: &mut Counters = unsafe { &mut *c };
+            c.packets += 1;
+            c.bytes += len;
+        }
+    }
+}
