@@ -32,11 +32,13 @@ pub mod map_names {
     pub const NEXTHOPS: &str = "LB_NEXTHOPS";
     /// Interfaces that take XDP frames (a DEVMAP_HASH by ifindex).
     pub const XDP_TARGETS: &str = "LB_XDP_TARGETS";
+    /// Socket-level balancing: what each balanced socket's backend stands for (LRU).
+    pub const SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
     /// Created by the agent, never read by the datapath: service names for `lbctl`.
     pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 
     /// Every map a node pins, the agent's own last.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         FRONTENDS,
         BACKENDS,
         MAGLEV,
@@ -49,6 +51,7 @@ pub mod map_names {
         SOURCE_RANGES,
         NEXTHOPS,
         XDP_TARGETS,
+        SOCK_REVNAT,
         SERVICE_NAMES,
     ];
 
@@ -76,6 +79,8 @@ pub const DEFAULT_AFFINITY_SIZE: u32 = 65_536;
 pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 /// Announced (interface, address) pairs the ARP responder can hold.
 pub const DEFAULT_MAX_ANNOUNCEMENTS: u32 = 4_096;
+/// Sockets balanced at connect()/sendmsg() whose reverse translation is remembered (LRU).
+pub const DEFAULT_SOCK_REVNAT_SIZE: u32 = 262_144;
 /// Interfaces the XDP fast path may redirect to.
 pub const DEFAULT_MAX_INTERFACES: u32 = 1_024;
 
@@ -324,6 +329,34 @@ pub struct Config {
 }
 const _: () = assert!(size_of::<Config>() == 8);
 
+/// Socket-level balancing: a socket (by cookie) talking to a backend address it was given in
+/// place of a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    /// Backend address and port, network byte order.
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<SockRevKey>() == 16);
+
+/// The frontend a balanced socket's backend stands for: what getpeername() and the source of
+/// received datagrams show.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockRevEntry {
+    /// Frontend address and port, network byte order.
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub backend_id: u32,
+    pub frontend_id: u32,
+}
+const _: () = assert!(size_of::<SockRevEntry>() == 16);
+
 /// Service name for `lbctl` ("ns/name:port"), NUL padded.
 pub const SERVICE_NAME_LEN: usize = 124;
 #[repr(C)]
@@ -358,6 +391,8 @@ const _: () = assert!(size_of::<ArpEntry>() == 16);
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for ArpKey {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevEntry {}
     unsafe impl aya::Pod for GenConfig {}
     unsafe impl aya::Pod for ReplayFrame {}
     unsafe impl aya::Pod for NextHop {}

@@ -10,7 +10,7 @@
 //! A frontend without endpoints answers TCP with a RST; loadBalancerSourceRanges drop others.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use lb_common::Counters;
+use lb_common::{Counters, hash::flow_hash};
 
 use crate::{
     arp,
@@ -70,17 +70,20 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
     let Some(frontend) = service::frontend(flow.dst_addr, flow.dst_port, flow.proto) else {
         return Ok(P::PASS);
     };
-    let pick = match service::pick(
-        &frontend,
-        (flow.src_addr, flow.src_port),
-        (flow.dst_addr, flow.dst_port),
+    if !service::source_allowed(&frontend, flow.src_addr) {
+        return Ok(P::DROP);
+    }
+    let hash = flow_hash(
+        flow.src_addr,
+        flow.dst_addr,
+        flow.src_port,
+        flow.dst_port,
         flow.proto,
-        now,
-    ) {
+    );
+    let pick = match service::pick(&frontend, hash, flow.src_addr, now) {
         Ok(pick) => pick,
-        Err(NoPick::SourceDenied) => return Ok(P::DROP),
         Err(NoPick::NoEndpoint) => return reject::no_endpoint(ctx, &flow),
-        Err(NoPick::NotService | NoPick::Unavailable) => return Ok(P::PASS),
+        Err(NoPick::Unavailable) => return Ok(P::PASS),
     };
     // The flow's entry starts from the backend's next hop as last resolved (checked again
     // before use, like any cache).

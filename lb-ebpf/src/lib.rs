@@ -8,6 +8,7 @@
 //! - [`nat`]: DNAT / rev-NAT, next hop, send;
 //! - [`arp`]: the ARP responder;
 //! - [`reject`]: answers for services without endpoints;
+//! - [`sock`]: socket-level balancing for the node's own clients (cgroup hooks);
 //! - [`packet`]: what XDP frames and tc skbs each do differently (checksums, sending);
 //! - [`maps`]: every pinned map.
 #![no_std]
@@ -21,3 +22,4 @@ pub mod packet;
 pub mod parse;
 pub mod reject;
 pub mod service;
+pub mod sock;

@@ -4,15 +4,17 @@
 //!   leaves untouched to `lb_tc` on the same interface.
 //! - `lb_tc` (tcx ingress) everywhere else (veths: partial checksums, no NAPI on the peer), and
 //!   behind `lb`.
+//! - `lb_connect4`, `lb_sendmsg4`, `lb_recvmsg4`, `lb_getpeername4` (cgroup v2) for clients on
+//!   the node itself, host and pods alike.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, xdp_action},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
-use lb_ebpf::lb::balance;
+use lb_ebpf::{lb::balance, sock};
 
 #[xdp]
 pub fn lb(ctx: XdpContext) -> u32 {
@@ -23,6 +25,26 @@ pub fn lb(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
     balance(&ctx).map_or(TC_ACT_OK as i32, |v| v as i32)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::to_frontend(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::to_frontend(&ctx)
 }
 
 #[cfg(not(test))]

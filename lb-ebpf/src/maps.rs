@@ -8,7 +8,8 @@ use lb_common::{
     AffinityEntry, AffinityKey, ArpEntry, ArpKey, Backend, Config, Counters, CtEntry, CtKey,
     DEFAULT_AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_ANNOUNCEMENTS,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_INTERFACES, DEFAULT_MAX_SERVICES,
-    DEFAULT_MAX_SOURCE_RANGES, Frontend, FrontendKey, MAGLEV_SPARE_BLOCKS, NextHop, SourceRange,
+    DEFAULT_MAX_SOURCE_RANGES, DEFAULT_SOCK_REVNAT_SIZE, Frontend, FrontendKey,
+    MAGLEV_SPARE_BLOCKS, NextHop, SockRevEntry, SockRevKey, SourceRange,
 };
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -58,3 +59,9 @@ pub static LB_NEXTHOPS: Array<NextHop> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 /// interfaces it runs XDP on; XDP hands anything bound elsewhere to tc untouched.
 #[map]
 pub static LB_XDP_TARGETS: DevMapHash = DevMapHash::pinned(DEFAULT_MAX_INTERFACES, 0);
+
+/// Socket-level balancing: (socket cookie, backend) → the frontend it stands for. LRU, so it is
+/// bounded; a socket whose entry was evicted shows the backend address to getpeername().
+#[map]
+pub static LB_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevEntry> =
+    LruHashMap::pinned(DEFAULT_SOCK_REVNAT_SIZE, 0);

@@ -4,7 +4,7 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, Frontend, FrontendKey, SourceRange, backend_state,
-    frontend_flags, hash::flow_hash,
+    frontend_flags,
 };
 
 use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_FRONTENDS, LB_MAGLEV, LB_SOURCE_RANGES};
@@ -18,10 +18,6 @@ pub struct Pick {
 
 /// Why no backend was chosen.
 pub enum NoPick {
-    /// Not a frontend: the packet is not ours.
-    NotService,
-    /// loadBalancerSourceRanges keeps this client out.
-    SourceDenied,
     /// The service has no usable endpoint.
     NoEndpoint,
     /// Tables in flux (an empty slot, a backend just removed): leave the packet to the kernel.
@@ -39,34 +35,33 @@ pub fn frontend(addr: u32, port: u16, proto: u8) -> Option<Frontend> {
     unsafe { LB_FRONTENDS.get(&key) }.copied()
 }
 
-/// Chooses the backend for a new flow `src:sport → dst:dport/proto` of frontend `frontend`.
+/// Does loadBalancerSourceRanges let `src_addr` in?
 #[inline(always)]
-pub fn pick(
-    frontend: &Frontend,
-    (src_addr, src_port): (u32, u16),
-    (dst_addr, dst_port): (u32, u16),
-    proto: u8,
-    now: u64,
-) -> Result<Pick, NoPick> {
-    if frontend.flags & frontend_flags::SOURCE_RANGES != 0 {
-        let key = Key::new(
-            64,
-            SourceRange {
-                service_id_be: frontend.service_id.to_be(),
-                addr: src_addr,
-            },
-        );
-        if LB_SOURCE_RANGES.get(&key).is_none() {
-            return Err(NoPick::SourceDenied);
-        }
+pub fn source_allowed(frontend: &Frontend, src_addr: u32) -> bool {
+    if frontend.flags & frontend_flags::SOURCE_RANGES == 0 {
+        return true;
     }
+    let key = Key::new(
+        64,
+        SourceRange {
+            service_id_be: frontend.service_id.to_be(),
+            addr: src_addr,
+        },
+    );
+    LB_SOURCE_RANGES.get(&key).is_some()
+}
+
+/// Chooses the backend for a new flow of `frontend`: the client's backend under ClientIP
+/// affinity (`client` is its address, or what stands for it), else the Maglev slot of `hash`.
+#[inline(always)]
+pub fn pick(frontend: &Frontend, hash: u32, client: u32, now: u64) -> Result<Pick, NoPick> {
     if frontend.backend_count == 0 {
         return Err(NoPick::NoEndpoint);
     }
     let affinity = frontend.flags & frontend_flags::AFFINITY != 0;
     let affinity_key = AffinityKey {
         service_id: frontend.service_id,
-        client: src_addr,
+        client,
     };
     let mut backend_id = 0;
     if affinity {
@@ -81,7 +76,7 @@ pub fn pick(
         if frontend.maglev_size == 0 {
             return Err(NoPick::Unavailable);
         }
-        let slot = flow_hash(src_addr, dst_addr, src_port, dst_port, proto) % frontend.maglev_size;
+        let slot = hash % frontend.maglev_size;
         backend_id = match LB_MAGLEV.get(frontend.maglev_offset + slot) {
             Some(id) if *id != 0 => *id,
             _ => return Err(NoPick::Unavailable),

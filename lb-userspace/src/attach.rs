@@ -67,17 +67,25 @@ pub struct Attached {
     pub ipv4: Vec<Ipv4Addr>,
 }
 
+/// Where the agent hooked in, written to `--state-dir`/interfaces.json.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hooked {
+    /// The cgroup the socket hooks are attached to (None: socket balancing off).
+    pub cgroup: Option<std::path::PathBuf>,
+    pub interfaces: Vec<Attached>,
+}
+
 pub const INTERFACES_FILE: &str = "interfaces.json";
 
-pub fn write_interfaces(dir: &Path, attached: &[Attached]) -> Result<()> {
+pub fn write_interfaces(dir: &Path, hooked: &Hooked) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(".interfaces.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(attached)?)?;
+    std::fs::write(&tmp, serde_json::to_vec_pretty(hooked)?)?;
     std::fs::rename(&tmp, dir.join(INTERFACES_FILE))?;
     Ok(())
 }
 
-pub fn read_interfaces(dir: &Path) -> Result<Vec<Attached>> {
+pub fn read_interfaces(dir: &Path) -> Result<Hooked> {
     let path = dir.join(INTERFACES_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(

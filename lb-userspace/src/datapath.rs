@@ -13,7 +13,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, MapData},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
@@ -42,6 +42,8 @@ pub struct Options {
     pub max_frontends: u32,
     pub max_backends: u32,
     pub conntrack_size: u32,
+    /// Sockets whose reverse translation (getpeername, datagram sources) is remembered.
+    pub sock_revnat_size: u32,
 }
 
 impl Options {
@@ -92,6 +94,7 @@ impl Options {
             (map_names::FRONTEND_STATS, self.max_frontends),
             (map_names::BACKEND_STATS, self.max_backends),
             (map_names::NEXTHOPS, self.max_backends),
+            (map_names::SOCK_REVNAT, self.sock_revnat_size),
             (map_names::SERVICE_NAMES, self.max_services),
         ])
     }
@@ -146,6 +149,13 @@ pub struct Datapath {
 /// Programs of the node's object.
 pub const XDP_PROGRAM: &str = "lb";
 pub const TC_PROGRAM: &str = "lb_tc";
+/// Socket-level balancing (cgroup v2 sock_addr hooks).
+pub const SOCK_PROGRAMS: [&str; 4] = [
+    "lb_connect4",
+    "lb_sendmsg4",
+    "lb_recvmsg4",
+    "lb_getpeername4",
+];
 
 impl Datapath {
     /// Loads the node's programs; maps already pinned under `opts.bpffs` are reused (traffic
@@ -230,6 +240,15 @@ impl Datapath {
             .context("program lb_tc")?
             .try_into()?;
         tc.load().context("loading tc program lb_tc (verifier)")?;
+        for name in SOCK_PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name}"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("loading {name} (verifier)"))?;
+        }
         Ok(Self {
             ebpf,
             bench: None,
@@ -321,6 +340,44 @@ impl Datapath {
             reason,
             ipv4: interface.ipv4.clone(),
         })
+    }
+
+    /// Attaches the socket hooks to cgroup `dir` (every process in it and below is balanced at
+    /// connect()/sendmsg()), or with None detaches those of an earlier run. A restart attaches
+    /// the new programs first and only then drops the old links, so no connect() is missed.
+    pub fn attach_cgroup(&mut self, dir: Option<&Path>) -> Result<()> {
+        let links = self.opts.bpffs.join("links");
+        fs::create_dir_all(&links)?;
+        let cgroup = match dir {
+            Some(dir) => {
+                Some(fs::File::open(dir).with_context(|| format!("--cgroup {}", dir.display()))?)
+            }
+            None => None,
+        };
+        for name in SOCK_PROGRAMS {
+            let path = links.join(format!("cgroup-{name}"));
+            let old = PinnedLink::from_pin(&path).ok();
+            let _ = fs::remove_file(&path);
+            if let Some(cgroup) = &cgroup {
+                let program: &mut CgroupSockAddr = self
+                    .ebpf
+                    .program_mut(name)
+                    .with_context(|| format!("program {name}"))?
+                    .try_into()?;
+                let id = program
+                    // A link attach takes no flags (BPF_F_ALLOW_MULTI is EINVAL there); links always stack.
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {name} to the cgroup"))?;
+                FdLink::try_from(program.take_link(id)?)?
+                    .pin(&path)
+                    .with_context(|| format!("pinning link {}", path.display()))?;
+            }
+            if let Some(old) = old {
+                // Dropping the unpinned link detaches the old program.
+                drop(old.unpin());
+            }
+        }
+        Ok(())
     }
 
     fn xdp_targets(&mut self) -> Result<DevMapHash<&mut MapData>> {
@@ -431,4 +488,20 @@ pub fn cleanup(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The cgroup v2 mount of this mount namespace (the default `--cgroup`: every process on the node).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mounts =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    mounts
+        .lines()
+        .find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .context(
+            "no cgroup v2 mount found; give --cgroup DIR, or --cgroup none for no socket balancing",
+        )
 }

@@ -15,7 +15,7 @@ use aya::maps::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, ArpEntry, ArpKey, Backend, Counters, CtEntry, CtKey, Frontend,
-    FrontendKey, ServiceName, SourceRange, ipv4_to_wire, map_names,
+    FrontendKey, ServiceName, SockRevEntry, SockRevKey, SourceRange, ipv4_to_wire, map_names,
 };
 
 /// What the reconciler needs from the datapath's maps. The in-memory implementation in
@@ -139,6 +139,7 @@ pub struct PinnedMaps {
     pub arp: HashMap<MapData, ArpKey, ArpEntry>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
+    pub sock_revnat: HashMap<MapData, SockRevKey, SockRevEntry>,
 }
 
 /// The LPM key of one source range of a service.
@@ -177,6 +178,7 @@ impl PinnedMaps {
             arp: HashMap::try_from(open_map(dir, map_names::ARP)?)?,
             affinity: HashMap::try_from(open_map(dir, map_names::AFFINITY)?)?,
             source_ranges: LpmTrie::try_from(open_map(dir, map_names::SOURCE_RANGES)?)?,
+            sock_revnat: HashMap::try_from(open_map(dir, map_names::SOCK_REVNAT)?)?,
         })
     }
 
@@ -309,7 +311,12 @@ impl PinnedMaps {
 
 impl PinnedMaps {
     pub fn conntrack_capacity(&self) -> Result<u32> {
-        let data = MapData::from_pin(self.dir.join(map_names::CONNTRACK))?;
+        self.capacity(map_names::CONNTRACK)
+    }
+
+    /// max_entries of pinned map `name`.
+    pub fn capacity(&self, name: &str) -> Result<u32> {
+        let data = MapData::from_pin(self.dir.join(name))?;
         Ok(data.info()?.max_entries())
     }
 }

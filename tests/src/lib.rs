@@ -242,6 +242,10 @@ impl Topology {
         for i in &self.node_interfaces {
             cmd.args(["--interface", i]);
         }
+        // The packet path is tested with socket balancing off; tests of it pass --cgroup.
+        if !extra.contains(&"--cgroup") {
+            cmd.args(["--cgroup", "none"]);
+        }
         cmd.args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -259,6 +263,47 @@ impl Topology {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+
+    /// A cgroup v2 directory of this topology's own (cgroup2 mounted under its temp dir, since
+    /// `ip netns exec` hides /sys), for `lb-agent --cgroup` and [`Topology::client_in_cgroup`].
+    pub fn test_cgroup(&self) -> Result<PathBuf> {
+        let mount = self.dir.join("cgroup2");
+        let cgroup = mount.join(&self.prefix);
+        if !cgroup.exists() {
+            fs::create_dir_all(&mount)?;
+            sh(&format!("mount -t cgroup2 none {}", mount.display()))?;
+            fs::create_dir(&cgroup)?;
+        }
+        Ok(cgroup)
+    }
+
+    /// Runs `lb-test-client ARGS` in namespace `ns` as a process of cgroup `cgroup` (it moves
+    /// itself there before it execs); returns its output lines.
+    pub fn client_in_cgroup(
+        ns: &str,
+        cgroup: &std::path::Path,
+        args: &[&str],
+    ) -> Result<Vec<String>> {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec ip netns exec {ns} \"$0\" \"$@\"",
+                cgroup.display()
+            ))
+            .arg(sibling_binary("lb-test-client"))
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "lb-test-client {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?
+            .lines()
+            .map(str::to_string)
+            .collect())
     }
 
     /// Stops the agent with SIGTERM and waits for it.
@@ -352,6 +397,11 @@ impl Drop for Topology {
         for ns in [&self.client, &self.node].into_iter().chain(&self.backends) {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+        let cgroup_mount = self.dir.join("cgroup2");
+        if cgroup_mount.exists() {
+            let _ = fs::remove_dir(cgroup_mount.join(&self.prefix));
+            let _ = Command::new("umount").arg(&cgroup_mount).status();
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -394,4 +444,95 @@ pub fn udp_ask(to: SocketAddr) -> Result<(SocketAddr, String)> {
     let mut buf = [0u8; 256];
     let (n, from) = socket.recv_from(&mut buf).context("no UDP reply")?;
     Ok((from, String::from_utf8_lossy(&buf[..n]).trim().to_string()))
+}
+
+/// IPv4 TCP/UDP packets seen on one interface: (source, destination) as `ip:port`.
+pub struct Capture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<Vec<(SocketAddr, SocketAddr)>>>>,
+}
+
+impl Capture {
+    /// Starts a packet socket on `iface` in namespace `ns` (returns once it is open).
+    pub fn start(ns: &str, iface: &str) -> Result<Self> {
+        use pnet::datalink::{self, Channel, Config};
+        use pnet::packet::{
+            Packet, ethernet::EthernetPacket, ip::IpNextHeaderProtocols, ipv4::Ipv4Packet,
+        };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let path = format!("/run/netns/{ns}");
+        let (flag, iface) = (stop.clone(), iface.to_string());
+        let thread = std::thread::spawn(move || -> Result<Vec<(SocketAddr, SocketAddr)>> {
+            let file = fs::File::open(&path)?;
+            // SAFETY: setns on this thread only.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns {path}: {}", std::io::Error::last_os_error());
+            }
+            let interface = datalink::interfaces()
+                .into_iter()
+                .find(|i| i.name == iface)
+                .with_context(|| format!("no interface {iface}"))?;
+            let config = Config {
+                read_timeout: Some(Duration::from_millis(50)),
+                ..Default::default()
+            };
+            let Channel::Ethernet(_, mut rx) = datalink::channel(&interface, config)? else {
+                bail!("unexpected channel type");
+            };
+            let _ = ready_tx.send(());
+            let mut seen = Vec::new();
+            while !flag.load(Ordering::SeqCst) {
+                let Ok(frame) = rx.next() else { continue };
+                let Some(eth) = EthernetPacket::new(frame) else {
+                    continue;
+                };
+                let Some(ip) = Ipv4Packet::new(eth.payload()) else {
+                    continue;
+                };
+                if eth.get_ethertype().0 != 0x0800 {
+                    continue;
+                }
+                let l4 = ip.payload();
+                let proto = ip.get_next_level_protocol();
+                if (proto != IpNextHeaderProtocols::Tcp && proto != IpNextHeaderProtocols::Udp)
+                    || l4.len() < 4
+                {
+                    continue;
+                }
+                let port = |i: usize| u16::from_be_bytes([l4[i], l4[i + 1]]);
+                seen.push((
+                    SocketAddr::from((ip.get_source(), port(0))),
+                    SocketAddr::from((ip.get_destination(), port(2))),
+                ));
+            }
+            Ok(seen)
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .context("packet capture did not start")?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops and returns what was seen.
+    pub fn finish(mut self) -> Result<Vec<(SocketAddr, SocketAddr)>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .map_err(|_| anyhow::anyhow!("capture thread panicked"))?
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

@@ -79,6 +79,7 @@ fn options() -> Options {
         max_frontends: 64,
         max_backends: 64,
         conntrack_size: DEFAULT_CONNTRACK_SIZE,
+        sock_revnat_size: lb_common::DEFAULT_SOCK_REVNAT_SIZE,
     }
 }
 

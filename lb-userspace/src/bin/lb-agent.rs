@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use lb_common::{
     DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES,
+    DEFAULT_SOCK_REVNAT_SIZE,
 };
 use lb_userspace::{
     attach::{self, AttachMode},
@@ -39,6 +40,15 @@ struct Args {
     /// deliver full checksums and have NAPI on every peer), tc (tc only).
     #[arg(long, default_value = "auto")]
     attach: AttachMode,
+    /// cgroup v2 directory whose processes (host and pods alike) are balanced at the socket:
+    /// connect()/sendmsg() to a frontend go straight to a backend. Default: the cgroup v2 mount
+    /// root (every process on the node); "none" turns socket balancing off.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Sockets whose reverse translation (getpeername, source of received datagrams) is kept
+    /// (LRU).
+    #[arg(long, default_value_t = DEFAULT_SOCK_REVNAT_SIZE)]
+    sock_revnat_size: u32,
     /// bpffs directory for pinned maps and links (mounted if it is not a bpffs yet).
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     bpffs: PathBuf,
@@ -245,6 +255,12 @@ async fn main() -> Result<()> {
         max_frontends: args.max_frontends,
         max_backends: args.max_backends,
         conntrack_size: args.conntrack_size,
+        sock_revnat_size: args.sock_revnat_size,
+    };
+    let cgroup = match &args.cgroup {
+        Some(dir) if dir.as_os_str() == "none" => None,
+        Some(dir) => Some(dir.clone()),
+        None => Some(datapath::cgroup2_root()?),
     };
     std::fs::metadata(&args.config)
         .with_context(|| format!("--config {}", args.config.display()))?;
@@ -305,14 +321,26 @@ async fn main() -> Result<()> {
                 .with_context(|| format!("--interface {}", interface.name))?,
         );
     }
-    attach::write_interfaces(&args.state_dir, &attached)?;
+    datapath.attach_cgroup(cgroup.as_deref())?;
+    attach::write_interfaces(
+        &args.state_dir,
+        &attach::Hooked {
+            cgroup: cgroup.clone(),
+            interfaces: attached.clone(),
+        },
+    )?;
     let reconciler = &agent.reconciler;
     let hooks: Vec<String> = attached
         .iter()
         .map(|a| format!("{} {}", a.interface, a.hooks))
         .collect();
+    let sockets = cgroup
+        .as_ref()
+        .map_or("socket balancing off".to_string(), |c| {
+            format!("sockets of cgroup {}", c.display())
+        });
     info!(
-        "lb-agent ready: {} services, {} frontends, {} backends; {}; maps in {}",
+        "lb-agent ready: {} services, {} frontends, {} backends; {}; {sockets}; maps in {}",
         reconciler.service_count(),
         reconciler.frontend_count(),
         reconciler.backend_count(),

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::{
-    CT_DIR_FORWARD, Frontend, FrontendKey, backend_state, frontend_type, ipv4_from_wire,
+    CT_DIR_FORWARD, Frontend, FrontendKey, backend_state, frontend_type, ipv4_from_wire, map_names,
     port_from_wire,
 };
 use lb_userspace::{
@@ -310,8 +310,11 @@ fn main() -> Result<()> {
             }
             let entries = maps.conntrack.keys().count();
             let capacity = maps.conntrack_capacity()?;
+            let sockets = maps.sock_revnat.keys().count();
+            let sockets_capacity = maps.capacity(map_names::SOCK_REVNAT)?;
             let out = json!({"frontends": fe_out, "backends": be_out,
-                "conntrack": {"entries": entries, "capacity": capacity}});
+                "conntrack": {"entries": entries, "capacity": capacity},
+                "socket_revnat": {"entries": sockets, "capacity": sockets_capacity}});
             if json_out {
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
@@ -342,6 +345,10 @@ fn main() -> Result<()> {
                 println!(
                     "\nconntrack: {entries}/{capacity} entries ({:.1}%)",
                     100.0 * entries as f64 / capacity.max(1) as f64
+                );
+                println!(
+                    "socket reverse translations: {sockets}/{sockets_capacity} entries ({:.1}%)",
+                    100.0 * sockets as f64 / sockets_capacity.max(1) as f64
                 );
             }
         }
@@ -447,10 +454,15 @@ fn main() -> Result<()> {
 }
 
 fn interfaces(args: &Args) -> Result<()> {
-    let attached = attach::read_interfaces(&args.state_dir)?;
+    let hooked = attach::read_interfaces(&args.state_dir)?;
     let links = args.bpffs.join("links");
     let pinned = |hook: &str, name: &str| links.join(format!("{hook}-{name}")).exists();
-    let out: Vec<Value> = attached
+    let sockets = lb_userspace::datapath::SOCK_PROGRAMS
+        .iter()
+        .filter(|p| pinned("cgroup", p))
+        .count();
+    let out: Vec<Value> = hooked
+        .interfaces
         .iter()
         .map(|a| {
             let mut hooks = vec![];
@@ -470,8 +482,15 @@ fn interfaces(args: &Args) -> Result<()> {
             })
         })
         .collect();
+    let cgroup = json!({
+        "path": hooked.cgroup,
+        "hooks_pinned": sockets,
+    });
     if args.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"interfaces": out, "cgroup": cgroup}))?
+        );
         return Ok(());
     }
     let cell = |v: &Value| match v {
@@ -491,6 +510,13 @@ fn interfaces(args: &Args) -> Result<()> {
         &["INTERFACE", "IFINDEX", "DRIVER", "MODE", "PINNED", "WHY"],
         &rows,
     );
+    match &hooked.cgroup {
+        Some(path) => println!(
+            "\nsocket balancing: cgroup {} ({sockets}/4 hooks pinned)",
+            path.display()
+        ),
+        None => println!("\nsocket balancing: off (--cgroup none)"),
+    }
     Ok(())
 }
 

@@ -1,0 +1,89 @@
+//! Test client, started by the socket-balancing tests inside a test cgroup (a process, so the
+//! cgroup applies to it alone). One line per exchange on stdout:
+//! `peer=<what getpeername/recv_from showed> name=<backend name>` or `error=<kind> ms=<elapsed>`.
+//!
+//! lb-test-client tcp|udp|udp-connected ADDR COUNT [--hold SECONDS]
+//! `--hold`: udp-connected keeps one socket and asks once a second for SECONDS (a client whose
+//! backend may go away meanwhile).
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+fn tcp(to: SocketAddr) -> std::io::Result<(SocketAddr, String)> {
+    let stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let peer = stream.peer_addr()?;
+    (&stream).write_all(b"who\n")?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    Ok((peer, line.trim().to_string()))
+}
+
+fn udp_ask(socket: &UdpSocket, to: Option<SocketAddr>) -> std::io::Result<(SocketAddr, String)> {
+    match to {
+        Some(to) => socket.send_to(b"who", to)?,
+        None => socket.send(b"who")?,
+    };
+    let mut buf = [0u8; 256];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    let peer = if to.is_some() {
+        from
+    } else {
+        socket.peer_addr()?
+    };
+    Ok((peer, String::from_utf8_lossy(&buf[..n]).trim().to_string()))
+}
+
+fn udp(to: SocketAddr, connected: bool) -> std::io::Result<(UdpSocket, SocketAddr, String)> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    if connected {
+        socket.connect(to)?;
+    }
+    let (peer, name) = udp_ask(&socket, (!connected).then_some(to))?;
+    Ok((socket, peer, name))
+}
+
+fn report(result: std::io::Result<(SocketAddr, String)>, start: Instant) {
+    match result {
+        Ok((peer, name)) => println!("peer={peer} name={name}"),
+        Err(e) => println!("error={:?} ms={}", e.kind(), start.elapsed().as_millis()),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    anyhow::ensure!(
+        args.len() >= 3,
+        "usage: lb-test-client tcp|udp|udp-connected ADDR COUNT [--hold SECONDS]"
+    );
+    let to: SocketAddr = args[1].parse()?;
+    let count: usize = args[2].parse()?;
+    let hold: u64 = match args.get(3).map(String::as_str) {
+        Some("--hold") => args.get(4).map_or(Ok(0), |s| s.parse())?,
+        _ => 0,
+    };
+    for _ in 0..count {
+        let start = Instant::now();
+        match args[0].as_str() {
+            "tcp" => report(tcp(to), start),
+            "udp" => report(udp(to, false).map(|(_, p, n)| (p, n)), start),
+            "udp-connected" => match udp(to, true) {
+                Ok((socket, peer, name)) => {
+                    println!("peer={peer} name={name}");
+                    for _ in 0..hold {
+                        std::thread::sleep(Duration::from_secs(1));
+                        let start = Instant::now();
+                        report(udp_ask(&socket, None), start);
+                    }
+                }
+                Err(e) => println!("error={:?} ms={}", e.kind(), start.elapsed().as_millis()),
+            },
+            other => anyhow::bail!("unknown mode {other}"),
+        }
+    }
+    Ok(())
+}
