@@ -12,6 +12,7 @@ pub mod lbipam;
 pub mod maps;
 pub mod model;
 pub mod reconcile;
+pub mod sockets;
 
 /// The node's eBPF object (XDP and tc programs) built from `lb-ebpf` by `build.rs`.
 pub static LB_EBPF: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

@@ -351,3 +351,21 @@ impl PinnedMaps {
         Ok(dead.len())
     }
 }
+
+impl PinnedMaps {
+    /// Connected UDP sockets the hooks balanced to backends no longer configured (`live` holds
+    /// the configured UDP backends, wire format), with their reverse-translation keys.
+    pub fn udp_sockets_of_removed_backends(
+        &self,
+        live: &std::collections::BTreeSet<(u32, u16)>,
+    ) -> Result<Vec<SockRevKey>> {
+        let mut dead = Vec::new();
+        for item in self.sock_revnat.iter() {
+            let (k, e) = item?;
+            if e.proto == lb_common::IPPROTO_UDP && !live.contains(&(k.addr, k.port)) {
+                dead.push(k);
+            }
+        }
+        Ok(dead)
+    }
+}

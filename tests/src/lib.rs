@@ -306,6 +306,26 @@ impl Topology {
             .collect())
     }
 
+    /// Starts `lb-test-client ARGS` like [`Topology::client_in_cgroup`] without waiting: its
+    /// output can be read line by line while it runs.
+    pub fn spawn_client_in_cgroup(
+        ns: &str,
+        cgroup: &std::path::Path,
+        args: &[&str],
+    ) -> Result<Child> {
+        Ok(Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec ip netns exec {ns} \"$0\" \"$@\"",
+                cgroup.display()
+            ))
+            .arg(sibling_binary("lb-test-client"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()?)
+    }
+
     /// Stops the agent with SIGTERM and waits for it.
     pub fn stop_agent(&mut self) -> Result<()> {
         if let Some(mut agent) = self.agent.take() {

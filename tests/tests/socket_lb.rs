@@ -158,3 +158,56 @@ fn node_clients_are_balanced_at_the_socket() {
     println!("{interfaces}");
     assert!(interfaces.contains("4/4 hooks pinned"), "{interfaces}");
 }
+
+/// A connected UDP socket never runs a hook again, so when its backend leaves, the agent
+/// destroys it (sock_diag SOCK_DESTROY): the client sees an error, reconnects, and lands on a
+/// live backend instead of staying pinned to the one that left.
+#[test]
+fn connected_udp_socket_moves_when_its_backend_leaves() {
+    use std::io::BufRead;
+    let mut topo = Topology::new(3).expect("topology");
+    topo.write_config(&Topology::service_yaml(&[1, 2, 3]))
+        .expect("config");
+    let cgroup = topo.test_cgroup().expect("cgroup");
+    topo.start_agent(&["--cgroup", cgroup.to_str().unwrap()])
+        .expect("agent");
+    let mut child = Topology::spawn_client_in_cgroup(
+        &topo.client,
+        &cgroup,
+        &[
+            "udp-connected",
+            &format!("{CLUSTER_IP}:53"),
+            "1",
+            "--hold",
+            "8",
+        ],
+    )
+    .expect("client");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = answers(&[lines.next().expect("a line").expect("read")]);
+    let (peer, pinned) = first[0].clone();
+    assert_eq!(peer, format!("{CLUSTER_IP}:53"));
+    let gone: usize = pinned.trim_start_matches("backend-").parse().unwrap();
+    let rest: Vec<usize> = (1..=3).filter(|&i| i != gone).collect();
+    topo.write_config(&Topology::service_yaml(&rest))
+        .expect("config");
+    let mut after = Vec::new();
+    for line in lines {
+        after.push(line.expect("read"));
+    }
+    let _ = child.wait();
+    println!("pinned to {pinned}, then: {after:?}");
+    let log = topo.agent_log();
+    assert!(
+        log.contains("destroyed 1 connected UDP sockets"),
+        "agent did not destroy the socket:\n{log}"
+    );
+    let last: Vec<_> = after.iter().rev().take(5).cloned().collect();
+    for (peer, name) in answers(&last) {
+        assert_eq!(peer, format!("{CLUSTER_IP}:53"));
+        assert_ne!(
+            name, pinned,
+            "still pinned to the removed backend: {after:?}"
+        );
+    }
+}

@@ -21,6 +21,7 @@ use lb_userspace::{
     maps::PinnedMaps,
     model::{DesiredState, Protocol},
     reconcile::Reconciler,
+    sockets,
 };
 use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
@@ -182,6 +183,7 @@ impl Agent {
                 Ok(n) => info!("flushed {n} UDP conntrack entries of removed endpoints"),
                 Err(e) => warn!("flushing UDP conntrack: {e:#}"),
             }
+            self.destroy_udp_sockets(&live);
         }
         for s in &desired.lb_status {
             match &s.error {
@@ -203,6 +205,36 @@ impl Agent {
         }
         self.write_status(&desired);
         self.ctx.lb_hints = l2::hints(&self.status);
+    }
+
+    /// Connected UDP sockets balanced to removed endpoints are destroyed (the application sees
+    /// ECONNABORTED and reconnects to a live one) instead of sending into the void.
+    fn destroy_udp_sockets(&mut self, live: &std::collections::BTreeSet<(u32, u16)>) {
+        let dead = match self.maps.udp_sockets_of_removed_backends(live) {
+            Ok(dead) if dead.is_empty() => return,
+            Ok(dead) => dead,
+            Err(e) => return warn!("listing balanced UDP sockets: {e:#}"),
+        };
+        let targets = dead
+            .iter()
+            .map(|k| sockets::Target {
+                cookie: k.cookie,
+                backend: (
+                    std::net::Ipv4Addr::from(lb_common::ipv4_from_wire(k.addr)),
+                    lb_common::port_from_wire(k.port),
+                ),
+            })
+            .collect();
+        match sockets::destroy_udp(&targets) {
+            Ok(n) => info!(
+                "destroyed {n} connected UDP sockets of removed endpoints ({} balanced to them)",
+                dead.len()
+            ),
+            Err(e) => warn!("destroying UDP sockets of removed endpoints: {e:#}"),
+        }
+        for k in &dead {
+            let _ = self.maps.sock_revnat.remove(k);
+        }
     }
 
     fn write_status(&mut self, desired: &DesiredState) {

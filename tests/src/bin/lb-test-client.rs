@@ -3,8 +3,8 @@
 //! `peer=<what getpeername/recv_from showed> name=<backend name>` or `error=<kind> ms=<elapsed>`.
 //!
 //! lb-test-client tcp|udp|udp-connected ADDR COUNT [--hold SECONDS]
-//! `--hold`: udp-connected keeps one socket and asks once a second for SECONDS (a client whose
-//! backend may go away meanwhile).
+//! `--hold`: udp-connected keeps its socket and asks every 200 ms for SECONDS, connecting a new
+//! socket after an error, as a resolver does (a client whose backend may go away meanwhile).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -52,6 +52,8 @@ fn report(result: std::io::Result<(SocketAddr, String)>, start: Instant) {
         Ok((peer, name)) => println!("peer={peer} name={name}"),
         Err(e) => println!("error={:?} ms={}", e.kind(), start.elapsed().as_millis()),
     }
+    // Line by line: a test may read while the client runs.
+    let _ = std::io::stdout().flush();
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,12 +74,19 @@ fn main() -> anyhow::Result<()> {
             "tcp" => report(tcp(to), start),
             "udp" => report(udp(to, false).map(|(_, p, n)| (p, n)), start),
             "udp-connected" => match udp(to, true) {
-                Ok((socket, peer, name)) => {
-                    println!("peer={peer} name={name}");
-                    for _ in 0..hold {
-                        std::thread::sleep(Duration::from_secs(1));
+                Ok((mut socket, peer, name)) => {
+                    report(Ok((peer, name)), start);
+                    for _ in 0..hold * 5 {
+                        std::thread::sleep(Duration::from_millis(200));
                         let start = Instant::now();
-                        report(udp_ask(&socket, None), start);
+                        let result = udp_ask(&socket, None);
+                        let failed = result.is_err();
+                        report(result, start);
+                        if failed {
+                            if let Ok((fresh, _, _)) = udp(to, true) {
+                                socket = fresh;
+                            }
+                        }
                     }
                 }
                 Err(e) => println!("error={:?} ms={}", e.kind(), start.elapsed().as_millis()),
