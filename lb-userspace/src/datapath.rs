@@ -342,6 +342,41 @@ impl Datapath {
         })
     }
 
+    /// Forgets an interface that went away (or left the selection): its links are detached and
+    /// unpinned, and XDP no longer sends frames to it.
+    pub fn forget(&mut self, name: &str, ifindex: u32) -> Result<()> {
+        for hook in ["xdp", "tc"] {
+            detach_pinned(&self.link_path(hook, name));
+        }
+        let _ = self.xdp_targets()?.remove(ifindex);
+        Ok(())
+    }
+
+    /// Detaches the pinned interface links of an earlier run for interfaces not in `keep`.
+    pub fn forget_others(&mut self, keep: &[String]) -> Result<()> {
+        let links = self.opts.bpffs.join("links");
+        let Ok(entries) = fs::read_dir(&links) else {
+            return Ok(());
+        };
+        for entry in entries {
+            let path = entry?.path();
+            let Some(file) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let Some(name) = file
+                .strip_prefix("xdp-")
+                .or_else(|| file.strip_prefix("tc-"))
+            else {
+                continue;
+            };
+            if !keep.iter().any(|k| k == name) {
+                info!("{name}: no longer selected; detaching the link of an earlier run");
+                detach_pinned(&path);
+            }
+        }
+        Ok(())
+    }
+
     /// Attaches the socket hooks to cgroup `dir` (every process in it and below is balanced at
     /// connect()/sendmsg()), or with None detaches those of an earlier run. A restart attaches
     /// the new programs first and only then drops the old links, so no connect() is missed.

@@ -135,6 +135,12 @@ impl Announcer {
         })
     }
 
+    /// The interfaces changed (one came, one went): the next [`Announcer::apply`] announces on
+    /// the new set.
+    pub fn set_interfaces(&mut self, interfaces: Vec<Interface>) {
+        self.interfaces = interfaces;
+    }
+
     fn wanted(&self, desired: &DesiredState) -> BTreeMap<ArpKey, (String, [u8; 6])> {
         let mut want = BTreeMap::new();
         for (addr, a) in &desired.announcements {

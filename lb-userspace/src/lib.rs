@@ -7,6 +7,7 @@ pub mod attach;
 pub mod blocks;
 pub mod config;
 pub mod datapath;
+pub mod interfaces;
 pub mod l2;
 pub mod lbipam;
 pub mod maps;

@@ -137,18 +137,8 @@ impl Topology {
         self.node_interfaces.push("c0".into());
         for (i, b) in self.backends.clone().iter().enumerate() {
             let i = i + 1;
-            let nif = format!("b{i}");
-            sh(&format!(
-                "ip link add eth0 netns {b} type veth peer name {nif} netns {n}"
-            ))?;
-            sh(&format!(
-                "ip -n {b} addr add 10.0.{i}.2/24 dev eth0 && ip -n {b} link set eth0 up"
-            ))?;
-            sh(&format!("ip -n {b} route add default via 10.0.{i}.1"))?;
-            sh(&format!(
-                "ip -n {n} addr add 10.0.{i}.1/24 dev {nif} && ip -n {n} link set {nif} up"
-            ))?;
-            self.node_interfaces.push(nif);
+            self.link_backend(i)?;
+            self.node_interfaces.push(format!("b{i}"));
             let server = Command::new("ip")
                 .args(["netns", "exec", b])
                 .arg(sibling_binary("lb-test-server"))
@@ -169,6 +159,41 @@ impl Topology {
             })?;
         }
         Ok(())
+    }
+
+    /// The veth pair between the node (`b<i>`, 10.0.i.1) and backend i (`eth0`, 10.0.i.2).
+    fn link_backend(&self, i: usize) -> Result<()> {
+        let (b, n) = (&self.backends[i - 1], &self.node);
+        let nif = format!("b{i}");
+        sh(&format!(
+            "ip link add eth0 netns {b} type veth peer name {nif} netns {n}"
+        ))?;
+        sh(&format!(
+            "ip -n {b} addr add 10.0.{i}.2/24 dev eth0 && ip -n {b} link set eth0 up"
+        ))?;
+        sh(&format!("ip -n {b} route add default via 10.0.{i}.1"))?;
+        sh(&format!(
+            "ip -n {n} addr add 10.0.{i}.1/24 dev {nif} && ip -n {n} link set {nif} up"
+        ))
+    }
+
+    /// Deletes the node's link to backend i and makes it again (same names and addresses, a new
+    /// ifindex), as when a pod's veth is recreated.
+    pub fn recreate_backend_link(&self, i: usize) -> Result<()> {
+        sh(&format!("ip -n {} link del b{i}", self.node))?;
+        self.link_backend(i)
+    }
+
+    /// Index of `iface` in namespace `ns`.
+    pub fn ifindex_of(ns: &str, iface: &str) -> Result<u32> {
+        let out = Command::new("ip")
+            .args(["-n", ns, "-j", "link", "show", iface])
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j link")?;
+        v[0]["ifindex"]
+            .as_u64()
+            .map(|i| i as u32)
+            .with_context(|| format!("no interface {iface} in {ns}"))
     }
 
     /// Runs `f` in the client namespace.
@@ -239,7 +264,13 @@ impl Topology {
             "--reload-interval-ms",
             "100",
         ]);
-        for i in &self.node_interfaces {
+        // With --interface-regex the test selects the backend links itself.
+        let named = if extra.contains(&"--interface-regex") {
+            &self.node_interfaces[..1]
+        } else {
+            &self.node_interfaces[..]
+        };
+        for i in named {
             cmd.args(["--interface", i]);
         }
         // The packet path is tested with socket balancing off; tests of it pass --cgroup.

@@ -17,7 +17,8 @@ use lb_userspace::{
     attach::{self, AttachMode},
     config::{self, BuildContext},
     datapath::{self, Datapath, Options},
-    l2::{self, Announcer, Status},
+    interfaces::{Changes, Selector},
+    l2::{self, Announcer, Interface, Status},
     maps::PinnedMaps,
     model::{DesiredState, Protocol},
     reconcile::Reconciler,
@@ -33,9 +34,14 @@ struct Args {
     /// and L2AnnouncementPolicy objects (Cilium's kinds accepted too); reloaded when it changes.
     #[arg(long)]
     config: PathBuf,
-    /// Interface to balance traffic on (repeat for several).
-    #[arg(long = "interface", required = true)]
+    /// Interface to balance traffic on (repeat for several). One that does not exist yet is
+    /// attached when it appears.
+    #[arg(long = "interface")]
     interfaces: Vec<String>,
+    /// Also every interface whose name matches this regular expression, as they come and go
+    /// (e.g. the pods' "^(veth|lxc|cali)").
+    #[arg(long)]
+    interface_regex: Option<String>,
     /// Hooks per interface: auto (XDP with tc behind it on physical NICs with native XDP, tc on
     /// virtual interfaces such as veths), xdp (XDP + tc everywhere: only for labs whose veths
     /// deliver full checksums and have NAPI on every peer), tc (tc only).
@@ -107,6 +113,14 @@ struct Agent {
     maps: PinnedMaps,
     announcer: Announcer,
     ctx: BuildContext,
+    datapath: Datapath,
+    selector: Selector,
+    attach_mode: AttachMode,
+    /// Interfaces attached now, by name.
+    attached: Vec<attach::Attached>,
+    cgroup: Option<PathBuf>,
+    /// `--node-ip` given: NodePort addresses do not follow the interfaces.
+    fixed_node_ips: bool,
 }
 
 impl Agent {
@@ -248,6 +262,72 @@ impl Agent {
         }
     }
 
+    /// Attaches interfaces that appeared (or were recreated: new ifindex), forgets those that
+    /// went, and when anything changed re-announces and rebuilds (NodePort addresses follow the
+    /// interfaces unless --node-ip was given).
+    fn sync_interfaces(&mut self) {
+        let present = self.selector.present();
+        let mut changed = false;
+        let gone: Vec<attach::Attached> = self
+            .attached
+            .iter()
+            .filter(|a| {
+                !present
+                    .iter()
+                    .any(|i| i.name == a.interface && i.index == a.ifindex)
+            })
+            .cloned()
+            .collect();
+        for a in gone {
+            info!("{}: gone (ifindex {}); detaching", a.interface, a.ifindex);
+            if let Err(e) = self.datapath.forget(&a.interface, a.ifindex) {
+                warn!("{}: {e:#}", a.interface);
+            }
+            self.attached.retain(|x| x.interface != a.interface);
+            changed = true;
+        }
+        for i in &present {
+            if self.attached.iter().any(|a| a.interface == i.name) {
+                continue;
+            }
+            match self.datapath.attach(i, self.attach_mode) {
+                Ok(a) => {
+                    self.attached.push(a);
+                    changed = true;
+                }
+                // It may be gone again already; the next event retries.
+                Err(e) => warn!("{}: not attached: {e:#}", i.name),
+            }
+        }
+        let interfaces: Vec<Interface> = present
+            .into_iter()
+            .filter(|i| self.attached.iter().any(|a| a.interface == i.name))
+            .collect();
+        let node_ips = node_ips_of(&interfaces);
+        if !self.fixed_node_ips && node_ips != self.ctx.node_ips {
+            info!("NodePort addresses now {node_ips:?}");
+            self.ctx.node_ips = node_ips;
+            changed = true;
+        }
+        if !changed {
+            return;
+        }
+        self.attached.sort_by(|a, b| a.interface.cmp(&b.interface));
+        self.announcer.set_interfaces(interfaces);
+        self.write_interfaces();
+        self.reload();
+    }
+
+    fn write_interfaces(&self) {
+        let hooked = attach::Hooked {
+            cgroup: self.cgroup.clone(),
+            interfaces: self.attached.clone(),
+        };
+        if let Err(e) = attach::write_interfaces(&self.state_dir, &hooked) {
+            warn!("{}: {e:#}", self.state_dir.display());
+        }
+    }
+
     /// Periodic gratuitous ARP for everything announced (`--garp-interval`).
     fn refresh_garp(&mut self) {
         self.announcer.refresh();
@@ -261,6 +341,14 @@ impl Agent {
 fn fingerprint(path: &Path) -> Option<(i64, i64, u64, u64)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.mtime(), m.mtime_nsec(), m.size(), m.ino()))
+}
+
+/// NodePort addresses by default: the IPv4 addresses of the attached interfaces.
+fn node_ips_of(interfaces: &[Interface]) -> Vec<Ipv4Addr> {
+    interfaces
+        .iter()
+        .flat_map(|i| i.ipv4.iter().copied())
+        .collect()
 }
 
 /// `--maglev-table-size`: "auto" (0) or a size the builder accepts.
@@ -296,16 +384,13 @@ async fn main() -> Result<()> {
     };
     std::fs::metadata(&args.config)
         .with_context(|| format!("--config {}", args.config.display()))?;
-
-    let mut interfaces = Vec::new();
-    for name in &args.interfaces {
-        interfaces.push(l2::interface(name).with_context(|| format!("--interface {name}"))?);
+    let selector = Selector::new(args.interfaces.clone(), args.interface_regex.as_deref())?;
+    let interfaces = selector.present();
+    for name in selector.missing(&interfaces) {
+        warn!("--interface {name}: not present; attached when it appears");
     }
     let node_ips = if args.node_ips.is_empty() {
-        interfaces
-            .iter()
-            .flat_map(|i| i.ipv4.iter().copied())
-            .collect()
+        node_ips_of(&interfaces)
     } else {
         args.node_ips.clone()
     };
@@ -328,7 +413,11 @@ async fn main() -> Result<()> {
     let mut datapath = Datapath::load(&opts)?;
     let maps = PinnedMaps::open(&opts.bpffs, true)?;
     let reconciler = Reconciler::adopt(opts.limits()?, &maps.snapshot()?);
-    let announcer = Announcer::new(interfaces.clone(), &maps.arp)?;
+    let announcer = Announcer::new(Vec::new(), &maps.arp)?;
+    // Links an earlier run left on interfaces that are gone or no longer selected.
+    let names: Vec<String> = interfaces.iter().map(|i| i.name.clone()).collect();
+    datapath.forget_others(&names)?;
+    datapath.attach_cgroup(cgroup.as_deref())?;
     let mut agent = Agent {
         config: args.config.clone(),
         cache: config::ConfigCache::default(),
@@ -342,27 +431,22 @@ async fn main() -> Result<()> {
             node_name: Some(node_name),
             lb_hints,
         },
+        datapath,
+        selector,
+        attach_mode: args.attach,
+        attached: Vec::new(),
+        cgroup: cgroup.clone(),
+        fixed_node_ips: !args.node_ips.is_empty(),
     };
     let mut seen = fingerprint(&args.config);
     agent.reload();
-    let mut attached = Vec::new();
-    for interface in &interfaces {
-        attached.push(
-            datapath
-                .attach(interface, args.attach)
-                .with_context(|| format!("--interface {}", interface.name))?,
-        );
-    }
-    datapath.attach_cgroup(cgroup.as_deref())?;
-    attach::write_interfaces(
-        &args.state_dir,
-        &attach::Hooked {
-            cgroup: cgroup.clone(),
-            interfaces: attached.clone(),
-        },
-    )?;
+    // Subscribed before the first attach: nothing that appears meanwhile is missed.
+    let mut changes = Changes::watch()?;
+    agent.sync_interfaces();
+    agent.write_interfaces();
     let reconciler = &agent.reconciler;
-    let hooks: Vec<String> = attached
+    let hooks: Vec<String> = agent
+        .attached
         .iter()
         .map(|a| format!("{} {}", a.interface, a.hooks))
         .collect();
@@ -372,11 +456,15 @@ async fn main() -> Result<()> {
             format!("sockets of cgroup {}", c.display())
         });
     info!(
-        "lb-agent ready: {} services, {} frontends, {} backends; {}; {sockets}; maps in {}",
+        "lb-agent ready: {} services, {} frontends, {} backends; interfaces: {}; {sockets}; maps in {}",
         reconciler.service_count(),
         reconciler.frontend_count(),
         reconciler.backend_count(),
-        hooks.join(", "),
+        if hooks.is_empty() {
+            "none yet".to_string()
+        } else {
+            hooks.join(", ")
+        },
         opts.bpffs.display()
     );
 
@@ -401,10 +489,16 @@ async fn main() -> Result<()> {
                 }
             }
             _ = garp.tick(), if args.garp_interval > 0 => agent.refresh_garp(),
+            event = changes.next() => match event {
+                Some(()) => agent.sync_interfaces(),
+                None => {
+                    warn!("rtnetlink connection ended; interfaces are no longer followed");
+                    changes = Changes::watch()?;
+                }
+            },
         }
     }
     drop(agent);
-    drop(datapath);
     if args.cleanup {
         datapath::cleanup(&opts.bpffs)?;
         info!(
