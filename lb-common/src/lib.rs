@@ -34,11 +34,13 @@ pub mod map_names {
     pub const XDP_TARGETS: &str = "LB_XDP_TARGETS";
     /// Socket-level balancing: what each balanced socket's backend stands for (LRU).
     pub const SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
+    /// Per-CPU conntrack counters (see [`super::ct_stats`]).
+    pub const CT_STATS: &str = "LB_CT_STATS";
     /// Created by the agent, never read by the datapath: service names for `lbctl`.
     pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 
     /// Every map a node pins, the agent's own last.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         FRONTENDS,
         BACKENDS,
         MAGLEV,
@@ -52,6 +54,7 @@ pub mod map_names {
         NEXTHOPS,
         XDP_TARGETS,
         SOCK_REVNAT,
+        CT_STATS,
         SERVICE_NAMES,
     ];
 
@@ -261,8 +264,11 @@ const _: () = assert!(size_of::<CtKey>() == 16);
 
 /// Conntrack flags.
 pub mod ct_flags {
-    /// TCP FIN or RST seen: a later SYN on the same tuple may pick a new backend.
+    /// TCP FIN or RST seen: a later SYN on the same tuple may pick a new backend, and the entry
+    /// times out after [`super::CtTimeouts::tcp_closing`].
     pub const CLOSING: u8 = 1;
+    /// A reply was seen (TCP: the connection is open; UDP: a stream, not a single datagram).
+    pub const REPLIED: u8 = 2;
 }
 
 /// Conntrack entry. Forward entries (client → frontend) hold the backend chosen; reply entries
@@ -282,11 +288,90 @@ pub struct CtEntry {
     pub frontend_id: u32,
     /// `bpf_ktime_get_coarse_ns` when last refreshed (refreshed at most once a second).
     pub last_seen_ns: u64,
+    /// A flow whose tuple toward the backend would clash with another flow's (the same client
+    /// address and port to two frontends that share a backend) gets another source port.
+    /// Forward: that port on the wire (0: the client's own); reply: the client's own port to
+    /// restore (0: unchanged). Network byte order.
+    pub client_port: u16,
+    pub _pad: [u8; 6],
     /// Next hop of this direction (the backend's for forward entries, the client's for reply
     /// entries).
     pub nexthop: NextHop,
 }
-const _: () = assert!(size_of::<CtEntry>() == 56);
+const _: () = assert!(size_of::<CtEntry>() == 64);
+
+/// How long a conntrack entry lives after its last packet, by state, in seconds. Defaults are
+/// Cilium's for TCP (bpf-ct-timeout-regular-tcp-syn / -tcp / -tcp-fin) and the kernel's
+/// nf_conntrack for UDP (nf_conntrack_udp_timeout / _stream), which kube-proxy users know.
+/// Set once when the programs are loaded (a read-only global of the object).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtTimeouts {
+    /// TCP before any reply (an unanswered SYN).
+    pub tcp_syn: u32,
+    /// TCP with replies seen.
+    pub tcp_established: u32,
+    /// TCP after FIN or RST.
+    pub tcp_closing: u32,
+    /// UDP without a reply (single datagrams).
+    pub udp: u32,
+    /// UDP with replies seen.
+    pub udp_stream: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<CtTimeouts>() == 24);
+
+impl CtTimeouts {
+    pub const DEFAULT: Self = Self {
+        tcp_syn: 60,
+        tcp_established: 21_600,
+        tcp_closing: 10,
+        udp: 30,
+        udp_stream: 120,
+        _pad: 0,
+    };
+
+    /// Lifetime in nanoseconds after the last packet of an entry with these flags.
+    #[inline(always)]
+    pub fn timeout_ns(&self, proto: u8, flags: u8) -> u64 {
+        let seconds = if proto == IPPROTO_TCP {
+            if flags & ct_flags::CLOSING != 0 {
+                self.tcp_closing
+            } else if flags & ct_flags::REPLIED != 0 {
+                self.tcp_established
+            } else {
+                self.tcp_syn
+            }
+        } else if flags & ct_flags::REPLIED != 0 {
+            self.udp_stream
+        } else {
+            self.udp
+        };
+        seconds as u64 * 1_000_000_000
+    }
+
+    /// Has an entry last seen at `last_seen_ns` expired at `now_ns`?
+    #[inline(always)]
+    pub fn expired(&self, proto: u8, flags: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+        now_ns.wrapping_sub(last_seen_ns) > self.timeout_ns(proto, flags)
+    }
+}
+
+/// Slots of the per-CPU conntrack counters (LB_CT_STATS).
+pub mod ct_stats {
+    /// Entries the datapath inserted (two per new flow, plus reply entries it restored).
+    pub const INSERTED: u32 = 0;
+    /// Entries found expired by the datapath (and deleted).
+    pub const EXPIRED: u32 = 1;
+    /// New flows that got another source port to avoid a tuple clash.
+    pub const CLASH_PORTS: u32 = 2;
+    /// Reply entries restored after the LRU evicted them.
+    pub const REPLY_RESTORED: u32 = 3;
+    /// Entries the agent removed (expired ones its sweeper found, UDP flows of removed
+    /// endpoints); written by the agent into CPU 0's slot.
+    pub const AGENT_REMOVED: u32 = 4;
+    pub const COUNT: u32 = 5;
+}
 
 /// A next hop as bpf_fib_lookup last resolved it for destination `addr`: egress ifindex, then
 /// destination and source MAC. Reused for [`NEXTHOP_CACHE_NS`] after `checked_ns`, and only for
@@ -391,6 +476,7 @@ const _: () = assert!(size_of::<ArpEntry>() == 16);
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for ArpKey {}
+    unsafe impl aya::Pod for CtTimeouts {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevEntry {}
     unsafe impl aya::Pod for GenConfig {}

@@ -1,17 +1,39 @@
 //! Conntrack: one LRU map keyed by the bare 5-tuple, so one lookup serves a packet of either
 //! direction. A flow has a forward entry (client → frontend, holding the backend) and a reply
 //! entry (backend → client, holding the frontend to restore).
+//!
+//! Entries age by state ([`CtTimeouts`], set at load time): an expired entry found by a packet is
+//! deleted and the packet treated as new, with or without the agent running (its sweeper only
+//! reclaims entries no packet comes back for). Two flows from one client address and port to two
+//! frontends that share a backend would meet the backend with the same tuple: the second gets
+//! another source port. A reply entry the LRU evicted is restored from its forward entry.
 
-use lb_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtEntry, CtKey, NextHop, ct_flags};
+use lb_common::{
+    CT_DIR_FORWARD, CT_DIR_REPLY, CtEntry, CtKey, CtTimeouts, NextHop, ct_flags, ct_stats,
+};
 
 use crate::{
-    maps::LB_CONNTRACK,
+    maps::{LB_CONNTRACK, LB_CT_STATS},
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     service::{Pick, backend_is},
 };
 
 /// Conntrack timestamps are refreshed at most this often, to keep hot entries' cache lines clean.
 const REFRESH_NS: u64 = 1_000_000_000;
+const BPF_NOEXIST: u64 = 1;
+/// Source ports tried for a flow whose own would clash (the ephemeral range).
+const CLASH_PORT_BASE: u32 = 32_768;
+const CLASH_PORT_SPAN: u32 = 28_232;
+const CLASH_TRIES: u32 = 4;
+
+/// Set by the agent at load time (`--ct-timeout-*`).
+#[unsafe(no_mangle)]
+static CT_TIMEOUTS: CtTimeouts = CtTimeouts::DEFAULT;
+
+#[inline(always)]
+fn timeouts() -> CtTimeouts {
+    unsafe { core::ptr::read_volatile(&CT_TIMEOUTS) }
+}
 
 pub const NO_NEXTHOP: NextHop = NextHop {
     addr: 0,
@@ -43,16 +65,38 @@ pub fn key(flow: &Flow) -> CtKey {
     }
 }
 
-/// Looks the 5-tuple up and refreshes what it finds. A fresh SYN on a tuple whose flow ended, or
-/// whose backend left, is a miss (it picks again through the frontend); everything else sticks to
-/// the backend it had, even one no longer configured.
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(c) = LB_CT_STATS.get_ptr_mut(slot) {
+        unsafe { *c += 1 };
+    }
+}
+
+/// Looks the 5-tuple up. An expired entry is deleted and missed. A fresh SYN on a tuple whose
+/// flow ended, or whose backend left, is a miss (it picks again through the frontend);
+/// everything else sticks to the backend it had, even one no longer configured.
 #[inline(always)]
 pub fn lookup(flow: &Flow, now: u64) -> Hit {
-    let Some(entry) = LB_CONNTRACK.get_ptr_mut(&key(flow)) else {
+    let key = key(flow);
+    let Some(entry) = LB_CONNTRACK.get_ptr_mut(&key) else {
         return Hit::Miss;
     };
     let e = unsafe { &mut *entry };
+    if timeouts().expired(flow.proto, e.flags, e.last_seen_ns, now) {
+        let _ = LB_CONNTRACK.remove(&key);
+        count(ct_stats::EXPIRED);
+        return Hit::Miss;
+    }
+    let closing = flow.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     if e.dir == CT_DIR_REPLY {
+        let learned = ct_flags::REPLIED | if closing { ct_flags::CLOSING } else { 0 };
+        if e.flags & learned != learned {
+            // Once per state change: the forward entry's timeout depends on it too.
+            e.flags |= learned;
+            if let Some(f) = LB_CONNTRACK.get_ptr_mut(&forward_key(flow, e)) {
+                unsafe { (*f).flags |= learned };
+            }
+        }
         refresh(e, now);
         return Hit::Reply(entry);
     }
@@ -62,10 +106,13 @@ pub fn lookup(flow: &Flow, now: u64) -> Hit {
     if !keep {
         return Hit::Miss;
     }
-    if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && e.flags & ct_flags::CLOSING == 0 {
+    if closing && e.flags & ct_flags::CLOSING == 0 {
         e.flags |= ct_flags::CLOSING;
     }
-    refresh(e, now);
+    if now.wrapping_sub(e.last_seen_ns) > REFRESH_NS {
+        e.last_seen_ns = now;
+        restore_reply(flow, e, now);
+    }
     Hit::Forward(entry)
 }
 
@@ -76,11 +123,77 @@ fn refresh(entry: &mut CtEntry, now: u64) {
     }
 }
 
-/// Records a new flow to `pick`: the reply entry first, since replies can arrive as soon as the
-/// forward entry exists. The forward entry starts from the backend's cached next hop.
+/// The forward key of the flow a reply (backend → client) belongs to.
 #[inline(always)]
-pub fn insert(flow: &Flow, pick: &Pick, now: u64, nexthop: &NextHop) {
-    let forward = CtEntry {
+fn forward_key(reply: &Flow, entry: &CtEntry) -> CtKey {
+    CtKey {
+        src_addr: reply.dst_addr,
+        dst_addr: entry.nat_addr,
+        src_port: if entry.client_port != 0 {
+            entry.client_port
+        } else {
+            reply.dst_port
+        },
+        dst_port: entry.nat_port,
+        proto: reply.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The reply key of a forward flow toward backend `addr:port`, from source port `port_on_wire`.
+#[inline(always)]
+fn reply_key(flow: &Flow, (addr, port): (u32, u16), port_on_wire: u16) -> CtKey {
+    CtKey {
+        src_addr: addr,
+        dst_addr: flow.src_addr,
+        src_port: port,
+        dst_port: port_on_wire,
+        proto: flow.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The reply entry of a forward flow (whose entry is `forward`).
+#[inline(always)]
+fn reply_entry(flow: &Flow, forward: &CtEntry, now: u64) -> CtEntry {
+    CtEntry {
+        nat_addr: flow.dst_addr,
+        nat_port: flow.dst_port,
+        dir: CT_DIR_REPLY,
+        last_seen_ns: now,
+        client_port: if forward.client_port != 0 {
+            flow.src_port
+        } else {
+            0
+        },
+        nexthop: NO_NEXTHOP,
+        ..*forward
+    }
+}
+
+/// Checked about once a second per flow: a reply entry the LRU evicted comes back.
+#[inline(always)]
+fn restore_reply(flow: &Flow, forward: &CtEntry, now: u64) {
+    let port_on_wire = if forward.client_port != 0 {
+        forward.client_port
+    } else {
+        flow.src_port
+    };
+    let key = reply_key(flow, (forward.nat_addr, forward.nat_port), port_on_wire);
+    if unsafe { LB_CONNTRACK.get(&key) }.is_none() {
+        let _ = LB_CONNTRACK.insert(&key, &reply_entry(flow, forward, now), BPF_NOEXIST);
+        count(ct_stats::REPLY_RESTORED);
+        count(ct_stats::INSERTED);
+    }
+}
+
+/// Records a new flow to `pick`: the reply entry first, since replies can arrive as soon as the
+/// forward entry exists. Returns the source port the flow uses toward the backend if it had to
+/// change (0: the client's own), or Err when no free port was found.
+#[inline(always)]
+pub fn insert(flow: &Flow, pick: &Pick, now: u64, nexthop: &NextHop) -> Result<u16, ()> {
+    let backend = (pick.backend.addr, pick.backend.port);
+    let mut forward = CtEntry {
         nat_addr: pick.backend.addr,
         nat_port: pick.backend.port,
         flags: 0,
@@ -88,23 +201,46 @@ pub fn insert(flow: &Flow, pick: &Pick, now: u64, nexthop: &NextHop) {
         backend_id: pick.backend_id,
         frontend_id: pick.frontend_id,
         last_seen_ns: now,
+        client_port: 0,
+        _pad: [0; 6],
         nexthop: *nexthop,
     };
-    let reply_key = CtKey {
-        src_addr: pick.backend.addr,
-        dst_addr: flow.src_addr,
-        src_port: pick.backend.port,
-        dst_port: flow.src_port,
-        proto: flow.proto,
-        _pad: [0; 3],
+    let own = reply_key(flow, backend, flow.src_port);
+    let clash = match unsafe { LB_CONNTRACK.get(&own) } {
+        Some(r) => {
+            (r.nat_addr != flow.dst_addr || r.nat_port != flow.dst_port || r.client_port != 0)
+                && !timeouts().expired(flow.proto, r.flags, r.last_seen_ns, now)
+        }
+        None => false,
     };
-    let reply = CtEntry {
-        nat_addr: flow.dst_addr,
-        nat_port: flow.dst_port,
-        dir: CT_DIR_REPLY,
-        nexthop: NO_NEXTHOP,
-        ..forward
-    };
-    let _ = LB_CONNTRACK.insert(&reply_key, &reply, 0);
+    if !clash {
+        let _ = LB_CONNTRACK.insert(&own, &reply_entry(flow, &forward, now), 0);
+    } else {
+        let hash = (flow.src_addr ^ flow.dst_addr ^ (flow.dst_port as u32) << 16) as u32;
+        let mut chosen = 0u16;
+        let mut i = 0;
+        while i < CLASH_TRIES {
+            let port = (CLASH_PORT_BASE
+                + hash.wrapping_add(i.wrapping_mul(0x9e37)) % CLASH_PORT_SPAN)
+                as u16;
+            forward.client_port = port.to_be();
+            let key = reply_key(flow, backend, forward.client_port);
+            if LB_CONNTRACK
+                .insert(&key, &reply_entry(flow, &forward, now), BPF_NOEXIST)
+                .is_ok()
+            {
+                chosen = forward.client_port;
+                break;
+            }
+            i += 1;
+        }
+        if chosen == 0 {
+            return Err(());
+        }
+        count(ct_stats::CLASH_PORTS);
+    }
     let _ = LB_CONNTRACK.insert(&key(flow), &forward, 0);
+    count(ct_stats::INSERTED);
+    count(ct_stats::INSERTED);
+    Ok(forward.client_port)
 }

@@ -45,6 +45,7 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
                 &flow,
                 Side::Source,
                 frontend,
+                entry.client_port,
                 now,
                 Some(&mut entry.nexthop),
             ));
@@ -58,6 +59,7 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
                 &flow,
                 Side::Destination,
                 backend,
+                entry.client_port,
                 now,
                 Some(&mut entry.nexthop),
             );
@@ -90,14 +92,25 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
     let nexthop = LB_NEXTHOPS
         .get_ptr_mut(pick.backend_id)
         .map(|n| unsafe { &mut *n });
-    conntrack::insert(
+    let Ok(port_on_wire) = conntrack::insert(
         &flow,
         &pick,
         now,
         nexthop.as_ref().map_or(&NO_NEXTHOP, |n| &**n),
-    );
+    ) else {
+        // Every source port tried clashes: rare enough to leave to the kernel.
+        return Ok(P::PASS);
+    };
     let backend = (pick.backend.addr, pick.backend.port);
-    let verdict = nat::translate(ctx, &flow, Side::Destination, backend, now, nexthop);
+    let verdict = nat::translate(
+        ctx,
+        &flow,
+        Side::Destination,
+        backend,
+        port_on_wire,
+        now,
+        nexthop,
+    );
     count(ctx, verdict, pick.frontend_id, pick.backend_id, len);
     Ok(verdict)
 }

@@ -9,7 +9,7 @@ use lb_common::{
     DEFAULT_AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_ANNOUNCEMENTS,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_INTERFACES, DEFAULT_MAX_SERVICES,
     DEFAULT_MAX_SOURCE_RANGES, DEFAULT_SOCK_REVNAT_SIZE, Frontend, FrontendKey,
-    MAGLEV_SPARE_BLOCKS, NextHop, SockRevEntry, SockRevKey, SourceRange,
+    MAGLEV_SPARE_BLOCKS, NextHop, SockRevEntry, SockRevKey, SourceRange, ct_stats,
 };
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -59,6 +59,10 @@ pub static LB_NEXTHOPS: Array<NextHop> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 /// interfaces it runs XDP on; XDP hands anything bound elsewhere to tc untouched.
 #[map]
 pub static LB_XDP_TARGETS: DevMapHash = DevMapHash::pinned(DEFAULT_MAX_INTERFACES, 0);
+
+/// Conntrack counters (slots in lb_common::ct_stats), per CPU.
+#[map]
+pub static LB_CT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(ct_stats::COUNT, 0);
 
 /// Socket-level balancing: (socket cookie, backend) → the frontend it stands for. LRU, so it is
 /// bounded; a socket whose entry was evicted shows the backend address to getpeername().

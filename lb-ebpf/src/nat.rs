@@ -26,15 +26,17 @@ pub enum Side {
     Source,
 }
 
-/// Translates `side` of `flow` to `addr:port` and sends the packet toward its (new) destination,
-/// with the next hop from `cache` while it is fresh for that destination, else from the FIB
-/// (and cached there).
+/// Translates `side` of `flow` to `addr:port` (and the other side's port to `other_port`,
+/// unless 0: a flow moved off a clashing client port) and sends the packet toward its (new)
+/// destination, with the next hop from `cache` while it is fresh for that destination, else from
+/// the FIB (and cached there).
 #[inline(always)]
 pub fn translate<P: Packet>(
     ctx: &P,
     flow: &Flow,
     side: Side,
     (addr, port): (u32, u16),
+    other_port: u16,
     now: u64,
     cache: Option<&mut NextHop>,
 ) -> u32 {
@@ -44,11 +46,18 @@ pub fn translate<P: Packet>(
     } else {
         (addr, flow.dst_addr)
     };
-    let (src_port, dst_port) = if dst {
+    let (mut src_port, mut dst_port) = if dst {
         (flow.src_port, port)
     } else {
         (port, flow.dst_port)
     };
+    if other_port != 0 {
+        if dst {
+            src_port = other_port;
+        } else {
+            dst_port = other_port;
+        }
+    }
     let hop = match cache {
         Some(n)
             if n.ifindex != 0
@@ -81,6 +90,12 @@ pub fn translate<P: Packet>(
     }
     if ctx.rewrite(flow, dst, addr, port).is_err() {
         return P::DROP;
+    }
+    if other_port != 0 {
+        let old = if dst { flow.src_port } else { flow.dst_port };
+        if ctx.rewrite_port(flow, !dst, old, other_port).is_err() {
+            return P::DROP;
+        }
     }
     let Some((ifindex, macs)) = hop.filter(|_| deliverable) else {
         return P::PASS;

@@ -50,6 +50,10 @@ pub trait Packet: EbpfContext {
     /// earlier pointers.
     fn rewrite(&self, flow: &Flow, dst: bool, addr: u32, port: u16) -> Result<(), ()>;
 
+    /// Replaces the destination (`dst`) or source port alone, updating the L4 checksum.
+    /// Invalidates earlier pointers.
+    fn rewrite_port(&self, flow: &Flow, dst: bool, old: u16, new: u16) -> Result<(), ()>;
+
     /// Sends the packet out of `ifindex` (the arrival interface included).
     fn send(&self, ifindex: u32) -> u32;
 
@@ -147,6 +151,24 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
+    fn rewrite_port(&self, flow: &Flow, dst: bool, old: u16, new: u16) -> Result<(), ()> {
+        let (_, port_off, check_off, _, _) = fields(flow, dst);
+        let port_field: *mut [u8; 2] = ptr_at(self, port_off)?;
+        let check_field: *mut [u8; 2] = ptr_at(self, check_off)?;
+        unsafe {
+            *port_field = new.to_ne_bytes();
+            let sum = u16::from_ne_bytes(*check_field);
+            let sum = if flow.proto == IPPROTO_UDP {
+                csum::udp_csum_replace2(sum, old, new)
+            } else {
+                csum::csum_replace2(sum, old, new)
+            };
+            *check_field = sum.to_ne_bytes();
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
     fn send(&self, ifindex: u32) -> u32 {
         if ifindex == self.ingress_ifindex() as u32 {
             xdp_action::XDP_TX
@@ -233,6 +255,23 @@ impl Packet for TcContext {
                     port as u64,
                     l4_flags | 2,
                 ) == 0
+        };
+        if ok { Ok(()) } else { Err(()) }
+    }
+
+    #[inline(always)]
+    fn rewrite_port(&self, flow: &Flow, dst: bool, old: u16, new: u16) -> Result<(), ()> {
+        let (_, port_off, check_off, _, _) = fields(flow, dst);
+        let skb = self.skb.skb;
+        let l4_flags = if flow.proto == IPPROTO_UDP {
+            BPF_F_MARK_MANGLED_0 as u64
+        } else {
+            0
+        };
+        let ok = unsafe {
+            bpf_skb_store_bytes(skb, port_off as u32, &new as *const u16 as *const _, 2, 0) == 0
+                && bpf_l4_csum_replace(skb, check_off as u32, old as u64, new as u64, l4_flags | 2)
+                    == 0
         };
         if ok { Ok(()) } else { Err(()) }
     }

@@ -19,7 +19,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{Config, MAGLEV_SPARE_BLOCKS, ServiceName, map_names};
+use lb_common::{Config, CtTimeouts, MAGLEV_SPARE_BLOCKS, ServiceName, map_names};
 use log::{info, warn};
 
 use crate::{
@@ -44,6 +44,8 @@ pub struct Options {
     pub conntrack_size: u32,
     /// Sockets whose reverse translation (getpeername, datagram sources) is remembered.
     pub sock_revnat_size: u32,
+    /// Conntrack lifetimes by state (a read-only global of the programs, set at load).
+    pub ct_timeouts: CtTimeouts,
 }
 
 impl Options {
@@ -206,6 +208,7 @@ impl Datapath {
         let sizes = opts.sizes()?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&opts.bpffs);
+        loader.override_global("CT_TIMEOUTS", &opts.ct_timeouts, true);
         for (name, size) in &sizes {
             if *name != map_names::SERVICE_NAMES {
                 loader.map_max_entries(name, *size);
@@ -266,6 +269,7 @@ impl Datapath {
             if self.bench.is_none() {
                 let mut loader = EbpfLoader::new();
                 loader.default_map_pin_directory(&self.opts.bpffs);
+                loader.override_global("CT_TIMEOUTS", &self.opts.ct_timeouts, true);
                 self.bench = Some(
                     loader
                         .load(LB_BENCH_EBPF)

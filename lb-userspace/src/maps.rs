@@ -140,6 +140,7 @@ pub struct PinnedMaps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
     pub sock_revnat: HashMap<MapData, SockRevKey, SockRevEntry>,
+    pub ct_stats: PerCpuArray<MapData, u64>,
 }
 
 /// The LPM key of one source range of a service.
@@ -179,6 +180,7 @@ impl PinnedMaps {
             affinity: HashMap::try_from(open_map(dir, map_names::AFFINITY)?)?,
             source_ranges: LpmTrie::try_from(open_map(dir, map_names::SOURCE_RANGES)?)?,
             sock_revnat: HashMap::try_from(open_map(dir, map_names::SOCK_REVNAT)?)?,
+            ct_stats: PerCpuArray::try_from(open_map(dir, map_names::CT_STATS)?)?,
         })
     }
 
@@ -367,5 +369,94 @@ impl PinnedMaps {
             }
         }
         Ok(dead)
+    }
+}
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of bpf_ktime_get_coarse_ns.
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Conntrack counters summed over CPUs, by slot of [`lb_common::ct_stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CtCounters {
+    pub inserted: u64,
+    pub expired: u64,
+    pub clash_ports: u64,
+    pub reply_restored: u64,
+    pub agent_removed: u64,
+}
+
+impl PinnedMaps {
+    /// Deletes the conntrack entries that have expired by `timeouts` (the datapath's own rule).
+    pub fn sweep_conntrack(&mut self, timeouts: &lb_common::CtTimeouts) -> Result<usize> {
+        let now = monotonic_coarse_ns();
+        let mut dead = Vec::new();
+        for item in self.conntrack.iter() {
+            let (k, e) = item?;
+            if timeouts.expired(k.proto, e.flags, e.last_seen_ns, now) {
+                dead.push(k);
+            }
+        }
+        let mut removed = 0;
+        for k in &dead {
+            if self.conntrack.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Adds `n` to the entries the agent removed (CPU 0's slot; the datapath never writes it).
+    pub fn count_agent_removed(&mut self, n: u64) {
+        let slot = lb_common::ct_stats::AGENT_REMOVED;
+        let Ok(values) = self.ct_stats.get(&slot, 0) else {
+            return;
+        };
+        let mut values: Vec<u64> = values.iter().copied().collect();
+        values[0] += n;
+        if let Ok(values) = PerCpuValues::try_from(values) {
+            let _ = self.ct_stats.set(slot, values, 0);
+        }
+    }
+
+    pub fn ct_counters(&self) -> Result<CtCounters> {
+        use lb_common::ct_stats as s;
+        let sum = |slot: u32| -> Result<u64> { Ok(self.ct_stats.get(&slot, 0)?.iter().sum()) };
+        Ok(CtCounters {
+            inserted: sum(s::INSERTED)?,
+            expired: sum(s::EXPIRED)?,
+            clash_ports: sum(s::CLASH_PORTS)?,
+            reply_restored: sum(s::REPLY_RESTORED)?,
+            agent_removed: sum(s::AGENT_REMOVED)?,
+        })
+    }
+}
+
+impl PinnedMaps {
+    /// Drops ClientIP affinity entries whose backend is no longer in their service's table, or
+    /// whose service is gone (ids are reused: an entry must never steer another service's
+    /// clients). `tables` maps service id → backend ids, from [`crate::reconcile::Reconciler::table_backends`].
+    pub fn prune_affinity(
+        &mut self,
+        tables: &std::collections::HashMap<u32, std::collections::HashSet<u32>>,
+    ) -> Result<usize> {
+        let mut dead = Vec::new();
+        for item in self.affinity.iter() {
+            let (k, e) = item?;
+            if !tables
+                .get(&k.service_id)
+                .is_some_and(|ids| ids.contains(&e.backend_id))
+            {
+                dead.push(k);
+            }
+        }
+        for k in &dead {
+            let _ = self.affinity.remove(k);
+        }
+        Ok(dead.len())
     }
 }

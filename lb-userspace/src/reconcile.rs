@@ -323,6 +323,22 @@ impl Reconciler {
         }
     }
 
+    /// Backend ids in each service's Maglev table, by service id: what ClientIP affinity entries
+    /// may point at. Services adopted from an earlier run and not yet applied are left out.
+    pub fn table_backends(&self) -> HashMap<u32, HashSet<u32>> {
+        self.services
+            .values()
+            .filter_map(|s| {
+                let input = s.table_input.as_ref()?;
+                let ids = input
+                    .iter()
+                    .filter_map(|(e, _)| self.backends.get(e).map(|b| b.id))
+                    .collect();
+                Some((s.id, ids))
+            })
+            .collect()
+    }
+
     pub fn service_count(&self) -> usize {
         self.services.len()
     }

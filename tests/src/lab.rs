@@ -154,8 +154,10 @@ impl XdpLab {
     /// Applies a desired state to the maps only (no neighbour entries): for benchmarks that
     /// program many backends and send no packets to them.
     pub fn apply_maps_only(&mut self, desired: &DesiredState) -> Result<()> {
-        self.reconciler
-            .apply(desired, self.maps.as_mut().expect("maps"))?;
+        let maps = self.maps.as_mut().expect("maps");
+        self.reconciler.apply(desired, maps)?;
+        // As the agent does after an apply.
+        maps.prune_affinity(&self.reconciler.table_backends())?;
         Ok(())
     }
 

@@ -23,6 +23,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod frames;
 pub mod lab;
+pub mod testrun;
 
 pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const TCP_PORT: u16 = 80;

@@ -10,52 +10,11 @@ use lb_common::{
 };
 use lb_tests::{
     frames::{Frame, L4, TCP_ACK, TCP_RST, TCP_SYN, arp_reply, arp_request, verify_checksums},
-    lab::{BACKEND_IF_MAC, CLIENT, CLIENT_IF_MAC, CLIENT_MAC, XdpLab, backend_mac},
+    lab::{BACKEND_IF_MAC, CLIENT, CLIENT_IF_MAC, CLIENT_MAC, XdpLab},
     sh,
+    testrun::*,
 };
 use lb_userspace::{datapath::Options, maps::PinnedMaps};
-
-/// A verdict, named once for both hooks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Verdict {
-    /// To the kernel (XDP_PASS, TC_ACT_OK).
-    Pass,
-    /// Back out of the arrival interface (XDP_TX; tc redirects to its egress).
-    Bounce,
-    /// Out of another interface (XDP_REDIRECT, TC_ACT_REDIRECT).
-    Redirect,
-    /// XDP_DROP, TC_ACT_SHOT.
-    Drop,
-}
-use Verdict::*;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
-    Xdp,
-    Tc,
-}
-
-impl Hook {
-    fn code(self, v: Verdict) -> u32 {
-        match (self, v) {
-            (Hook::Xdp, Pass) => 2,
-            (Hook::Xdp, Bounce) => 3,
-            (Hook::Xdp, Redirect) => 4,
-            (Hook::Xdp, Drop) => 1,
-            (Hook::Tc, Pass) => 0,
-            (Hook::Tc, Bounce | Redirect) => 7,
-            (Hook::Tc, Drop) => 2,
-        }
-    }
-
-    fn run(self, lab: &mut XdpLab, frame: &[u8], ingress: u32) -> lb_tests::lab::Run {
-        match self {
-            Hook::Xdp => lab.run("lb", frame, ingress),
-            Hook::Tc => lab.run_tc(frame, ingress),
-        }
-        .unwrap_or_else(|e| panic!("{self:?}: test_run of {} bytes: {e:#}", frame.len()))
-    }
-}
 
 const XDP_REDIRECT: u32 = 4;
 
@@ -80,22 +39,8 @@ fn options() -> Options {
         max_backends: 64,
         conntrack_size: DEFAULT_CONNTRACK_SIZE,
         sock_revnat_size: lb_common::DEFAULT_SOCK_REVNAT_SIZE,
+        ct_timeouts: lb_common::CtTimeouts::DEFAULT,
     }
-}
-
-fn service(name: &str, vip: Ipv4Addr, backends: &[Ipv4Addr]) -> String {
-    let endpoints: String = backends
-        .iter()
-        .map(|a| format!("- addresses: [\"{a}\"]\n  conditions: {{ready: true}}\n"))
-        .collect();
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {vip}\n  ports:\n  \
-         - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}\n  \
-         - {{name: udp, port: 53, targetPort: 8053, protocol: UDP}}\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\n\
-         addressType: IPv4\nports:\n- {{name: tcp, port: 8080, protocol: TCP}}\n- {{name: udp, port: 8053, protocol: UDP}}\n\
-         endpoints:\n{endpoints}---\n"
-    )
 }
 
 fn lab() -> XdpLab {
@@ -134,44 +79,6 @@ fn lab() -> XdpLab {
     ))
     .expect("neigh del");
     lab
-}
-
-/// A client frame as it arrives on the node's client-facing interface.
-fn from_client(mut f: Frame) -> Frame {
-    f.src_mac = CLIENT_MAC;
-    f.dst_mac = CLIENT_IF_MAC;
-    f
-}
-
-/// A backend frame as it arrives on the node's backend-facing interface.
-fn from_backend(mut f: Frame) -> Frame {
-    f.src_mac = backend_mac(f.src);
-    f.dst_mac = BACKEND_IF_MAC;
-    f
-}
-
-/// `f` after DNAT to `backend` and forwarding out of `bk`.
-fn dnat(f: &Frame, backend: Ipv4Addr, port: u16) -> Frame {
-    Frame {
-        dst: backend,
-        dport: port,
-        ttl: f.ttl - 1,
-        src_mac: BACKEND_IF_MAC,
-        dst_mac: backend_mac(backend),
-        ..f.clone()
-    }
-}
-
-/// `f` after reverse NAT to the frontend and forwarding out of `cl`.
-fn rev_nat(f: &Frame, vip: Ipv4Addr, port: u16) -> Frame {
-    Frame {
-        src: vip,
-        sport: port,
-        ttl: f.ttl - 1,
-        src_mac: CLIENT_IF_MAC,
-        dst_mac: CLIENT_MAC,
-        ..f.clone()
-    }
 }
 
 fn with_udp_zero_checksum(mut f: Frame) -> Frame {
@@ -726,8 +633,4 @@ fn client_ip_affinity_pins_a_client_to_one_backend() {
         per_client.push(*seen.first().unwrap());
     }
     println!("backend per client: {per_client:?}");
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -10,8 +10,8 @@ use std::{
 use anyhow::{Context, Result};
 use clap::Parser;
 use lb_common::{
-    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES,
-    DEFAULT_SOCK_REVNAT_SIZE,
+    CtTimeouts, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS,
+    DEFAULT_MAX_SERVICES, DEFAULT_SOCK_REVNAT_SIZE,
 };
 use lb_userspace::{
     attach::{self, AttachMode},
@@ -56,6 +56,27 @@ struct Args {
     /// (LRU).
     #[arg(long, default_value_t = DEFAULT_SOCK_REVNAT_SIZE)]
     sock_revnat_size: u32,
+    /// Conntrack: seconds a TCP flow lives without a reply (an unanswered SYN), as Cilium's
+    /// bpf-ct-timeout-regular-tcp-syn.
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.tcp_syn)]
+    ct_timeout_tcp_syn: u32,
+    /// Conntrack: seconds an open TCP connection lives after its last packet
+    /// (bpf-ct-timeout-regular-tcp).
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.tcp_established)]
+    ct_timeout_tcp: u32,
+    /// Conntrack: seconds a TCP connection lives after FIN or RST (bpf-ct-timeout-regular-tcp-fin).
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.tcp_closing)]
+    ct_timeout_tcp_fin: u32,
+    /// Conntrack: seconds a UDP flow without replies lives (nf_conntrack_udp_timeout).
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.udp)]
+    ct_timeout_udp: u32,
+    /// Conntrack: seconds a UDP flow with replies lives (nf_conntrack_udp_timeout_stream).
+    #[arg(long, default_value_t = CtTimeouts::DEFAULT.udp_stream)]
+    ct_timeout_udp_stream: u32,
+    /// How often the agent deletes expired conntrack entries no packet came back for, in
+    /// seconds (packets find and drop expired entries themselves, agent or not).
+    #[arg(long, default_value_t = 30)]
+    ct_gc_interval: u64,
     /// bpffs directory for pinned maps and links (mounted if it is not a bpffs yet).
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     bpffs: PathBuf,
@@ -121,6 +142,7 @@ struct Agent {
     cgroup: Option<PathBuf>,
     /// `--node-ip` given: NodePort addresses do not follow the interfaces.
     fixed_node_ips: bool,
+    ct_timeouts: CtTimeouts,
 }
 
 impl Agent {
@@ -179,6 +201,13 @@ impl Agent {
                 return;
             }
         };
+        if report.tables_rebuilt > 0 || report.services_removed > 0 {
+            match self.maps.prune_affinity(&self.reconciler.table_backends()) {
+                Ok(0) => {}
+                Ok(n) => info!("dropped {n} ClientIP affinity entries of removed endpoints"),
+                Err(e) => warn!("pruning affinity entries: {e:#}"),
+            }
+        }
         if report.backends_removed > 0 {
             let live: std::collections::BTreeSet<(u32, u16)> = desired
                 .services
@@ -194,7 +223,10 @@ impl Agent {
                 .collect();
             match self.maps.flush_udp_conntrack(&live) {
                 Ok(0) => {}
-                Ok(n) => info!("flushed {n} UDP conntrack entries of removed endpoints"),
+                Ok(n) => {
+                    info!("flushed {n} UDP conntrack entries of removed endpoints");
+                    self.maps.count_agent_removed(n as u64);
+                }
                 Err(e) => warn!("flushing UDP conntrack: {e:#}"),
             }
             self.destroy_udp_sockets(&live);
@@ -328,6 +360,18 @@ impl Agent {
         }
     }
 
+    /// Deletes expired conntrack entries that no packet came back for.
+    fn sweep_conntrack(&mut self) {
+        match self.maps.sweep_conntrack(&self.ct_timeouts) {
+            Ok(0) => {}
+            Ok(n) => {
+                log::debug!("conntrack: {n} expired entries removed");
+                self.maps.count_agent_removed(n as u64);
+            }
+            Err(e) => warn!("conntrack sweep: {e:#}"),
+        }
+    }
+
     /// Periodic gratuitous ARP for everything announced (`--garp-interval`).
     fn refresh_garp(&mut self) {
         self.announcer.refresh();
@@ -376,6 +420,14 @@ async fn main() -> Result<()> {
         max_backends: args.max_backends,
         conntrack_size: args.conntrack_size,
         sock_revnat_size: args.sock_revnat_size,
+        ct_timeouts: CtTimeouts {
+            tcp_syn: args.ct_timeout_tcp_syn,
+            tcp_established: args.ct_timeout_tcp,
+            tcp_closing: args.ct_timeout_tcp_fin,
+            udp: args.ct_timeout_udp,
+            udp_stream: args.ct_timeout_udp_stream,
+            _pad: 0,
+        },
     };
     let cgroup = match &args.cgroup {
         Some(dir) if dir.as_os_str() == "none" => None,
@@ -437,6 +489,7 @@ async fn main() -> Result<()> {
         attached: Vec::new(),
         cgroup: cgroup.clone(),
         fixed_node_ips: !args.node_ips.is_empty(),
+        ct_timeouts: opts.ct_timeouts,
     };
     let mut seen = fingerprint(&args.config);
     agent.reload();
@@ -477,6 +530,8 @@ async fn main() -> Result<()> {
         args.garp_interval
     });
     let mut garp = tokio::time::interval_at(tokio::time::Instant::now() + garp_period, garp_period);
+    let gc_period = Duration::from_secs(args.ct_gc_interval.max(1));
+    let mut gc = tokio::time::interval_at(tokio::time::Instant::now() + gc_period, gc_period);
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -489,6 +544,7 @@ async fn main() -> Result<()> {
                 }
             }
             _ = garp.tick(), if args.garp_interval > 0 => agent.refresh_garp(),
+            _ = gc.tick() => agent.sweep_conntrack(),
             event = changes.next() => match event {
                 Some(()) => agent.sync_interfaces(),
                 None => {

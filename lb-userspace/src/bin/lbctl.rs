@@ -312,8 +312,16 @@ fn main() -> Result<()> {
             let capacity = maps.conntrack_capacity()?;
             let sockets = maps.sock_revnat.keys().count();
             let sockets_capacity = maps.capacity(map_names::SOCK_REVNAT)?;
+            let ct = maps.ct_counters()?;
+            // The LRU evicts silently: whatever was inserted and is neither here nor removed.
+            let evicted = ct
+                .inserted
+                .saturating_sub(entries as u64 + ct.expired + ct.agent_removed);
             let out = json!({"frontends": fe_out, "backends": be_out,
-                "conntrack": {"entries": entries, "capacity": capacity},
+                "conntrack": {"entries": entries, "capacity": capacity, "inserted": ct.inserted,
+                    "expired": ct.expired, "removed_by_agent": ct.agent_removed,
+                    "evicted": evicted, "clash_ports": ct.clash_ports,
+                    "reply_restored": ct.reply_restored},
                 "socket_revnat": {"entries": sockets, "capacity": sockets_capacity}});
             if json_out {
                 println!("{}", serde_json::to_string_pretty(&out)?);
@@ -343,8 +351,13 @@ fn main() -> Result<()> {
                     .collect();
                 print_table(&["BACKEND", "PACKETS", "BYTES"], &rows);
                 println!(
-                    "\nconntrack: {entries}/{capacity} entries ({:.1}%)",
-                    100.0 * entries as f64 / capacity.max(1) as f64
+                    "\nconntrack: {entries}/{capacity} entries ({:.1}%); inserted {}, expired {}, removed by the agent {}, evicted {evicted}; flows moved off a clashing port {}, reply entries restored {}",
+                    100.0 * entries as f64 / capacity.max(1) as f64,
+                    ct.inserted,
+                    ct.expired,
+                    ct.agent_removed,
+                    ct.clash_ports,
+                    ct.reply_restored
                 );
                 println!(
                     "socket reverse translations: {sockets}/{sockets_capacity} entries ({:.1}%)",
