@@ -36,11 +36,13 @@ pub mod map_names {
     pub const SOCK_REVNAT: &str = "LB_SOCK_REVNAT";
     /// Per-CPU conntrack counters (see [`super::ct_stats`]).
     pub const CT_STATS: &str = "LB_CT_STATS";
+    /// Ports of fragmented datagrams, learned from their first fragment (LRU).
+    pub const FRAGMENTS: &str = "LB_FRAGMENTS";
     /// Created by the agent, never read by the datapath: service names for `lbctl`.
     pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 
     /// Every map a node pins, the agent's own last.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         FRONTENDS,
         BACKENDS,
         MAGLEV,
@@ -55,6 +57,7 @@ pub mod map_names {
         XDP_TARGETS,
         SOCK_REVNAT,
         CT_STATS,
+        FRAGMENTS,
         SERVICE_NAMES,
     ];
 
@@ -383,7 +386,9 @@ pub struct NextHop {
     pub addr: u32,
     pub ifindex: u32,
     pub macs: [u8; 12],
-    pub _pad: u32,
+    /// Egress MTU as the FIB reported it (tc lookups; 0: unknown). A packet longer than this
+    /// asks the FIB again, which answers "fragmentation needed" when it does not fit.
+    pub mtu: u32,
     pub checked_ns: u64,
 }
 const _: () = assert!(size_of::<NextHop>() == 32);
@@ -413,6 +418,32 @@ pub struct Config {
     pub maglev_capacity: u32,
 }
 const _: () = assert!(size_of::<Config>() == 8);
+
+/// A fragmented datagram: its later fragments carry no L4 header, so the ports its first
+/// fragment showed are kept under this key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    /// IPv4 identification, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<FragmentKey>() == 12);
+
+/// Source and destination port of a fragmented datagram (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragmentPorts {
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+const _: () = assert!(size_of::<FragmentPorts>() == 4);
+
+/// Datagrams whose fragments are in flight at once.
+pub const DEFAULT_FRAGMENTS_SIZE: u32 = 8_192;
 
 /// Socket-level balancing: a socket (by cookie) talking to a backend address it was given in
 /// place of a frontend.
@@ -476,6 +507,8 @@ const _: () = assert!(size_of::<ArpEntry>() == 16);
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for ArpKey {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentPorts {}
     unsafe impl aya::Pod for CtTimeouts {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevEntry {}

@@ -39,7 +39,7 @@ pub const NO_NEXTHOP: NextHop = NextHop {
     addr: 0,
     ifindex: 0,
     macs: [0; 12],
-    _pad: 0,
+    mtu: 0,
     checked_ns: 0,
 };
 

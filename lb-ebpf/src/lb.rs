@@ -7,7 +7,9 @@
 //!     reply entry (backend → client) → rewrite the source back to the frontend;
 //!   else frontend hit (vip, port, proto) → policies → Maglev → backend; conntrack insert; DNAT;
 //!   else untouched.
-//! A frontend without endpoints answers TCP with a RST; loadBalancerSourceRanges drop others.
+//! ICMP errors about a translated flow → translated back (tc).
+//! A frontend without endpoints answers TCP with a RST and UDP with ICMP port unreachable;
+//! loadBalancerSourceRanges drop others.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{Counters, hash::flow_hash};
@@ -15,6 +17,7 @@ use lb_common::{Counters, hash::flow_hash};
 use crate::{
     arp,
     conntrack::{self, Hit, NO_NEXTHOP},
+    icmp,
     maps::{LB_BACKEND_STATS, LB_FRONTEND_STATS, LB_NEXTHOPS},
     nat::{self, Side},
     packet::Packet,
@@ -27,6 +30,9 @@ use crate::{
 pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
     let flow = match parse::parse(ctx)? {
         Parsed::Arp => return arp::reply(ctx),
+        // Rare: tc (behind XDP, or alone) handles ICMP errors.
+        Parsed::Icmp(_) if P::IS_XDP => return Ok(P::PASS),
+        Parsed::Icmp(l3) => return icmp::translate_error(ctx, l3),
         Parsed::Other => return Ok(P::PASS),
         Parsed::Flow(flow) => flow,
     };

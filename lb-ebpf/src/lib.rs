@@ -8,6 +8,7 @@
 //! - [`nat`]: DNAT / rev-NAT, next hop, send;
 //! - [`arp`]: the ARP responder;
 //! - [`reject`]: answers for services without endpoints;
+//! - [`icmp`]: ICMP errors sent (fragmentation needed, port unreachable) and translated back;
 //! - [`sock`]: socket-level balancing for the node's own clients (cgroup hooks);
 //! - [`packet`]: what XDP frames and tc skbs each do differently (checksums, sending);
 //! - [`maps`]: every pinned map.
@@ -15,6 +16,7 @@
 
 pub mod arp;
 pub mod conntrack;
+pub mod icmp;
 pub mod lb;
 pub mod maps;
 pub mod nat;

@@ -6,10 +6,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, ArpEntry, ArpKey, Backend, Config, Counters, CtEntry, CtKey,
-    DEFAULT_AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_ANNOUNCEMENTS,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_INTERFACES, DEFAULT_MAX_SERVICES,
-    DEFAULT_MAX_SOURCE_RANGES, DEFAULT_SOCK_REVNAT_SIZE, Frontend, FrontendKey,
-    MAGLEV_SPARE_BLOCKS, NextHop, SockRevEntry, SockRevKey, SourceRange, ct_stats,
+    DEFAULT_AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAGLEV_SIZE,
+    DEFAULT_MAX_ANNOUNCEMENTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_INTERFACES,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES, DEFAULT_SOCK_REVNAT_SIZE, FragmentKey,
+    FragmentPorts, Frontend, FrontendKey, MAGLEV_SPARE_BLOCKS, NextHop, SockRevEntry, SockRevKey,
+    SourceRange, ct_stats,
 };
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -69,3 +70,9 @@ pub static LB_CT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(ct_stats::COUNT, 
 #[map]
 pub static LB_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevEntry> =
     LruHashMap::pinned(DEFAULT_SOCK_REVNAT_SIZE, 0);
+
+/// Ports of fragmented datagrams by (source, destination, IP id, protocol), written by the first
+/// fragment and read by the later ones, which carry no L4 header.
+#[map]
+pub static LB_FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
+    LruHashMap::pinned(DEFAULT_FRAGMENTS_SIZE, 0);

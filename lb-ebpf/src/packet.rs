@@ -126,6 +126,16 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn rewrite(&self, flow: &Flow, dst: bool, addr: u32, port: u16) -> Result<(), ()> {
         let (addr_off, port_off, check_off, old_addr, old_port) = fields(flow, dst);
+        if flow.later_fragment {
+            let addr_field: *mut [u8; 4] = ptr_at(self, addr_off)?;
+            let ip_check: *mut [u8; 2] = ptr_at(self, flow.l3 + 10)?;
+            unsafe {
+                *addr_field = addr.to_ne_bytes();
+                let sum = u16::from_ne_bytes(*ip_check);
+                *ip_check = csum::csum_replace4(sum, old_addr, addr).to_ne_bytes();
+            }
+            return Ok(());
+        }
         let addr_field: *mut [u8; 4] = ptr_at(self, addr_off)?;
         let port_field: *mut [u8; 2] = ptr_at(self, port_off)?;
         let check_field: *mut [u8; 2] = ptr_at(self, check_off)?;
@@ -152,6 +162,9 @@ impl Packet for XdpContext {
 
     #[inline(always)]
     fn rewrite_port(&self, flow: &Flow, dst: bool, old: u16, new: u16) -> Result<(), ()> {
+        if flow.later_fragment {
+            return Ok(());
+        }
         let (_, port_off, check_off, _, _) = fields(flow, dst);
         let port_field: *mut [u8; 2] = ptr_at(self, port_off)?;
         let check_field: *mut [u8; 2] = ptr_at(self, check_off)?;
@@ -230,6 +243,20 @@ impl Packet for TcContext {
     fn rewrite(&self, flow: &Flow, dst: bool, addr: u32, port: u16) -> Result<(), ()> {
         let (addr_off, port_off, check_off, old_addr, old_port) = fields(flow, dst);
         let skb = self.skb.skb;
+        if flow.later_fragment {
+            let ok = unsafe {
+                bpf_skb_store_bytes(skb, addr_off as u32, &addr as *const u32 as *const _, 4, 0)
+                    == 0
+                    && bpf_l3_csum_replace(
+                        skb,
+                        (flow.l3 + 10) as u32,
+                        old_addr as u64,
+                        addr as u64,
+                        4,
+                    ) == 0
+            };
+            return if ok { Ok(()) } else { Err(()) };
+        }
         let l4_flags = if flow.proto == IPPROTO_UDP {
             BPF_F_MARK_MANGLED_0 as u64
         } else {
@@ -261,6 +288,9 @@ impl Packet for TcContext {
 
     #[inline(always)]
     fn rewrite_port(&self, flow: &Flow, dst: bool, old: u16, new: u16) -> Result<(), ()> {
+        if flow.later_fragment {
+            return Ok(());
+        }
         let (_, port_off, check_off, _, _) = fields(flow, dst);
         let skb = self.skb.skb;
         let l4_flags = if flow.proto == IPPROTO_UDP {

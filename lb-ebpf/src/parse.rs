@@ -2,9 +2,13 @@
 
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{FragmentKey, FragmentPorts, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::packet::{Packet, ptr_at};
+use crate::{
+    icmp::IPPROTO_ICMP,
+    maps::LB_FRAGMENTS,
+    packet::{Packet, ptr_at},
+};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
@@ -25,17 +29,24 @@ pub struct Flow {
     pub dst_addr: u32,
     pub src_port: u16,
     pub dst_port: u16,
-    /// TCP flags (0 for UDP).
+    /// TCP flags (0 for UDP and later fragments).
     pub tcp_flags: u8,
     pub ttl: u8,
+    /// A later fragment of a datagram: no L4 header, ports from its first fragment. Only the
+    /// addresses are translated.
+    pub later_fragment: bool,
+    /// DF: a packet too big for the way out is answered with "fragmentation needed".
+    pub dont_fragment: bool,
 }
 
 /// What a frame is, as far as the load balancer cares.
 pub enum Parsed {
     Arp,
     Flow(Flow),
-    /// Anything else (other ethertypes, fragments, other protocols, IP options we do not
-    /// translate): the kernel's.
+    /// ICMP with its (outer) IPv4 header at this offset: maybe an error about a flow of ours.
+    Icmp(usize),
+    /// Anything else (other ethertypes, other protocols, later fragments whose first fragment
+    /// was not seen): the kernel's.
     Other,
 }
 
@@ -59,34 +70,73 @@ pub fn parse<P: Packet>(ctx: &P) -> Result<Parsed, ()> {
     if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
         return Ok(Parsed::Other);
     }
-    // Fragments carry no (or only the first) L4 header; leave them to the kernel.
-    if u16::from_be_bytes(unsafe { (*ip).frags }) & 0x3fff != 0 {
-        return Ok(Parsed::Other);
-    }
     let l4 = l3 + ihl;
     let proto = unsafe { (*ip).proto };
-    let (src_port, dst_port, tcp_flags) = match proto {
-        IPPROTO_TCP => {
-            let tcp: *const TcpHdr = ptr_at(ctx, l4)?;
-            // Flags live in the 14th byte of the TCP header (inside the bounds-checked header).
-            let flags = unsafe { *(tcp as *const u8).add(13) };
-            unsafe { ((*tcp).source, (*tcp).dest, flags) }
-        }
-        IPPROTO_UDP => {
-            let udp: *const UdpHdr = ptr_at(ctx, l4)?;
-            unsafe { ((*udp).src, (*udp).dst, 0) }
-        }
-        _ => return Ok(Parsed::Other),
+    let frags = u16::from_be_bytes(unsafe { (*ip).frags });
+    if proto == IPPROTO_ICMP && frags & 0x3fff == 0 {
+        return Ok(Parsed::Icmp(l3));
+    }
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Ok(Parsed::Other);
+    }
+    let (src_addr, dst_addr) = unsafe {
+        (
+            u32::from_ne_bytes((*ip).src_addr),
+            u32::from_ne_bytes((*ip).dst_addr),
+        )
     };
+    // Fragments: the first one carries the L4 header and records its ports for the later ones,
+    // so every fragment of a datagram finds the same conntrack entry, hence the same backend.
+    let fragment = FragmentKey {
+        src_addr,
+        dst_addr,
+        id: u16::from_ne_bytes(unsafe { (*ip).id }),
+        proto,
+        _pad: 0,
+    };
+    if frags & 0x1fff != 0 {
+        let Some(ports) = (unsafe { LB_FRAGMENTS.get(&fragment) }) else {
+            return Ok(Parsed::Other);
+        };
+        return Ok(Parsed::Flow(Flow {
+            l3,
+            l4,
+            proto,
+            src_addr,
+            dst_addr,
+            src_port: ports.src_port,
+            dst_port: ports.dst_port,
+            tcp_flags: 0,
+            ttl: unsafe { (*ip).ttl },
+            later_fragment: true,
+            dont_fragment: false,
+        }));
+    }
+    let (src_port, dst_port, tcp_flags) = if proto == IPPROTO_TCP {
+        let tcp: *const TcpHdr = ptr_at(ctx, l4)?;
+        // Flags live in the 14th byte of the TCP header (inside the bounds-checked header).
+        let flags = unsafe { *(tcp as *const u8).add(13) };
+        unsafe { ((*tcp).source, (*tcp).dest, flags) }
+    } else {
+        let udp: *const UdpHdr = ptr_at(ctx, l4)?;
+        unsafe { ((*udp).src, (*udp).dst, 0) }
+    };
+    let (src_port, dst_port) = (u16::from_ne_bytes(src_port), u16::from_ne_bytes(dst_port));
+    if frags & 0x2000 != 0 {
+        let ports = FragmentPorts { src_port, dst_port };
+        let _ = LB_FRAGMENTS.insert(&fragment, &ports, 0);
+    }
     Ok(Parsed::Flow(Flow {
         l3,
         l4,
         proto,
-        src_addr: u32::from_ne_bytes(unsafe { (*ip).src_addr }),
-        dst_addr: u32::from_ne_bytes(unsafe { (*ip).dst_addr }),
-        src_port: u16::from_ne_bytes(src_port),
-        dst_port: u16::from_ne_bytes(dst_port),
+        src_addr,
+        dst_addr,
+        src_port,
+        dst_port,
         tcp_flags,
         ttl: unsafe { (*ip).ttl },
+        later_fragment: false,
+        dont_fragment: frags & 0x4000 != 0,
     }))
 }

@@ -1,18 +1,26 @@
 //! A service without ready endpoints: TCP gets a RST back out of the interface it came in on
-//! (the client fails at once, as with kube-proxy's REJECT, instead of retrying SYNs into a
-//! void); UDP, and anything odd, is dropped.
+//! and UDP an ICMP port unreachable (the client fails at once, as with kube-proxy's REJECT,
+//! instead of retrying into a void); anything odd is dropped.
 
-use lb_common::IPPROTO_TCP;
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
+    icmp,
     packet::{Packet, ptr_at},
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 #[inline(always)]
 pub fn no_endpoint<P: Packet>(ctx: &P, flow: &Flow) -> Result<u32, ()> {
-    if flow.proto != IPPROTO_TCP || flow.tcp_flags & TCP_RST != 0 || flow.l4 != flow.l3 + 20 {
+    if flow.proto == IPPROTO_UDP && !flow.later_fragment {
+        return icmp::reply_error(ctx, flow, icmp::DEST_UNREACH, icmp::PORT_UNREACH, 0);
+    }
+    if flow.proto != IPPROTO_TCP
+        || flow.later_fragment
+        || flow.tcp_flags & TCP_RST != 0
+        || flow.l4 != flow.l3 + 20
+    {
         return Ok(P::DROP);
     }
     const IP: usize = EthHdr::LEN;

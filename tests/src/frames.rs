@@ -175,6 +175,14 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
                 ));
             }
         }
+        IpNextHeaderProtocols::Icmp => {
+            let body = ip.payload();
+            if body.len() < 8
+                || pnet::packet::util::checksum(body, 1) != u16::from_be_bytes([body[2], body[3]])
+            {
+                return Err("ICMP checksum wrong".into());
+            }
+        }
         other => return Err(format!("unexpected protocol {other}")),
     }
     Ok(())

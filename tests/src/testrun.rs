@@ -107,3 +107,31 @@ pub fn rev_nat(f: &Frame, vip: Ipv4Addr, port: u16) -> Frame {
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// The ICMP error the node answers `original` (a frame it received) with: from the original
+/// destination back to its source, MACs swapped, the original IPv4 header (20 bytes) and the
+/// first 8 bytes after it quoted; checksums computed from scratch.
+pub fn icmp_error(original: &[u8], kind: u8, code: u8, mtu: u16) -> Vec<u8> {
+    use pnet::packet::util::checksum;
+    let mut f = vec![0u8; 14 + 20 + 8 + 28];
+    f[..6].copy_from_slice(&original[6..12]);
+    f[6..12].copy_from_slice(&original[..6]);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[1] = 0xc0;
+    ip[2..4].copy_from_slice(&56u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 1;
+    ip[12..16].copy_from_slice(&original[14 + 16..14 + 20]);
+    ip[16..20].copy_from_slice(&original[14 + 12..14 + 16]);
+    let sum = checksum(&f[14..34], 5);
+    f[24..26].copy_from_slice(&sum.to_be_bytes());
+    f[34] = kind;
+    f[35] = code;
+    f[40..42].copy_from_slice(&mtu.to_be_bytes());
+    f[42..70].copy_from_slice(&original[14..42]);
+    let sum = checksum(&f[34..70], 1);
+    f[36..38].copy_from_slice(&sum.to_be_bytes());
+    f
+}

@@ -10,7 +10,7 @@ use lb_common::{
 };
 use lb_tests::{
     frames::{Frame, L4, TCP_ACK, TCP_RST, TCP_SYN, arp_reply, arp_request, verify_checksums},
-    lab::{BACKEND_IF_MAC, CLIENT, CLIENT_IF_MAC, CLIENT_MAC, XdpLab},
+    lab::{BACKEND_IF_MAC, CLIENT, CLIENT_IF_MAC, CLIENT_MAC, XdpLab, backend_mac},
     sh,
     testrun::*,
 };
@@ -278,12 +278,14 @@ fn test_run_cases(hook: Hook) {
         Bounce,
         Some(&rst),
     ));
-    cases.push(case(
-        "UDP to a service without endpoints: dropped",
-        &from_client(Frame::udp((CLIENT, 5353), (EMPTY_VIP, 53))),
-        Drop,
-        None,
-    ));
+    let refused_udp = from_client(Frame::udp((CLIENT, 5353), (EMPTY_VIP, 53)));
+    cases.push(Case {
+        name: "UDP to a service without endpoints: ICMP port unreachable back",
+        input: refused_udp.bytes(),
+        from_backend: false,
+        verdict: Bounce,
+        output: Some(icmp_error(&refused_udp.bytes(), 3, 3, 0)),
+    });
     // loadBalancerSourceRanges guard the LoadBalancer IP, not the ClusterIP.
     let admitted = from_client(Frame::tcp((CLIENT, 40020), (GUARDED_LB_IP, 80), TCP_SYN));
     cases.push(case(
@@ -325,15 +327,34 @@ fn test_run_cases(hook: Hook) {
     let mut not_v4 = syn_bytes.clone();
     not_v4[14] = 0x65;
     cases.push(raw("version 6 inside an IPv4 ethertype: untouched", not_v4));
-    let mut fragment = syn_bytes.clone();
-    fragment[14 + 6] = 0x20; // more fragments
-    cases.push(raw("first fragment to the frontend: untouched", fragment));
-    let mut later_fragment = syn_bytes.clone();
-    later_fragment[14 + 6] = 0x00;
-    later_fragment[14 + 7] = 0x10; // offset 16 × 8
+    // A fragmented datagram: the first fragment is translated like any packet and records its
+    // ports; a later one (no L4 header) gets the same backend, addresses only.
+    let first_fragment = with_frags(&syn_bytes, 0x2000);
+    cases.push(Case {
+        name: "first fragment to the frontend: DNAT, ports recorded",
+        input: first_fragment,
+        from_backend: false,
+        verdict: Redirect,
+        output: Some(with_frags(&dnat(&syn, BACKEND, 8080).bytes(), 0x2000)),
+    });
+    let later_fragment = with_frags(&syn_bytes, 0x0010);
+    let mut later_out = later_fragment.clone();
+    later_out[..6].copy_from_slice(&backend_mac(BACKEND).octets());
+    later_out[6..12].copy_from_slice(&BACKEND_IF_MAC.octets());
+    later_out[14 + 8] -= 1;
+    later_out[14 + 16..14 + 20].copy_from_slice(&BACKEND.octets());
+    cases.push(Case {
+        name: "later fragment of that datagram: same backend, addresses only",
+        input: later_fragment,
+        from_backend: false,
+        verdict: Redirect,
+        output: Some(with_frags(&later_out, 0x0010)),
+    });
+    let mut stray = with_frags(&syn_bytes, 0x0010);
+    stray[14 + 4] ^= 0xff; // another IP id: its first fragment was never seen
     cases.push(raw(
-        "later fragment to the frontend: untouched",
-        later_fragment,
+        "later fragment of an unseen datagram: untouched",
+        with_frags(&stray, 0x0010),
     ));
     let mut icmp = syn_bytes.clone();
     icmp[14 + 9] = 1;
@@ -379,7 +400,10 @@ fn test_run_cases(hook: Hook) {
                 hex(want)
             ));
         }
-        if c.output.is_some() {
+        // A fragment's L4 checksum covers the whole datagram, so only whole packets are checked.
+        let fragment = c.input.len() >= 22
+            && u16::from_be_bytes([c.input[14 + 6], c.input[14 + 7]]) & 0x3fff != 0;
+        if c.output.is_some() && !fragment {
             if let Err(e) = verify_checksums(&run.output) {
                 problems.push(format!("checksum: {e}"));
             }
@@ -401,10 +425,10 @@ fn test_run_cases(hook: Hook) {
         failures.join("\n")
     );
 
-    // Client→service packets are counted per frontend (SYN and ACK on TCP; two UDP); misses,
-    // replies and what is left to the kernel untouched are not.
+    // Client→service packets are counted per frontend (SYN, ACK and two fragments on TCP; two
+    // UDP); misses, replies and what is left to the kernel untouched are not.
     for (port, proto, want) in [
-        (80, lb_common::IPPROTO_TCP, 2),
+        (80, lb_common::IPPROTO_TCP, 4),
         (53, lb_common::IPPROTO_UDP, 2),
     ] {
         let frontend = lab
@@ -423,6 +447,17 @@ fn test_run_cases(hook: Hook) {
             "packets counted for {VIP}:{port}/{proto}"
         );
     }
+}
+
+/// `frame` with the IPv4 flags/fragment-offset field set to `frags` and its header checksum
+/// computed from scratch.
+fn with_frags(frame: &[u8], frags: u16) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[14 + 6..14 + 8].copy_from_slice(&frags.to_be_bytes());
+    f[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let sum = pnet::packet::util::checksum(&f[14..34], 5);
+    f[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
+    f
 }
 
 /// A backend behind an interface that does not take XDP frames (not in LB_XDP_TARGETS, like a
