@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use lb_tests::{BACKEND_TCP_PORT, BACKEND_UDP_PORT, CLUSTER_IP, Capture, Topology};
 
 const EMPTY_IP: &str = "10.96.0.20";
+const STICKY_IP: &str = "10.96.0.30";
 const EXTERNAL_IP: &str = "192.168.40.10";
 const NODE_PORT: u16 = 30080;
 
@@ -23,7 +24,11 @@ fn config() -> String {
          addressType: IPv4\nports:\n- {{name: tcp, port: {BACKEND_TCP_PORT}, protocol: TCP}}\n- {{name: udp, port: {BACKEND_UDP_PORT}, protocol: UDP}}\n\
          endpoints:\n{endpoints}---\n\
          apiVersion: v1\nkind: Service\nmetadata: {{name: empty, namespace: default}}\nspec:\n  clusterIP: {EMPTY_IP}\n  ports:\n  \
-         - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}\n  - {{name: udp, port: 53, targetPort: 8053, protocol: UDP}}\n"
+         - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}\n  - {{name: udp, port: 53, targetPort: 8053, protocol: UDP}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: sticky, namespace: default}}\nspec:\n  clusterIP: {STICKY_IP}\n  sessionAffinity: ClientIP\n  ports:\n  \
+         - {{name: tcp, port: 80, targetPort: {BACKEND_TCP_PORT}, protocol: TCP}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: sticky-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: sticky}}\n\
+         addressType: IPv4\nports:\n- {{name: tcp, port: {BACKEND_TCP_PORT}, protocol: TCP}}\nendpoints:\n{endpoints}"
     )
 }
 
@@ -99,8 +104,18 @@ fn node_clients_are_balanced_at_the_socket() {
         assert!(names.len() >= 2, "{what}: balanced over {names:?} only");
     }
 
+    // ClientIP affinity at the socket: every connection of the client (one network namespace)
+    // goes to one backend.
+    let sticky = answers(&run(&["tcp", &format!("{STICKY_IP}:80"), "20"]));
+    let names: BTreeSet<&String> = sticky.iter().map(|(_, n)| n).collect();
+    assert_eq!(names.len(), 1, "ClientIP affinity at the socket: {names:?}");
+
     // On the wire: the backends, never a frontend address.
-    let frontends = [CLUSTER_IP.to_string(), EXTERNAL_IP.to_string()];
+    let frontends = [
+        CLUSTER_IP.to_string(),
+        EXTERNAL_IP.to_string(),
+        STICKY_IP.to_string(),
+    ];
     let to_backends = seen
         .iter()
         .filter(|(_, dst)| {
@@ -146,7 +161,7 @@ fn node_clients_are_balanced_at_the_socket() {
     let entries = stats["socket_revnat"]["entries"].as_u64().unwrap();
     let capacity = stats["socket_revnat"]["capacity"].as_u64().unwrap();
     println!("socket reverse translations: {entries}/{capacity}");
-    assert!(entries >= 80 && entries <= capacity, "{stats}");
+    assert!(entries >= 100 && entries <= capacity, "{stats}");
 
     // A client outside the cgroup still goes through the packet path.
     let (from, name) = topo
