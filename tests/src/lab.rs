@@ -242,6 +242,17 @@ impl XdpLab {
         Ok(program.attach(iface, aya::programs::XdpMode::Driver)?)
     }
 
+    /// Attaches the tc program `lb_tc` (tcx ingress) to `iface` in the lab namespace.
+    pub fn attach_tc(&mut self, iface: &str) -> Result<aya::programs::tc::SchedClassifierLinkId> {
+        let program = self.datapath.as_mut().expect("datapath").classifier()?;
+        Ok(program.attach(iface, aya::programs::TcAttachType::Ingress)?)
+    }
+
+    pub fn detach_tc(&mut self, link: aya::programs::tc::SchedClassifierLinkId) -> Result<()> {
+        let program = self.datapath.as_mut().expect("datapath").classifier()?;
+        Ok(program.detach(link)?)
+    }
+
     pub fn detach(&mut self, name: &str, link: aya::programs::xdp::XdpLinkId) -> Result<()> {
         let program = self.datapath.as_mut().expect("datapath").program(name)?;
         Ok(program.detach(link)?)

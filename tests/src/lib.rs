@@ -338,6 +338,25 @@ impl Topology {
             .collect())
     }
 
+    /// Runs `lb-test-client ARGS` in namespace `ns` (in the caller's cgroup); returns its lines.
+    pub fn client_process(ns: &str, args: &[&str]) -> Result<Vec<String>> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(sibling_binary("lb-test-client"))
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "lb-test-client {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?
+            .lines()
+            .map(str::to_string)
+            .collect())
+    }
+
     /// Starts `lb-test-client ARGS` like [`Topology::client_in_cgroup`] without waiting: its
     /// output can be read line by line while it runs.
     pub fn spawn_client_in_cgroup(

@@ -3,6 +3,8 @@
 //! `peer=<what getpeername/recv_from showed> name=<backend name>` or `error=<kind> ms=<elapsed>`.
 //!
 //! lb-test-client tcp|udp|udp-connected ADDR COUNT [--hold SECONDS]
+//! lb-test-client rate ADDR SECONDS REQUESTS: TCP connect+request+close for SECONDS, then
+//! REQUESTS on one connection; prints `connects_per_s=… p50_us=… p99_us=…` (benchmarks).
 //! `--hold`: udp-connected keeps its socket and asks every 200 ms for SECONDS, connecting a new
 //! socket after an error, as a resolver does (a client whose backend may go away meanwhile).
 
@@ -56,8 +58,46 @@ fn report(result: std::io::Result<(SocketAddr, String)>, start: Instant) {
     let _ = std::io::stdout().flush();
 }
 
+/// Connect+request+close rate, then request/response latency on one connection.
+fn rate(to: SocketAddr, seconds: f64, requests: usize) -> std::io::Result<()> {
+    let start = Instant::now();
+    let mut connects = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        tcp(to)?;
+        connects += 1;
+    }
+    let per_s = connects as f64 / start.elapsed().as_secs_f64();
+    let stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+    stream.set_nodelay(true)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut rtts = Vec::with_capacity(requests);
+    let mut line = String::new();
+    for _ in 0..requests {
+        let t = Instant::now();
+        (&stream).write_all(b"who\n")?;
+        line.clear();
+        reader.read_line(&mut line)?;
+        rtts.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    rtts.sort_by(f64::total_cmp);
+    let at = |p: f64| rtts[((rtts.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "connects_per_s={per_s:.1} p50_us={:.1} p99_us={:.1}",
+        at(0.5),
+        at(0.99)
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("rate") {
+        anyhow::ensure!(
+            args.len() == 4,
+            "usage: lb-test-client rate ADDR SECONDS REQUESTS"
+        );
+        return Ok(rate(args[1].parse()?, args[2].parse()?, args[3].parse()?)?);
+    }
     anyhow::ensure!(
         args.len() >= 3,
         "usage: lb-test-client tcp|udp|udp-connected ADDR COUNT [--hold SECONDS]"
