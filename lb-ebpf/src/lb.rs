@@ -1,7 +1,8 @@
 //! The packet path of a node's interfaces, the same for XDP and tc. It reads top to bottom:
 //!
 //! Ethernet → ARP request for an announced address? answer it.
-//! IPv4 (no fragments) → TCP/UDP → TTL ≤ 1? the kernel's (it answers Time Exceeded) →
+//! IPv4 → TCP/UDP (a later fragment takes its first fragment's ports) → TTL ≤ 1? the kernel's
+//! (it answers Time Exceeded) →
 //!   conntrack hit on the 5-tuple (one lookup serves both directions):
 //!     forward entry (client → frontend) → DNAT to the backend it holds;
 //!     reply entry (backend → client) → rewrite the source back to the frontend;
@@ -69,7 +70,7 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
                 now,
                 Some(&mut entry.nexthop),
             );
-            count(ctx, verdict, frontend_id, backend_id, len);
+            count::<P>(verdict, frontend_id, backend_id, len);
             return Ok(verdict);
         }
         Hit::Miss => {}
@@ -117,13 +118,13 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
         now,
         nexthop,
     );
-    count(ctx, verdict, pick.frontend_id, pick.backend_id, len);
+    count::<P>(verdict, pick.frontend_id, pick.backend_id, len);
     Ok(verdict)
 }
 
 /// Counts a forwarded packet once: not when XDP leaves it to tc.
 #[inline(always)]
-fn count<P: Packet>(_ctx: &P, verdict: u32, frontend_id: u32, backend_id: u32, len: u64) {
+fn count<P: Packet>(verdict: u32, frontend_id: u32, backend_id: u32, len: u64) {
     if P::IS_XDP && verdict == P::PASS {
         return;
     }

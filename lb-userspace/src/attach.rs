@@ -10,7 +10,7 @@
 
 use std::{ffi::CString, net::Ipv4Addr, path::Path};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 /// `--attach`.
@@ -78,22 +78,11 @@ pub struct Hooked {
 pub const INTERFACES_FILE: &str = "interfaces.json";
 
 pub fn write_interfaces(dir: &Path, hooked: &Hooked) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(".interfaces.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(hooked)?)?;
-    std::fs::rename(&tmp, dir.join(INTERFACES_FILE))?;
-    Ok(())
+    crate::state::write(dir, INTERFACES_FILE, hooked)
 }
 
 pub fn read_interfaces(dir: &Path) -> Result<Hooked> {
-    let path = dir.join(INTERFACES_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "reading {} (has lb-agent run with this --state-dir?)",
-            path.display()
-        )
-    })?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    crate::state::read(dir, INTERFACES_FILE)
 }
 
 /// Driver name and bus address of an interface (ethtool's GDRVINFO). Virtual interfaces have no

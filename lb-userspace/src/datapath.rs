@@ -434,38 +434,7 @@ impl Datapath {
             .program_mut(TC_PROGRAM)
             .context("program lb_tc")?
             .try_into()?;
-        let replaced = match PinnedLink::from_pin(&path) {
-            Ok(pinned) => {
-                let link = SchedClassifierLink::try_from(pinned.unpin()?)?;
-                match program.attach_to_link(link) {
-                    Ok(id) => Some(id),
-                    Err(e) => {
-                        // The interface it was on is gone (recreated under the same name).
-                        warn!("{interface}: pinned tc link is stale ({e}); attaching anew");
-                        None
-                    }
-                }
-            }
-            Err(_) => None,
-        };
-        let id = match replaced {
-            Some(id) => id,
-            None => {
-                let _ = fs::remove_file(&path);
-                program
-                    .attach_with_options(
-                        interface,
-                        TcAttachType::Ingress,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .with_context(|| format!("attaching tc (tcx ingress) to {interface}"))?
-            }
-        };
-        let link = program.take_link(id)?;
-        FdLink::try_from(link)?
-            .pin(&path)
-            .with_context(|| format!("pinning link {}", path.display()))?;
-        Ok(())
+        attach_pinned(program, &path, interface)
     }
 
     fn attach_xdp(&mut self, interface: &str) -> Result<()> {
@@ -475,31 +444,83 @@ impl Datapath {
             .program_mut(XDP_PROGRAM)
             .context("program lb")?
             .try_into()?;
-        let replaced = match PinnedLink::from_pin(&path) {
-            Ok(pinned) => match program.attach_to_link(XdpLink::try_from(pinned.unpin()?)?) {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    warn!("{interface}: pinned XDP link is stale ({e}); attaching anew");
-                    None
-                }
-            },
-            Err(_) => None,
-        };
-        let id = match replaced {
-            Some(id) => id,
-            None => {
-                let _ = fs::remove_file(&path);
-                program
-                    .attach(interface, XdpMode::Driver)
-                    .with_context(|| format!("attaching native XDP to {interface}"))?
-            }
-        };
-        let link = program.take_link(id)?;
-        FdLink::try_from(link)?
-            .pin(&path)
-            .with_context(|| format!("pinning link {}", path.display()))?;
-        Ok(())
+        attach_pinned(program, &path, interface)
     }
+}
+
+/// A program attached to interfaces through pinned links.
+trait InterfaceProgram {
+    type Id;
+    const HOOK: &'static str;
+    /// Puts this program on a link pinned by an earlier run (atomically).
+    fn replace(&mut self, link: FdLink) -> Result<Self::Id>;
+    fn attach_new(&mut self, interface: &str) -> Result<Self::Id>;
+    fn take(&mut self, id: Self::Id) -> Result<FdLink>;
+}
+
+impl InterfaceProgram for SchedClassifier {
+    type Id = aya::programs::tc::SchedClassifierLinkId;
+    const HOOK: &'static str = "tc (tcx ingress)";
+    fn replace(&mut self, link: FdLink) -> Result<Self::Id> {
+        Ok(self.attach_to_link(SchedClassifierLink::try_from(link)?)?)
+    }
+    fn attach_new(&mut self, interface: &str) -> Result<Self::Id> {
+        Ok(self.attach_with_options(
+            interface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )?)
+    }
+    fn take(&mut self, id: Self::Id) -> Result<FdLink> {
+        Ok(FdLink::try_from(self.take_link(id)?)?)
+    }
+}
+
+impl InterfaceProgram for Xdp {
+    type Id = aya::programs::xdp::XdpLinkId;
+    const HOOK: &'static str = "native XDP";
+    fn replace(&mut self, link: FdLink) -> Result<Self::Id> {
+        Ok(self.attach_to_link(XdpLink::try_from(link)?)?)
+    }
+    fn attach_new(&mut self, interface: &str) -> Result<Self::Id> {
+        Ok(self.attach(interface, XdpMode::Driver)?)
+    }
+    fn take(&mut self, id: Self::Id) -> Result<FdLink> {
+        Ok(FdLink::try_from(self.take_link(id)?)?)
+    }
+}
+
+/// Attaches `program` to `interface` through the link pinned at `path`: an earlier run's link
+/// gets the new program atomically; a stale one (its interface was recreated under the same
+/// name) is dropped and the program attached anew. The link is pinned again either way.
+fn attach_pinned<P: InterfaceProgram>(program: &mut P, path: &Path, interface: &str) -> Result<()> {
+    let replaced = match PinnedLink::from_pin(path) {
+        Ok(pinned) => match program.replace(pinned.unpin()?) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                warn!(
+                    "{interface}: pinned {} link is stale ({e:#}); attaching anew",
+                    P::HOOK
+                );
+                None
+            }
+        },
+        Err(_) => None,
+    };
+    let id = match replaced {
+        Some(id) => id,
+        None => {
+            let _ = fs::remove_file(path);
+            program
+                .attach_new(interface)
+                .with_context(|| format!("attaching {} to {interface}", P::HOOK))?
+        }
+    };
+    program
+        .take(id)?
+        .pin(path)
+        .with_context(|| format!("pinning link {}", path.display()))?;
+    Ok(())
 }
 
 /// Detaches and forgets the link pinned at `path`, if any.

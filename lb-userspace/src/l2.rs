@@ -87,22 +87,11 @@ pub const STATUS_FILE: &str = "status.json";
 
 impl Status {
     pub fn write(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let tmp = dir.join(".status.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(&tmp, dir.join(STATUS_FILE))?;
-        Ok(())
+        crate::state::write(dir, STATUS_FILE, self)
     }
 
     pub fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join(STATUS_FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "reading {} (has lb-agent run with this --state-dir?)",
-                path.display()
-            )
-        })?;
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        crate::state::read(dir, STATUS_FILE)
     }
 }
 

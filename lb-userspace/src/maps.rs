@@ -439,24 +439,33 @@ impl PinnedMaps {
 impl PinnedMaps {
     /// Drops ClientIP affinity entries whose backend is no longer in their service's table, or
     /// whose service is gone (ids are reused: an entry must never steer another service's
-    /// clients). `tables` maps service id → backend ids, from [`crate::reconcile::Reconciler::table_backends`].
+    /// clients). `tables` gives the backend ids of the services asked for (see
+    /// [`crate::reconcile::Reconciler::table_backends`]); only services that have entries are
+    /// asked about, so an apply without affinity entries costs one empty map walk.
     pub fn prune_affinity(
         &mut self,
-        tables: &std::collections::HashMap<u32, std::collections::HashSet<u32>>,
+        tables: impl FnOnce(
+            &std::collections::HashSet<u32>,
+        ) -> std::collections::HashMap<u32, std::collections::HashSet<u32>>,
     ) -> Result<usize> {
-        let mut dead = Vec::new();
+        let mut entries = Vec::new();
         for item in self.affinity.iter() {
-            let (k, e) = item?;
-            if !tables
+            entries.push(item?);
+        }
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let services = entries.iter().map(|(k, _)| k.service_id).collect();
+        let tables = tables(&services);
+        let mut dead = 0;
+        for (k, e) in &entries {
+            let live = tables
                 .get(&k.service_id)
-                .is_some_and(|ids| ids.contains(&e.backend_id))
-            {
-                dead.push(k);
+                .is_some_and(|ids| ids.contains(&e.backend_id));
+            if !live && self.affinity.remove(k).is_ok() {
+                dead += 1;
             }
         }
-        for k in &dead {
-            let _ = self.affinity.remove(k);
-        }
-        Ok(dead.len())
+        Ok(dead)
     }
 }

@@ -323,18 +323,20 @@ impl Reconciler {
         }
     }
 
-    /// Backend ids in each service's Maglev table, by service id: what ClientIP affinity entries
-    /// may point at. Services adopted from an earlier run and not yet applied are left out.
-    pub fn table_backends(&self) -> HashMap<u32, HashSet<u32>> {
+    /// Backend ids in the Maglev tables of services `ids`, by service id: what their ClientIP
+    /// affinity entries may point at. Services gone, or adopted from an earlier run and not yet
+    /// applied, are left out.
+    pub fn table_backends(&self, ids: &HashSet<u32>) -> HashMap<u32, HashSet<u32>> {
         self.services
             .values()
+            .filter(|s| ids.contains(&s.id))
             .filter_map(|s| {
                 let input = s.table_input.as_ref()?;
-                let ids = input
+                let backends = input
                     .iter()
                     .filter_map(|(e, _)| self.backends.get(e).map(|b| b.id))
                     .collect();
-                Some((s.id, ids))
+                Some((s.id, backends))
             })
             .collect()
     }

@@ -157,7 +157,8 @@ impl XdpLab {
         let maps = self.maps.as_mut().expect("maps");
         self.reconciler.apply(desired, maps)?;
         // As the agent does after an apply.
-        maps.prune_affinity(&self.reconciler.table_backends())?;
+        let reconciler = &self.reconciler;
+        maps.prune_affinity(|ids| reconciler.table_backends(ids))?;
         Ok(())
     }
 

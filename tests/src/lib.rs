@@ -310,22 +310,27 @@ impl Topology {
         Ok(cgroup)
     }
 
-    /// Runs `lb-test-client ARGS` in namespace `ns` as a process of cgroup `cgroup` (it moves
-    /// itself there before it execs); returns its output lines.
-    pub fn client_in_cgroup(
-        ns: &str,
-        cgroup: &std::path::Path,
-        args: &[&str],
-    ) -> Result<Vec<String>> {
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "echo $$ > {}/cgroup.procs && exec ip netns exec {ns} \"$0\" \"$@\"",
-                cgroup.display()
-            ))
+    /// `lb-test-client ARGS` in namespace `ns`, moved into cgroup `cgroup` (when given) before
+    /// it execs, so the cgroup applies to it alone.
+    fn client_command(ns: &str, cgroup: Option<&std::path::Path>, args: &[&str]) -> Command {
+        let enter = cgroup.map_or(String::new(), |cg| {
+            format!("echo $$ > {}/cgroup.procs && ", cg.display())
+        });
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("{enter}exec ip netns exec {ns} \"$0\" \"$@\""))
             .arg(sibling_binary("lb-test-client"))
             .args(args)
-            .output()?;
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn client_lines(
+        ns: &str,
+        cgroup: Option<&std::path::Path>,
+        args: &[&str],
+    ) -> Result<Vec<String>> {
+        let out = Self::client_command(ns, cgroup, args).output()?;
         if !out.status.success() {
             bail!(
                 "lb-test-client {args:?}: {}",
@@ -338,23 +343,19 @@ impl Topology {
             .collect())
     }
 
-    /// Runs `lb-test-client ARGS` in namespace `ns` (in the caller's cgroup); returns its lines.
+    /// Runs `lb-test-client ARGS` in namespace `ns` as a process of cgroup `cgroup`; returns its
+    /// output lines.
+    pub fn client_in_cgroup(
+        ns: &str,
+        cgroup: &std::path::Path,
+        args: &[&str],
+    ) -> Result<Vec<String>> {
+        Self::client_lines(ns, Some(cgroup), args)
+    }
+
+    /// Runs `lb-test-client ARGS` in namespace `ns` (in the caller's cgroup).
     pub fn client_process(ns: &str, args: &[&str]) -> Result<Vec<String>> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(sibling_binary("lb-test-client"))
-            .args(args)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "lb-test-client {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8(out.stdout)?
-            .lines()
-            .map(str::to_string)
-            .collect())
+        Self::client_lines(ns, None, args)
     }
 
     /// Starts `lb-test-client ARGS` like [`Topology::client_in_cgroup`] without waiting: its
@@ -364,15 +365,7 @@ impl Topology {
         cgroup: &std::path::Path,
         args: &[&str],
     ) -> Result<Child> {
-        Ok(Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "echo $$ > {}/cgroup.procs && exec ip netns exec {ns} \"$0\" \"$@\"",
-                cgroup.display()
-            ))
-            .arg(sibling_binary("lb-test-client"))
-            .args(args)
-            .stdin(Stdio::null())
+        Ok(Self::client_command(ns, Some(cgroup), args)
             .stdout(Stdio::piped())
             .spawn()?)
     }

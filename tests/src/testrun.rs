@@ -135,3 +135,15 @@ pub fn icmp_error(original: &[u8], kind: u8, code: u8, mtu: u16) -> Vec<u8> {
     f[36..38].copy_from_slice(&sum.to_be_bytes());
     f
 }
+
+/// Packets counted for frontend `vip:port/proto`, summed over CPUs.
+pub fn frontend_packets(lab: &XdpLab, vip: Ipv4Addr, port: u16, proto: u8) -> u64 {
+    let key = lb_common::FrontendKey::new(vip.octets(), port, proto);
+    let frontend = lab.maps().frontends.get(&key, 0).expect("frontend");
+    let per_cpu = lab
+        .maps()
+        .frontend_stats
+        .get(&frontend.frontend_id, 0)
+        .expect("stats");
+    lb_userspace::maps::PinnedMaps::sum(&per_cpu).packets
+}

@@ -14,7 +14,7 @@ use lb_tests::{
     sh,
     testrun::*,
 };
-use lb_userspace::{datapath::Options, maps::PinnedMaps};
+use lb_userspace::datapath::Options;
 
 const XDP_REDIRECT: u32 = 4;
 
@@ -431,19 +431,9 @@ fn test_run_cases(hook: Hook) {
         (80, lb_common::IPPROTO_TCP, 4),
         (53, lb_common::IPPROTO_UDP, 2),
     ] {
-        let frontend = lab
-            .maps()
-            .frontends
-            .get(&FrontendKey::new(VIP.octets(), port, proto), 0)
-            .expect("frontend");
-        let counters = PinnedMaps::sum(
-            &lab.maps()
-                .frontend_stats
-                .get(&frontend.frontend_id, 0)
-                .expect("stats"),
-        );
         assert_eq!(
-            counters.packets, want,
+            frontend_packets(&lab, VIP, port, proto),
+            want,
             "packets counted for {VIP}:{port}/{proto}"
         );
     }
@@ -480,21 +470,7 @@ fn xdp_leaves_what_it_cannot_send_to_tc() {
     assert_eq!(run.verdict, Hook::Tc.code(Redirect), "tc verdict");
     assert_eq!(run.output, dnat(&syn, BACKEND, 8080).bytes());
     // Counted once, by tc.
-    let frontend = lab
-        .maps()
-        .frontends
-        .get(
-            &FrontendKey::new(VIP.octets(), 80, lb_common::IPPROTO_TCP),
-            0,
-        )
-        .expect("frontend");
-    let counters = PinnedMaps::sum(
-        &lab.maps()
-            .frontend_stats
-            .get(&frontend.frontend_id, 0)
-            .expect("stats"),
-    );
-    assert_eq!(counters.packets, 1);
+    assert_eq!(frontend_packets(&lab, VIP, 80, lb_common::IPPROTO_TCP), 1);
 }
 
 const ANNOUNCED: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 60);

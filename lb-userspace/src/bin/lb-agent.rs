@@ -202,7 +202,11 @@ impl Agent {
             }
         };
         if report.tables_rebuilt > 0 || report.services_removed > 0 {
-            match self.maps.prune_affinity(&self.reconciler.table_backends()) {
+            let reconciler = &self.reconciler;
+            match self
+                .maps
+                .prune_affinity(|ids| reconciler.table_backends(ids))
+            {
                 Ok(0) => {}
                 Ok(n) => info!("dropped {n} ClientIP affinity entries of removed endpoints"),
                 Err(e) => warn!("pruning affinity entries: {e:#}"),

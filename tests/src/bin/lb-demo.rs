@@ -1,5 +1,7 @@
-//! `cargo xtask demo`: a veth topology (client, node, 3 backends), lb-agent from the shipped
-//! example config, traffic to the ClusterIP, then `lbctl services`. Cleans up on exit.
+//! `cargo xtask demo`: a veth topology (client, node, 3 backends) with every veth as the kernel
+//! makes it, lb-agent from the shipped example config, traffic to the ClusterIP through the
+//! packet path (tc on the node's veths) and through the socket hooks (a client process in the
+//! agent's --cgroup), then `lbctl interfaces`, `services` and `stats`. Cleans up on exit.
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
@@ -12,7 +14,8 @@ fn main() -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&config)?;
     let mut topo = Topology::new(3)?;
     topo.write_config(&text)?;
-    topo.start_agent(&[])?;
+    let cgroup = topo.test_cgroup()?;
+    topo.start_agent(&["--cgroup", cgroup.to_str().expect("utf-8 path")])?;
     println!(
         "lb-agent running in namespace {} on {}",
         topo.node,
@@ -29,7 +32,13 @@ fn main() -> anyhow::Result<()> {
         }
         Ok((tcp, udp))
     })?;
-    println!("\n60 TCP connections to {CLUSTER_IP}:{TCP_PORT} answered by:");
+    let mut socket: BTreeMap<String, usize> = BTreeMap::new();
+    let to = format!("{CLUSTER_IP}:{TCP_PORT}");
+    for line in Topology::client_in_cgroup(&topo.client, &cgroup, &["tcp", &to, "60"])? {
+        *socket.entry(line).or_default() += 1;
+    }
+    println!("\nPacket path (client outside the socket cgroup):");
+    println!("60 TCP connections to {CLUSTER_IP}:{TCP_PORT} answered by:");
     for (name, n) in &tcp {
         println!("  {name}: {n}");
     }
@@ -37,7 +46,16 @@ fn main() -> anyhow::Result<()> {
     for (name, n) in &udp {
         println!("  {name}: {n}");
     }
-    println!("\n$ lbctl services\n{}", topo.lbctl(&["services"])?);
+    println!(
+        "\nSocket hooks (a client process in {}): connect() went straight to a backend;\n\
+         getpeername() still shows the ClusterIP:",
+        cgroup.display()
+    );
+    for (line, n) in &socket {
+        println!("  {line}: {n}");
+    }
+    println!("\n$ lbctl interfaces\n{}", topo.lbctl(&["interfaces"])?);
+    println!("$ lbctl services\n{}", topo.lbctl(&["services"])?);
     println!("$ lbctl stats\n{}", topo.lbctl(&["stats"])?);
     Ok(())
 }

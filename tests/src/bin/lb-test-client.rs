@@ -4,7 +4,9 @@
 //!
 //! lb-test-client tcp|udp|udp-connected ADDR COUNT [--hold SECONDS]
 //! lb-test-client rate ADDR SECONDS REQUESTS: TCP connect+request+close for SECONDS, then
-//! REQUESTS on one connection; prints `connects_per_s=… p50_us=… p99_us=…` (benchmarks).
+//! REQUESTS on one connection; prints `connects_per_s=… p50_us=… p99_us=…` (benchmarks). Those
+//! connections close with a RST (SO_LINGER 0): thousands a second would otherwise fill the
+//! client's ephemeral ports with TIME_WAIT and slow every later run.
 //! `--hold`: udp-connected keeps its socket and asks every 200 ms for SECONDS, connecting a new
 //! socket after an error, as a resolver does (a client whose backend may go away meanwhile).
 
@@ -63,7 +65,25 @@ fn rate(to: SocketAddr, seconds: f64, requests: usize) -> std::io::Result<()> {
     let start = Instant::now();
     let mut connects = 0u64;
     while start.elapsed().as_secs_f64() < seconds {
-        tcp(to)?;
+        let stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt with a linger struct on our own socket.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&stream),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                size_of::<libc::linger>() as u32,
+            )
+        };
+        (&stream).write_all(b"who\n")?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
         connects += 1;
     }
     let per_s = connects as f64 / start.elapsed().as_secs_f64();
