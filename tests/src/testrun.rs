@@ -147,3 +147,18 @@ pub fn frontend_packets(lab: &XdpLab, vip: Ipv4Addr, port: u16, proto: u8) -> u6
         .expect("stats");
     lb_userspace::maps::PinnedMaps::sum(&per_cpu).packets
 }
+
+/// Options of a small test_run lab: M=251, 16 services, 64 frontends and backends.
+pub fn lab_options(ct_timeouts: lb_common::CtTimeouts) -> lb_userspace::datapath::Options {
+    lb_userspace::datapath::Options {
+        bpffs: Default::default(),
+        maglev_size: 251,
+        maglev_capacity: 0,
+        max_services: 16,
+        max_frontends: 64,
+        max_backends: 64,
+        conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
+        sock_revnat_size: lb_common::DEFAULT_SOCK_REVNAT_SIZE,
+        ct_timeouts,
+    }
+}

@@ -5,13 +5,12 @@
 
 use std::{net::Ipv4Addr, thread::sleep, time::Duration};
 
-use lb_common::{CtKey, CtTimeouts, DEFAULT_CONNTRACK_SIZE, IPPROTO_TCP, ipv4_to_wire};
+use lb_common::{CtKey, CtTimeouts, IPPROTO_TCP, ipv4_to_wire};
 use lb_tests::{
     frames::{Frame, TCP_ACK, TCP_SYN, verify_checksums},
     lab::{CLIENT, XdpLab},
     testrun::*,
 };
-use lb_userspace::datapath::Options;
 
 const VIP_A: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP_B: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
@@ -24,18 +23,7 @@ const TRIO: [Ipv4Addr; 3] = [
 ];
 
 fn lab(timeouts: CtTimeouts) -> XdpLab {
-    let mut lab = XdpLab::new(Options {
-        bpffs: Default::default(),
-        maglev_size: 251,
-        maglev_capacity: 0,
-        max_services: 16,
-        max_frontends: 64,
-        max_backends: 64,
-        conntrack_size: DEFAULT_CONNTRACK_SIZE,
-        sock_revnat_size: lb_common::DEFAULT_SOCK_REVNAT_SIZE,
-        ct_timeouts: timeouts,
-    })
-    .expect("lab");
+    let mut lab = XdpLab::new(lab_options(timeouts)).expect("lab");
     lab.apply_yaml(&config(&TRIO)).expect("config");
     lab
 }
@@ -188,24 +176,16 @@ fn entries_age_by_state() {
         let ct = lab.maps().ct_counters().unwrap();
         assert_eq!(ct.expired, 1, "{hook:?}: {ct:?}");
         // The stream is younger than its 4 s: nothing for the sweeper yet.
-        let removed = lab
-            .maps
-            .as_mut()
-            .unwrap()
-            .sweep_conntrack(&timeouts)
-            .unwrap();
-        assert_eq!(removed, 0, "{hook:?}: swept a live entry");
+        let sweep = |lab: &mut XdpLab| {
+            let maps = lab.maps.as_mut().unwrap();
+            maps.sweep_conntrack(&timeouts).unwrap()
+        };
+        assert_eq!(sweep(&mut lab), 0, "{hook:?}: swept a live entry");
         let stream_key = ct_key((CLIENT, 5001), (VIP_A, 53), lb_common::IPPROTO_UDP);
         assert!(lab.maps().conntrack.get(&stream_key, 0).is_ok());
         sleep(Duration::from_millis(3500));
         // Now everything is past its time: both flows, both directions.
-        let removed = lab
-            .maps
-            .as_mut()
-            .unwrap()
-            .sweep_conntrack(&timeouts)
-            .unwrap();
-        assert_eq!(removed, 4, "{hook:?}: swept {removed}");
+        assert_eq!(sweep(&mut lab), 4, "{hook:?}: not all four entries swept");
         assert_eq!(lab.maps().conntrack.keys().count(), 0);
     }
 }

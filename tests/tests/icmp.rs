@@ -123,3 +123,93 @@ fn fragments_icmp_errors_and_path_mtu_through_a_cluster_ip() {
     let (_, answer) = topo.client(move || connected_udp(vip, 1200, true));
     assert_eq!(answer.expect("fits"), "backend-1");
 }
+
+/// "Fragmentation needed" sent by the backend host about the client's packet (quoting
+/// client → backend as it arrived there) is translated back on its way through the node, so the
+/// client's path MTU to the ClusterIP drops to the MTU it names.
+#[test]
+fn fragmentation_needed_from_the_backend_updates_the_client_path_mtu() {
+    let mut topo = Topology::new(1).expect("topology");
+    topo.write_config(&config()).expect("config");
+    topo.start_agent(&[]).expect("agent");
+    let vip: SocketAddr = format!("{CLUSTER_IP}:53").parse().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<u16>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let client = std::thread::spawn({
+        let ns = topo.client.clone();
+        move || {
+            lb_tests::in_netns(&ns, move || {
+                let (socket, answer) = connected_udp(vip, 100, true);
+                assert_eq!(answer.expect("answered"), "backend-1");
+                tx.send(socket.local_addr().unwrap().port()).unwrap();
+                done_rx.recv().unwrap();
+                std::thread::sleep(Duration::from_millis(200));
+                path_mtu(&socket)
+            })
+        }
+    });
+    let port = rx.recv().unwrap();
+    lb_tests::in_netns(&topo.backends[0].clone(), move || {
+        send_frag_needed(port, 1200)
+    });
+    done_tx.send(()).unwrap();
+    let mtu = client.join().unwrap();
+    assert_eq!(
+        mtu, 1200,
+        "the client's path MTU to {vip} did not follow the backend's ICMP"
+    );
+}
+
+/// From the backend (10.0.1.2): ICMP fragmentation needed (MTU `mtu`) about the UDP datagram
+/// 10.0.0.1:`port` → 10.0.1.2:8053, through a raw socket.
+fn send_frag_needed(port: u16, mtu: u16) {
+    use pnet::packet::util::checksum;
+    let mut quoted = [0u8; 28];
+    quoted[0] = 0x45;
+    quoted[2..4].copy_from_slice(&128u16.to_be_bytes());
+    quoted[6] = 0x40; // DF
+    quoted[8] = 63;
+    quoted[9] = 17;
+    quoted[12..16].copy_from_slice(&[10, 0, 0, 1]);
+    quoted[16..20].copy_from_slice(&[10, 0, 1, 2]);
+    let sum = checksum(&quoted[..20], 5);
+    quoted[10..12].copy_from_slice(&sum.to_be_bytes());
+    quoted[20..22].copy_from_slice(&port.to_be_bytes());
+    quoted[22..24].copy_from_slice(&8053u16.to_be_bytes());
+    quoted[24..26].copy_from_slice(&108u16.to_be_bytes());
+    let mut icmp = vec![3u8, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(&quoted);
+    let sum = checksum(&icmp, 1);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut packet = vec![
+        0x45u8, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 1, 2, 10, 0, 0, 1,
+    ];
+    packet.extend_from_slice(&icmp);
+    let total = packet.len() as u16;
+    packet[2..4].copy_from_slice(&total.to_be_bytes());
+    // SAFETY: a raw socket of our own, closed below; the kernel fills the IP checksum.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([10, 0, 0, 1]),
+            },
+            sin_zero: [0; 8],
+        };
+        let n = libc::sendto(
+            fd,
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&to as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert_eq!(n, packet.len() as isize, "sendto: {err}");
+    }
+}

@@ -5,9 +5,7 @@
 
 use std::net::Ipv4Addr;
 
-use lb_common::{
-    ArpEntry, ArpKey, DEFAULT_CONNTRACK_SIZE, FrontendKey, hash::flow_hash, ipv4_to_wire,
-};
+use lb_common::{ArpEntry, ArpKey, FrontendKey, hash::flow_hash, ipv4_to_wire};
 use lb_tests::{
     frames::{Frame, L4, TCP_ACK, TCP_RST, TCP_SYN, arp_reply, arp_request, verify_checksums},
     lab::{BACKEND_IF_MAC, CLIENT, CLIENT_IF_MAC, CLIENT_MAC, XdpLab, backend_mac},
@@ -30,17 +28,7 @@ const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 15);
 const M: u32 = 251;
 
 fn options() -> Options {
-    Options {
-        bpffs: Default::default(),
-        maglev_size: M,
-        maglev_capacity: 0,
-        max_services: 16,
-        max_frontends: 64,
-        max_backends: 64,
-        conntrack_size: DEFAULT_CONNTRACK_SIZE,
-        sock_revnat_size: lb_common::DEFAULT_SOCK_REVNAT_SIZE,
-        ct_timeouts: lb_common::CtTimeouts::DEFAULT,
-    }
+    lab_options(lb_common::CtTimeouts::DEFAULT)
 }
 
 fn lab() -> XdpLab {
