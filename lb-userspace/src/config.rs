@@ -182,12 +182,13 @@ fn parse_document(text: &str, doc: &str) -> Result<Parsed, ConfigError> {
     Ok(match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => Parsed::Service(Arc::new(typed(value, &object)?)),
         ("discovery.k8s.io/v1", "EndpointSlice") => Parsed::Slice(Arc::new(typed(value, &object)?)),
-        ("lb.xdp.rs/v1", "LoadBalancerIPPool")
+        // lb.xdp.rs/v1alpha1 is the served version; v1, which earlier releases read, still works.
+        ("lb.xdp.rs/v1alpha1" | "lb.xdp.rs/v1", "LoadBalancerIPPool")
         | ("cilium.io/v2alpha1" | "cilium.io/v2", "CiliumLoadBalancerIPPool") => {
             let object = format!("{kind} {}", cluster_name(&object));
             Parsed::Pool(kind, Arc::new(typed(value, &object)?))
         }
-        ("lb.xdp.rs/v1", "L2AnnouncementPolicy")
+        ("lb.xdp.rs/v1alpha1" | "lb.xdp.rs/v1", "L2AnnouncementPolicy")
         | ("cilium.io/v2alpha1" | "cilium.io/v2", "CiliumL2AnnouncementPolicy") => {
             let object = format!("{kind} {}", cluster_name(&object));
             Parsed::Policy(kind, Arc::new(typed(value, &object)?))
@@ -196,7 +197,7 @@ fn parse_document(text: &str, doc: &str) -> Result<Parsed, ConfigError> {
             return Err(err(
                 object,
                 "apiVersion",
-                format!("{api_version:?} not supported (lb.xdp.rs/v1)"),
+                format!("{api_version:?} not supported (lb.xdp.rs/v1alpha1)"),
             ));
         }
         (_, "Service" | "EndpointSlice") => {
@@ -1470,27 +1471,27 @@ spec:
     #[test]
     fn bad_pools_and_policies_are_named() {
         let bad = r#"
-apiVersion: lb.xdp.rs/v1
+apiVersion: lb.xdp.rs/v1alpha1
 kind: LoadBalancerIPPool
 metadata: {name: a}
 spec: {blocks: [{cidr: 192.168.30.0/24}]}
 ---
-apiVersion: lb.xdp.rs/v1
+apiVersion: lb.xdp.rs/v1alpha1
 kind: LoadBalancerIPPool
 metadata: {name: b}
 spec: {blocks: [{start: 192.168.30.200, stop: 192.168.31.10}, {cidr: 10.0.0.1/24}]}
 ---
-apiVersion: lb.xdp.rs/v1
+apiVersion: lb.xdp.rs/v1alpha1
 kind: LoadBalancerIPPool
 metadata: {name: c}
 spec: {blocks: [{cidr: 10.9.0.0/24}], serviceSelector: {matchExpressions: [{key: x, operator: Has}]}}
 ---
-apiVersion: lb.xdp.rs/v1
+apiVersion: lb.xdp.rs/v1alpha1
 kind: L2AnnouncementPolicy
 metadata: {name: p}
 spec: {interfaces: ["eth[0-9"], loadBalancerIPs: true}
 ---
-apiVersion: lb.xdp.rs/v1
+apiVersion: lb.xdp.rs/v1alpha1
 kind: L2AnnouncementPolicy
 metadata: {name: q}
 spec: {interfaces: ["eth0"]}
@@ -1505,7 +1506,7 @@ spec: {interfaces: ["eth0"]}
         ] {
             assert!(e.contains(want), "missing {want:?} in:\n{e}");
         }
-        let typo = "apiVersion: lb.xdp.rs/v1\nkind: LoadBalancerIPPool\nmetadata: {name: c}\nspec: {blocks: [{cidr: 10.9.0.0/24}], colour: red}\n";
+        let typo = "apiVersion: lb.xdp.rs/v1alpha1\nkind: LoadBalancerIPPool\nmetadata: {name: c}\nspec: {blocks: [{cidr: 10.9.0.0/24}], colour: red}\n";
         assert!(
             load_str(typo)
                 .unwrap_err()

@@ -1,6 +1,6 @@
 //! LoadBalancer IP pools and L2 announcement policies, in the shape of Cilium's
 //! `CiliumLoadBalancerIPPool` / `CiliumL2AnnouncementPolicy` (those kinds are accepted as they
-//! are, so users keep their manifests) and our own `lb.xdp.rs/v1` `LoadBalancerIPPool` /
+//! are, so users keep their manifests) and our own `lb.xdp.rs/v1alpha1` `LoadBalancerIPPool` /
 //! `L2AnnouncementPolicy`.
 //!
 //! Allocation is a pure function of the objects plus the previous allocation (hints): requested

@@ -12,7 +12,7 @@ metadata: {name: homelab}
 spec:
   blocks: [{start: 192.168.30.60, stop: 192.168.30.80}]
 ---
-apiVersion: lb.xdp.rs/v1
+apiVersion: lb.xdp.rs/v1alpha1
 kind: L2AnnouncementPolicy
 metadata: {name: client-side}
 spec:
@@ -153,7 +153,7 @@ fn pool_problems_are_reported_and_bad_pools_rejected() {
 
     // Overlapping pools reject the whole file; the last good state stays.
     let overlap = format!(
-        "{}\n---\napiVersion: lb.xdp.rs/v1\nkind: LoadBalancerIPPool\nmetadata: {{name: overlap}}\nspec: {{blocks: [{{cidr: 192.168.30.64/30}}]}}\n",
+        "{}\n---\napiVersion: lb.xdp.rs/v1alpha1\nkind: LoadBalancerIPPool\nmetadata: {{name: overlap}}\nspec: {{blocks: [{{cidr: 192.168.30.64/30}}]}}\n",
         lb_service(&[1])
     );
     topo.write_config(&overlap).unwrap();

@@ -13,8 +13,8 @@ fn web(spec_extra: &str, endpoints: &[(usize, &str)]) -> String {
         .map(|(i, c)| format!("- addresses: [\"10.0.{i}.2\"]\n  conditions: {c}\n"))
         .collect();
     format!(
-        "apiVersion: lb.xdp.rs/v1\nkind: LoadBalancerIPPool\nmetadata: {{name: lan}}\nspec: {{blocks: [{{cidr: 192.168.30.60/32}}]}}\n---\n\
-         apiVersion: lb.xdp.rs/v1\nkind: L2AnnouncementPolicy\nmetadata: {{name: all}}\nspec: {{loadBalancerIPs: true}}\n---\n\
+        "apiVersion: lb.xdp.rs/v1alpha1\nkind: LoadBalancerIPPool\nmetadata: {{name: lan}}\nspec: {{blocks: [{{cidr: 192.168.30.60/32}}]}}\n---\n\
+         apiVersion: lb.xdp.rs/v1alpha1\nkind: L2AnnouncementPolicy\nmetadata: {{name: all}}\nspec: {{loadBalancerIPs: true}}\n---\n\
          apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.40\n{spec_extra}  ports:\n  \
          - {{name: http, port: 80, targetPort: {BACKEND_TCP_PORT}, protocol: TCP}}\n---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\n\

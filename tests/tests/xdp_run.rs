@@ -48,7 +48,7 @@ fn lab() -> XdpLab {
         // No endpoints at all.
         service("empty", EMPTY_VIP, &[]),
         // LoadBalancer with loadBalancerSourceRanges admitting 10.0.0.0/30 only.
-        "apiVersion: lb.xdp.rs/v1\nkind: LoadBalancerIPPool\nmetadata: {name: pool}\nspec: {blocks: [{cidr: 192.168.30.60/32}]}\n---\n".into(),
+        "apiVersion: lb.xdp.rs/v1alpha1\nkind: LoadBalancerIPPool\nmetadata: {name: pool}\nspec: {blocks: [{cidr: 192.168.30.60/32}]}\n---\n".into(),
         service("guarded", GUARDED_VIP, &[BACKEND]).replacen(
             "spec:\n",
             "spec:\n  type: LoadBalancer\n  loadBalancerSourceRanges: [10.0.0.0/30]\n",
