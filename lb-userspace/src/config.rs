@@ -22,6 +22,7 @@ use crate::{
         Announcement, BackendCondition, BackendSpec, DesiredState, Endpoint, FrontendKind,
         FrontendSpec, Protocol, ServicePort,
     },
+    nodeports::{self, NodePortRange},
 };
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -85,6 +86,8 @@ pub struct BuildContext {
     pub node_name: Option<String>,
     /// LoadBalancer addresses each Service ("namespace/name") had before: kept when still valid.
     pub lb_hints: BTreeMap<String, Vec<Ipv4Addr>>,
+    /// Where NodePorts a manifest leaves out are allocated (`--node-port-range`).
+    pub node_port_range: NodePortRange,
 }
 
 fn err(
@@ -368,8 +371,63 @@ struct SliceEndpoints {
 }
 
 /// Validates the objects and joins Services with their EndpointSlices.
+/// Does this Service get NodePorts (type NodePort, or LoadBalancer unless
+/// allocateLoadBalancerNodePorts is false)?
+fn needs_node_port(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> bool {
+    match spec.type_.as_deref() {
+        Some("NodePort") => true,
+        Some("LoadBalancer") => spec.allocate_load_balancer_node_ports != Some(false),
+        _ => false,
+    }
+}
+
+fn node_port_id(
+    service: &str,
+    port: &k8s_openapi::api::core::v1::ServicePort,
+    proto: Protocol,
+) -> nodeports::PortId {
+    nodeports::PortId {
+        service: service.to_string(),
+        port: port
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| port.port.to_string()),
+        proto,
+    }
+}
+
+/// NodePorts for the ports that need one and name none, over all Services (so a subset build
+/// would differ: [`rebuild_services`] falls back to a full build for such Services).
+fn plan_node_ports(objects: &Objects, ctx: &BuildContext) -> BTreeMap<nodeports::PortId, u16> {
+    let mut taken = HashSet::new();
+    let mut wanted = Vec::new();
+    for service in &objects.services {
+        let Some(spec) = service.spec.as_ref().filter(|s| needs_node_port(s)) else {
+            continue;
+        };
+        let (namespace, name) = service_identity(service);
+        let service_name = format!("{namespace}/{name}");
+        for port in spec.ports.iter().flatten() {
+            let Ok(proto) = parse_protocol(port.protocol.as_deref(), "", "") else {
+                continue;
+            };
+            match port.node_port {
+                Some(n) => {
+                    if let Ok(n) = u16::try_from(n) {
+                        taken.insert((n, proto));
+                    }
+                }
+                None => wanted.push(node_port_id(&service_name, port, proto)),
+            }
+        }
+    }
+    nodeports::allocate(&wanted, &taken, ctx.node_port_range)
+}
+
 pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredState, ConfigErrors> {
     let mut errors = Vec::new();
+    let node_ports = plan_node_ports(objects, ctx);
     let pools = validate_pools(objects, &mut errors);
     let policies = validate_policies(objects, &mut errors);
     let lb_requests = lb_requests(objects, &mut errors);
@@ -523,16 +581,11 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
         let cluster_ip = match spec.cluster_ip.as_deref() {
             // Headless: DNS only, nothing to balance.
             Some("None") => continue,
-            None | Some("") => {
-                errors.push(err(
-                    &object,
-                    "spec.clusterIP",
-                    "required (an API server allocates it; a config file must set it)",
-                ));
-                continue;
-            }
+            // A user's own manifest (an API server would allocate one): no ClusterIP frontend;
+            // NodePorts, externalIPs and LoadBalancer IPs still work.
+            None | Some("") => None,
             Some(ip) => match parse_ipv4(ip, &object, "spec.clusterIP") {
-                Ok(a) => a,
+                Ok(a) => Some(a),
                 Err(e) => {
                     errors.push(e);
                     continue;
@@ -726,14 +779,17 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
             } else {
                 format!("{service_name}:{port_name}")
             };
-            let mut frontends = vec![FrontendSpec {
-                endpoint: Endpoint {
-                    addr: cluster_ip,
-                    port: number,
-                    proto,
-                },
-                kind: FrontendKind::ClusterIp,
-            }];
+            let mut frontends: Vec<FrontendSpec> = cluster_ip
+                .map(|addr| FrontendSpec {
+                    endpoint: Endpoint {
+                        addr,
+                        port: number,
+                        proto,
+                    },
+                    kind: FrontendKind::ClusterIp,
+                })
+                .into_iter()
+                .collect();
             for &addr in &external_ips {
                 frontends.push(FrontendSpec {
                     endpoint: Endpoint {
@@ -755,7 +811,10 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
                 });
             }
             if service_type != "ClusterIP" {
-                match port.node_port {
+                let allocated = node_ports
+                    .get(&node_port_id(&service_name, port, proto))
+                    .map(|&p| i32::from(p));
+                match port.node_port.or(allocated) {
                     Some(node_port) => {
                         match parse_port(node_port, &object, &format!("{field}.nodePort")) {
                             Ok(node_port) => {
@@ -773,10 +832,13 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
                             Err(e) => errors.push(e),
                         }
                     }
-                    None if service_type == "NodePort" => errors.push(err(
+                    None if needs_node_port(spec) => errors.push(err(
                         &object,
                         format!("{field}.nodePort"),
-                        "required (an API server allocates it; a config file must set it)",
+                        format!(
+                            "none given and --node-port-range {}-{} is full",
+                            ctx.node_port_range.first, ctx.node_port_range.last
+                        ),
                     )),
                     // LoadBalancer without node ports (allocateLoadBalancerNodePorts: false).
                     None => {}
@@ -1211,6 +1273,15 @@ fn rebuild_services(
         l2_policies: objects.l2_policies.clone(),
         ignored: Vec::new(),
     };
+    // Allocated NodePorts depend on every Service: those need the full build.
+    let allocates = subset.services.iter().any(|s| {
+        s.spec.as_ref().is_some_and(|spec| {
+            needs_node_port(spec) && spec.ports.iter().flatten().any(|p| p.node_port.is_none())
+        })
+    });
+    if allocates {
+        return None;
+    }
     let rebuilt = match build_desired(&subset, ctx) {
         Ok(d) => d,
         Err(e) => return Some(Err(e)),
@@ -1322,10 +1393,10 @@ metadata: {name: web}
             error_of(&bad_ip),
             "EndpointSlice default/web-abc: endpoints[0].addresses[0]: \"10.0.1.300\" is not an IP address"
         );
+        // A user's own manifest without clusterIP: no ClusterIP frontend, nothing rejected.
         let no_cluster_ip = GOOD.replace("  clusterIP: 10.96.0.10\n", "");
-        assert!(
-            error_of(&no_cluster_ip).starts_with("Service default/web: spec.clusterIP: required")
-        );
+        let (desired, _) = load_str(&no_cluster_ip).expect("accepted without clusterIP");
+        assert!(desired.services["default/web:http"].frontends.is_empty());
         let sctp = GOOD.replace("protocol: UDP}\n---", "protocol: SCTP}\n---");
         assert_eq!(
             error_of(&sctp),
@@ -1513,10 +1584,50 @@ spec: {interfaces: ["eth0"]}
                 .to_string()
                 .starts_with("LoadBalancerIPPool c: spec.colour: unknown field `colour`")
         );
-        let nodeport = "apiVersion: v1\nkind: Service\nmetadata: {name: np}\nspec: {type: NodePort, clusterIP: 10.96.0.9, ports: [{port: 80}]}\n";
+    }
+
+    /// kubectl-apply manifests: no clusterIP, no nodePort. NodePorts are allocated from the
+    /// range, the same on every build, past explicit ones; a full range is an error naming it.
+    #[test]
+    fn own_manifests_get_node_ports_from_the_range() {
+        let ctx = BuildContext {
+            node_ips: vec![Ipv4Addr::new(10, 0, 0, 254)],
+            ..Default::default()
+        };
+        let service = |name: &str, node_port: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{type: NodePort, ports: [{{name: http, port: 80{node_port}}}]}}\n---\n"
+            )
+        };
+        let node_port_of = |desired: &DesiredState, name: &str| {
+            let fronts = &desired.services[&format!("default/{name}:http")].frontends;
+            assert_eq!(fronts.len(), 1, "{fronts:?}");
+            assert_eq!(fronts[0].kind, FrontendKind::NodePort);
+            fronts[0].endpoint.port
+        };
+        let one = service("web", "");
+        let (desired, _) = load_str_with(&one, &ctx).expect("accepted");
+        let port = node_port_of(&desired, "web");
+        assert!((30_000..=32_767).contains(&port), "{port}");
+        // Same on every build; another Service taking that port explicitly moves it.
+        let (again, _) = load_str_with(&one, &ctx).unwrap();
+        assert_eq!(node_port_of(&again, "web"), port);
+        let both = format!("{one}{}", service("api", &format!(", nodePort: {port}")));
+        let (desired, _) = load_str_with(&both, &ctx).unwrap();
+        assert_eq!(node_port_of(&desired, "api"), port);
+        assert_ne!(node_port_of(&desired, "web"), port);
+        let full = BuildContext {
+            node_port_range: NodePortRange {
+                first: port,
+                last: port,
+            },
+            ..ctx.clone()
+        };
         assert_eq!(
-            load_str(nodeport).unwrap_err().to_string(),
-            "Service default/np: spec.ports[0].nodePort: required (an API server allocates it; a config file must set it)"
+            load_str_with(&both, &full).unwrap_err().to_string(),
+            format!(
+                "Service default/web: spec.ports[0].nodePort: none given and --node-port-range {port}-{port} is full"
+            )
         );
     }
 

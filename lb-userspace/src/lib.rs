@@ -12,6 +12,7 @@ pub mod l2;
 pub mod lbipam;
 pub mod maps;
 pub mod model;
+pub mod nodeports;
 pub mod reconcile;
 pub mod sockets;
 pub mod state;

@@ -182,3 +182,40 @@ fn agent_restart_keeps_forwarding_and_lbctl_works_while_it_is_down() {
     let fresh = topo.client(|| Conversation::open(vip(TCP_PORT)).unwrap().ask().unwrap());
     assert!(fresh.starts_with("backend-"));
 }
+
+/// A manifest as `kubectl apply` takes it: type NodePort, no clusterIP, no nodePort. The agent
+/// allocates the NodePort from --node-port-range, lbctl shows it, and it answers.
+#[test]
+fn own_manifest_without_cluster_ip_or_node_port_gets_a_node_port() {
+    let mut topo = Topology::new(2).unwrap();
+    let manifest = Topology::service_yaml(&[1, 2]).replace(
+        &format!("  clusterIP: {CLUSTER_IP}\n"),
+        "  type: NodePort\n",
+    );
+    assert!(!manifest.contains("clusterIP") && !manifest.contains("nodePort"));
+    topo.write_config(&manifest).unwrap();
+    topo.start_agent(&["--node-port-range", "31000-31999"])
+        .unwrap();
+    let services: serde_json::Value =
+        serde_json::from_str(&topo.lbctl(&["services", "-o", "json"]).unwrap()).unwrap();
+    let tcp = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["type"] == "NodePort" && s["frontend"].as_str().unwrap().ends_with("/TCP"))
+        .unwrap_or_else(|| panic!("no TCP NodePort frontend: {services}"));
+    let frontend = tcp["frontend"].as_str().unwrap().trim_end_matches("/TCP");
+    let to: SocketAddr = frontend.parse().unwrap();
+    assert_eq!(to.ip().to_string(), "10.0.0.254");
+    assert!((31_000..=31_999).contains(&to.port()), "{to}");
+    assert!(
+        services
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["type"] != "ClusterIP"),
+        "no ClusterIP frontend without a clusterIP: {services}"
+    );
+    let name = topo.client(move || Conversation::open(to).and_then(|mut c| c.ask()));
+    assert!(name.unwrap().starts_with("backend-"));
+}

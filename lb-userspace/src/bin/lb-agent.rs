@@ -109,6 +109,10 @@ struct Args {
     /// the --interface interfaces.
     #[arg(long = "node-ip")]
     node_ips: Vec<Ipv4Addr>,
+    /// Where NodePorts that a Service of type NodePort or LoadBalancer leaves out are allocated
+    /// (deterministically, so every node and every run agrees), as an API server would.
+    #[arg(long, default_value = "30000-32767")]
+    node_port_range: lb_userspace::nodeports::NodePortRange,
     /// This node's name as EndpointSlices give it (`nodeName`), for externalTrafficPolicy:
     /// Local. Default: the host name.
     #[arg(long)]
@@ -486,6 +490,7 @@ async fn main() -> Result<()> {
             node_ips,
             node_name: Some(node_name),
             lb_hints,
+            node_port_range: args.node_port_range,
         },
         datapath,
         selector,
