@@ -14,6 +14,8 @@ use std::{
 };
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub const ANNOTATION_IPS: &str = "lb.xdp.rs/ips";
@@ -28,7 +30,16 @@ pub struct IpPool {
     pub spec: IpPoolSpec,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The spec of a pool; also the served `lb.xdp.rs/v1alpha1` `LoadBalancerIPPool` (see
+/// [`crate::crd`]).
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema, CustomResource)]
+#[kube(
+    group = "lb.xdp.rs",
+    version = "v1alpha1",
+    kind = "LoadBalancerIPPool",
+    shortname = "lbpool",
+    doc = "Addresses lb-agent hands out to LoadBalancer Services (as Cilium's CiliumLoadBalancerIPPool)"
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IpPoolSpec {
     pub blocks: Vec<PoolBlock>,
@@ -41,7 +52,7 @@ pub struct IpPoolSpec {
     pub allow_first_last_ips: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PoolBlock {
     pub cidr: Option<String>,
@@ -55,7 +66,16 @@ pub struct L2Policy {
     pub spec: L2PolicySpec,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The spec of an L2 announcement policy; also the served `lb.xdp.rs/v1alpha1`
+/// `L2AnnouncementPolicy` (see [`crate::crd`]).
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema, CustomResource)]
+#[kube(
+    group = "lb.xdp.rs",
+    version = "v1alpha1",
+    kind = "L2AnnouncementPolicy",
+    shortname = "l2policy",
+    doc = "Which LoadBalancer and external IPs are answered for by ARP, on which interfaces (as Cilium's CiliumL2AnnouncementPolicy)"
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct L2PolicySpec {
     /// Regular expressions; an interface must match one (whole name). None: every interface.

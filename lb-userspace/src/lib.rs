@@ -6,6 +6,7 @@
 pub mod attach;
 pub mod blocks;
 pub mod config;
+pub mod crd;
 pub mod datapath;
 pub mod interfaces;
 pub mod l2;

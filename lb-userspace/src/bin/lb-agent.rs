@@ -28,12 +28,19 @@ use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "XDP service load balancer agent")]
+#[command(
+    version,
+    about = "eBPF service load balancer agent",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<AgentCommand>,
     /// Multi-document YAML of v1 Service, discovery.k8s.io/v1 EndpointSlice, LoadBalancerIPPool
     /// and L2AnnouncementPolicy objects (Cilium's kinds accepted too); reloaded when it changes.
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required = true)]
+    config: Option<PathBuf>,
     /// Interface to balance traffic on (repeat for several). One that does not exist yet is
     /// attached when it appears.
     #[arg(long = "interface")]
@@ -125,6 +132,13 @@ struct Args {
     /// an address starts being announced). Switches age their MAC tables.
     #[arg(long, default_value_t = 0)]
     garp_interval: u64,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum AgentCommand {
+    /// Print the CustomResourceDefinitions of lb.xdp.rs/v1alpha1 (LoadBalancerIPPool,
+    /// L2AnnouncementPolicy) as YAML, for `kubectl apply -f -`.
+    Crds,
 }
 
 struct Agent {
@@ -419,6 +433,11 @@ fn parse_table_size(v: &str) -> Result<u32, String> {
 async fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
+    if let Some(AgentCommand::Crds) = args.command {
+        print!("{}", lb_userspace::crd::crds_yaml()?);
+        return Ok(());
+    }
+    let config_path = args.config.clone().expect("clap requires --config");
     let opts = Options {
         maglev_capacity: args.maglev_capacity,
         bpffs: args.bpffs.clone(),
@@ -442,8 +461,8 @@ async fn main() -> Result<()> {
         Some(dir) => Some(dir.clone()),
         None => Some(datapath::cgroup2_root()?),
     };
-    std::fs::metadata(&args.config)
-        .with_context(|| format!("--config {}", args.config.display()))?;
+    std::fs::metadata(&config_path)
+        .with_context(|| format!("--config {}", config_path.display()))?;
     let selector = Selector::new(args.interfaces.clone(), args.interface_regex.as_deref())?;
     let interfaces = selector.present();
     for name in selector.missing(&interfaces) {
@@ -479,7 +498,7 @@ async fn main() -> Result<()> {
     datapath.forget_others(&names)?;
     datapath.attach_cgroup(cgroup.as_deref())?;
     let mut agent = Agent {
-        config: args.config.clone(),
+        config: config_path.clone(),
         cache: config::ConfigCache::default(),
         status: Status::default(),
         state_dir: args.state_dir.clone(),
@@ -500,7 +519,7 @@ async fn main() -> Result<()> {
         fixed_node_ips: !args.node_ips.is_empty(),
         ct_timeouts: opts.ct_timeouts,
     };
-    let mut seen = fingerprint(&args.config);
+    let mut seen = fingerprint(&config_path);
     agent.reload();
     // Subscribed before the first attach: nothing that appears meanwhile is missed.
     let mut changes = Changes::watch()?;
@@ -546,7 +565,7 @@ async fn main() -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tick.tick() => {
-                let now = fingerprint(&args.config);
+                let now = fingerprint(&config_path);
                 if now != seen {
                     seen = now;
                     agent.reload();
