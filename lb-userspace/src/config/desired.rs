@@ -1,7 +1,6 @@
 //! Validated objects → desired state: Services joined with their EndpointSlices, frontends of
 //! every kind, policies, NodePorts allocated where a manifest leaves them out.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// One port of an EndpointSlice, normalised.

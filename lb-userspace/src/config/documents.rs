@@ -1,7 +1,6 @@
 //! The YAML stream: split into documents, each parsed into a Kubernetes type once and cached
 //! by the hash of its text.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// One parsed document, kept by [`ConfigCache`] while its text stays the same.

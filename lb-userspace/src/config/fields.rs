@@ -1,6 +1,5 @@
 //! Field values (protocols, addresses, CIDRs, ports) with errors naming object and field.
 
-#[allow(unused_imports)]
 use super::*;
 
 pub(super) fn parse_protocol(

@@ -1,6 +1,5 @@
 //! An EndpointSlice-only change rebuilds just its Services on top of the last desired state.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// The Services ("namespace/name") whose EndpointSlices differ between `old` and `new`, when

@@ -1,6 +1,5 @@
 //! LoadBalancer IP pools, L2 announcement policies and the addresses Services ask for.
 
-#[allow(unused_imports)]
 use super::*;
 
 pub(super) fn validate_pools(objects: &Objects, errors: &mut Vec<ConfigError>) -> Vec<Pool> {
