@@ -1,5 +1,5 @@
 //! Benchmark 1: per-packet cost of the XDP program with BPF_PROG_TEST_RUN, against the empty
-//! `lb_pass` program from the same object, at 1, 1k, 10k and 100k frontends.
+//! `lb_pass` program from the benchmark object, at 1, 1k, 10k and 100k frontends.
 //!
 //! BPF_PROG_TEST_RUN runs one frame R times in the kernel and reports the mean, every repetition
 //! on the same buffer: a plain repeat of `lb` would, after the first DNAT, time its own output (a

@@ -1,4 +1,4 @@
-//! lb-agent and lbctl: the control plane of the XDP load balancer.
+//! lb-agent and lbctl: the control plane of the eBPF load balancer (XDP, tc and socket hooks).
 //!
 //! config (Kubernetes objects from YAML) → model (validated desired state) → reconcile (diff
 //! against what the maps hold, safe write order) → maps (pinned BPF maps).

@@ -1,4 +1,5 @@
-//! lb-agent: keeps the XDP load balancer's maps in line with Kubernetes objects from a file.
+//! lb-agent: keeps the load balancer's maps and hooks (XDP, tc, cgroup) in line with Kubernetes
+//! objects from a file.
 
 use std::{
     net::Ipv4Addr,

@@ -18,7 +18,7 @@ use lb_userspace::{
 use serde_json::{Value, json};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Inspect the XDP load balancer's maps")]
+#[command(version, about = "Inspect the load balancer's pinned maps and state")]
 struct Args {
     /// bpffs directory holding the pinned maps.
     #[arg(long, default_value = "/sys/fs/bpf/lb", global = true)]
