@@ -1,14 +1,13 @@
-//! L2 announcements: which (interface, address) pairs the XDP ARP responder answers for, keeping
-//! the LB_ARP map in line with them, gratuitous ARP when an address starts being announced, and
-//! the status file `lbctl arp` / `lbctl pools` read.
+//! L2 announcements: which (interface, address) pairs the ARP responder answers for, keeping
+//! the LB_ARP map in line with them, and gratuitous ARP when an address starts being announced.
 
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    path::Path,
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use crate::{model::DesiredState, status::Announced};
 use anyhow::{Context, Result, bail};
 use aya::maps::{HashMap, MapData};
 use lb_common::{ArpEntry, ArpKey, ipv4_from_wire, ipv4_to_wire};
@@ -20,12 +19,6 @@ use pnet::{
         ethernet::{EtherTypes, MutableEthernetPacket},
     },
     util::MacAddr,
-};
-use serde::{Deserialize, Serialize};
-
-use crate::{
-    lbipam::{LbStatus, PoolUsage},
-    model::DesiredState,
 };
 
 /// An interface the agent is attached to.
@@ -62,37 +55,6 @@ pub fn interface(name: &str) -> Result<Interface> {
             })
             .collect(),
     })
-}
-
-/// One announced address on one interface, as `lbctl arp` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Announced {
-    pub address: Ipv4Addr,
-    pub interface: String,
-    pub mac: String,
-    pub service: String,
-    /// Unix seconds of the last gratuitous ARP sent for it.
-    pub last_garp: Option<u64>,
-}
-
-/// The status file the agent writes after every applied change.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Status {
-    pub load_balancers: Vec<LbStatus>,
-    pub pools: Vec<PoolUsage>,
-    pub announced: Vec<Announced>,
-}
-
-pub const STATUS_FILE: &str = "status.json";
-
-impl Status {
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        crate::state::write(dir, STATUS_FILE, self)
-    }
-
-    pub fn read(dir: &Path) -> Result<Self> {
-        crate::state::read(dir, STATUS_FILE)
-    }
 }
 
 pub fn mac_string(mac: [u8; 6]) -> String {
@@ -267,25 +229,5 @@ pub fn send_garp(interface: &str, mac: [u8; 6], addr: Ipv4Addr) -> Result<()> {
         Some(Ok(())) => Ok(()),
         Some(Err(e)) => Err(e.into()),
         None => bail!("{interface}: nothing sent"),
-    }
-}
-
-/// Which LoadBalancer addresses each Service had, from the status of an earlier run.
-pub fn hints(status: &Status) -> BTreeMap<String, Vec<Ipv4Addr>> {
-    status
-        .load_balancers
-        .iter()
-        .filter(|s| !s.addresses.is_empty())
-        .map(|s| (s.service.clone(), s.addresses.clone()))
-        .collect()
-}
-
-impl Status {
-    pub fn new(desired: &DesiredState, announcer: &Announcer) -> Self {
-        Self {
-            load_balancers: desired.lb_status.clone(),
-            pools: desired.pool_usage.clone(),
-            announced: announcer.announced(),
-        }
     }
 }

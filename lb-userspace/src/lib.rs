@@ -17,6 +17,7 @@ pub mod nodeports;
 pub mod reconcile;
 pub mod sockets;
 pub mod state;
+pub mod status;
 
 /// The node's eBPF object (XDP and tc programs) built from `lb-ebpf` by `build.rs`.
 pub static LB_EBPF: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

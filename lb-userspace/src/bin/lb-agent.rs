@@ -19,11 +19,12 @@ use lb_userspace::{
     config::{self, BuildContext},
     datapath::{self, Datapath, Options},
     interfaces::{Changes, Selector},
-    l2::{self, Announcer, Interface, Status},
+    l2::{Announcer, Interface},
     maps::PinnedMaps,
     model::{DesiredState, Protocol},
     reconcile::Reconciler,
     sockets,
+    status::{self, Status},
 };
 use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
@@ -273,7 +274,7 @@ impl Agent {
             Err(e) => error!("ARP announcements not applied: {e:#}"),
         }
         self.write_status(&desired);
-        self.ctx.lb_hints = l2::hints(&self.status);
+        self.ctx.lb_hints = status::hints(&self.status);
     }
 
     /// Connected UDP sockets balanced to removed endpoints are destroyed (the application sees
@@ -483,7 +484,7 @@ async fn main() -> Result<()> {
     };
     // Earlier allocations stay where they were (a missing file just means a first run).
     let lb_hints = Status::read(&args.state_dir)
-        .map(|s| l2::hints(&s))
+        .map(|s| status::hints(&s))
         .unwrap_or_default();
     info!(
         "earlier LoadBalancer allocations ({}): {lb_hints:?}",

@@ -9,11 +9,11 @@ use lb_common::{
     port_from_wire,
 };
 use lb_userspace::{
-    attach,
-    l2::{self, Status},
+    attach, l2,
     maps::PinnedMaps,
     model::{Endpoint, Protocol, service_of},
     reconcile::frontend_key,
+    status::Status,
 };
 use serde_json::{Value, json};
 
