@@ -166,302 +166,328 @@ fn main() -> Result<()> {
     let maps = PinnedMaps::open(&args.bpffs, false)?;
     let json_out = args.output == Output::Json;
     match &args.command {
-        Command::Services => {
-            let names = service_names(&maps)?;
-            let mut out = Vec::new();
-            for (key, fe) in frontends(&maps)? {
-                let mut backends: Vec<String> = Vec::new();
-                for id in table_shares(&maps, &fe)?.keys() {
-                    backends.push(backend_name(&maps, *id)?);
-                }
-                backends.sort();
-                let service_port = names.get(&fe.service_id).cloned().unwrap_or_default();
-                out.push(json!({
-                    "frontend": frontend_name(&key),
-                    "type": frontend_type::name(fe.flags),
-                    "service": service_of(&service_port),
-                    "service_port": service_port,
-                    "backends": backends,
-                }));
-            }
-            if json_out {
-                println!("{}", serde_json::to_string_pretty(&out)?);
-            } else {
-                let rows: Vec<Vec<String>> = out
-                    .iter()
-                    .map(|o| {
-                        let backends: Vec<&str> = o["backends"]
-                            .as_array()
-                            .unwrap()
-                            .iter()
-                            .filter_map(Value::as_str)
-                            .collect();
-                        vec![
-                            o["frontend"].as_str().unwrap().to_string(),
-                            o["type"].as_str().unwrap().to_string(),
-                            o["service_port"].as_str().unwrap().to_string(),
-                            backends.join(","),
-                        ]
-                    })
-                    .collect();
-                print_table(&["FRONTEND", "TYPE", "SERVICE", "BACKENDS"], &rows);
-            }
-        }
-        Command::Backends => {
-            let mut out = Vec::new();
-            for (id, b) in maps.backends.iter().enumerate() {
-                let b = b?;
-                if b.state == backend_state::UNUSED {
-                    continue;
-                }
-                let c = PinnedMaps::sum(&maps.backend_stats.get(&(id as u32), 0)?);
-                let state = if b.state == backend_state::ACTIVE {
-                    "active"
-                } else {
-                    "terminating"
-                };
-                out.push(json!({"id": id, "backend": hostport(b.addr, b.port), "protocol": proto_name(b.proto),
-                    "state": state, "packets": c.packets, "bytes": c.bytes}));
-            }
-            if json_out {
-                println!("{}", serde_json::to_string_pretty(&out)?);
-            } else {
-                let rows: Vec<Vec<String>> = out
-                    .iter()
-                    .map(|o| {
-                        ["id", "backend", "protocol", "state", "packets", "bytes"]
-                            .iter()
-                            .map(|k| o[*k].to_string().trim_matches('"').to_string())
-                            .collect()
-                    })
-                    .collect();
-                print_table(
-                    &["ID", "BACKEND", "PROTO", "STATE", "PACKETS", "BYTES"],
-                    &rows,
-                );
-            }
-        }
-        Command::Conntrack => {
-            let now = monotonic_ns();
-            let mut out = Vec::new();
-            for item in maps.conntrack.iter() {
-                let (k, e) = item?;
-                out.push(json!({
-                    "direction": if e.dir == CT_DIR_FORWARD { "forward" } else { "reply" },
-                    "protocol": proto_name(k.proto),
-                    "source": hostport(k.src_addr, k.src_port),
-                    "destination": hostport(k.dst_addr, k.dst_port),
-                    "nat": hostport(e.nat_addr, e.nat_port),
-                    "backend_id": e.backend_id,
-                    "closing": e.flags & lb_common::ct_flags::CLOSING != 0,
-                    "idle_seconds": now.saturating_sub(e.last_seen_ns) / 1_000_000_000,
-                }));
-            }
-            if json_out {
-                println!("{}", serde_json::to_string_pretty(&out)?);
-            } else {
-                let rows: Vec<Vec<String>> = out
-                    .iter()
-                    .map(|o| {
-                        [
-                            "direction",
-                            "protocol",
-                            "source",
-                            "destination",
-                            "nat",
-                            "backend_id",
-                            "idle_seconds",
-                        ]
-                        .iter()
-                        .map(|k| o[*k].to_string().trim_matches('"').to_string())
-                        .collect()
-                    })
-                    .collect();
-                print_table(
-                    &[
-                        "DIR",
-                        "PROTO",
-                        "SOURCE",
-                        "DESTINATION",
-                        "NAT",
-                        "BACKEND",
-                        "IDLE_S",
-                    ],
-                    &rows,
-                );
-            }
-        }
-        Command::Stats => {
-            let names = service_names(&maps)?;
-            let mut fe_out = Vec::new();
-            for (key, fe) in frontends(&maps)? {
-                let c = PinnedMaps::sum(&maps.frontend_stats.get(&fe.frontend_id, 0)?);
-                fe_out.push(json!({"frontend": frontend_name(&key), "service": names.get(&fe.service_id).cloned().unwrap_or_default(),
-                    "packets": c.packets, "bytes": c.bytes}));
-            }
-            let mut be_out = Vec::new();
-            for (id, b) in maps.backends.iter().enumerate() {
-                let b = b?;
-                if b.state == backend_state::UNUSED {
-                    continue;
-                }
-                let c = PinnedMaps::sum(&maps.backend_stats.get(&(id as u32), 0)?);
-                be_out.push(json!({"backend": hostport(b.addr, b.port), "packets": c.packets, "bytes": c.bytes}));
-            }
-            let entries = maps.conntrack.keys().count();
-            let capacity = maps.conntrack_capacity()?;
-            let sockets = maps.sock_revnat.keys().count();
-            let sockets_capacity = maps.capacity(map_names::SOCK_REVNAT)?;
-            let ct = maps.ct_counters()?;
-            // The LRU evicts silently: whatever was inserted and is neither here nor removed.
-            let evicted = ct
-                .inserted
-                .saturating_sub(entries as u64 + ct.expired + ct.agent_removed);
-            let out = json!({"frontends": fe_out, "backends": be_out,
-                "conntrack": {"entries": entries, "capacity": capacity, "inserted": ct.inserted,
-                    "expired": ct.expired, "removed_by_agent": ct.agent_removed,
-                    "evicted": evicted, "clash_ports": ct.clash_ports,
-                    "reply_restored": ct.reply_restored},
-                "socket_revnat": {"entries": sockets, "capacity": sockets_capacity}});
-            if json_out {
-                println!("{}", serde_json::to_string_pretty(&out)?);
-            } else {
-                let rows: Vec<Vec<String>> = fe_out
-                    .iter()
-                    .map(|o| {
-                        vec![
-                            o["frontend"].as_str().unwrap().into(),
-                            o["service"].as_str().unwrap().into(),
-                            o["packets"].to_string(),
-                            o["bytes"].to_string(),
-                        ]
-                    })
-                    .collect();
-                print_table(&["FRONTEND", "SERVICE", "PACKETS", "BYTES"], &rows);
-                println!();
-                let rows: Vec<Vec<String>> = be_out
-                    .iter()
-                    .map(|o| {
-                        vec![
-                            o["backend"].as_str().unwrap().into(),
-                            o["packets"].to_string(),
-                            o["bytes"].to_string(),
-                        ]
-                    })
-                    .collect();
-                print_table(&["BACKEND", "PACKETS", "BYTES"], &rows);
-                println!(
-                    "\nconntrack: {entries}/{capacity} entries ({:.1}%); inserted {}, expired {}, removed by the agent {}, evicted {evicted}; flows moved off a clashing port {}, reply entries restored {}",
-                    100.0 * entries as f64 / capacity.max(1) as f64,
-                    ct.inserted,
-                    ct.expired,
-                    ct.agent_removed,
-                    ct.clash_ports,
-                    ct.reply_restored
-                );
-                println!(
-                    "socket reverse translations: {sockets}/{sockets_capacity} entries ({:.1}%)",
-                    100.0 * sockets as f64 / sockets_capacity.max(1) as f64
-                );
-            }
-        }
-        Command::Maglev { frontend } => {
-            let key = parse_frontend(frontend)?;
-            let fe = maps
-                .frontends
-                .get(&key, 0)
-                .with_context(|| format!("frontend {} not found", frontend_name(&key)))?;
-            let m = fe.maglev_size;
-            let mut rows = Vec::new();
-            let mut out = Vec::new();
-            for (id, slots) in table_shares(&maps, &fe)? {
-                let name = backend_name(&maps, id)?;
-                let share = slots as f64 / m as f64;
-                rows.push(vec![
-                    name.clone(),
-                    id.to_string(),
-                    slots.to_string(),
-                    format!("{:.2}%", 100.0 * share),
-                ]);
-                out.push(json!({"backend": name, "id": id, "slots": slots, "share": share}));
-            }
-            if json_out {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &json!({"frontend": frontend_name(&key), "table_size": m, "backends": out})
-                    )?
-                );
-            } else {
-                println!("frontend {} (M = {m})", frontend_name(&key));
-                print_table(&["BACKEND", "ID", "SLOTS", "SHARE"], &rows);
-            }
-        }
-        Command::Arp => {
-            // Interface names, services and GARP times come from the agent's status file; the
-            // map alone still answers (by ifindex) when it is missing.
-            let status = Status::read(&args.state_dir).unwrap_or_default();
-            let mut out = Vec::new();
-            for item in maps.arp.iter() {
-                let (k, e) = item?;
-                let address = addr(k.addr);
-                let mac = l2::mac_string(e.mac);
-                let known = status
-                    .announced
-                    .iter()
-                    .find(|a| a.address == address && a.mac == mac);
-                out.push(json!({
-                    "address": address.to_string(),
-                    "interface": known.map_or_else(|| format!("ifindex {}", k.ifindex), |a| a.interface.clone()),
-                    "mac": mac,
-                    "service": known.map(|a| a.service.clone()).unwrap_or_default(),
-                    "replies": e.replies,
-                    "last_garp": known.and_then(|a| a.last_garp),
-                }));
-            }
-            out.sort_by_key(|o| {
-                (
-                    o["address"].as_str().unwrap_or("").to_string(),
-                    o["interface"].to_string(),
-                )
-            });
-            if json_out {
-                println!("{}", serde_json::to_string_pretty(&out)?);
-            } else {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)?
-                    .as_secs();
-                let rows: Vec<Vec<String>> = out
-                    .iter()
-                    .map(|o| {
-                        let garp = o["last_garp"].as_u64().map_or("never".into(), |t| {
-                            format!("{}s ago", now.saturating_sub(t))
-                        });
-                        let mut row: Vec<String> =
-                            ["address", "interface", "mac", "service", "replies"]
-                                .iter()
-                                .map(|k| o[*k].to_string().trim_matches('"').to_string())
-                                .collect();
-                        row.push(garp);
-                        row
-                    })
-                    .collect();
-                print_table(
-                    &[
-                        "ADDRESS",
-                        "INTERFACE",
-                        "MAC",
-                        "SERVICE",
-                        "REPLIES",
-                        "LAST_GARP",
-                    ],
-                    &rows,
-                );
-            }
-        }
+        Command::Services => services(&maps, json_out),
+        Command::Backends => backends(&maps, json_out),
+        Command::Conntrack => conntrack(&maps, json_out),
+        Command::Stats => stats(&maps, json_out),
+        Command::Maglev { frontend } => maglev(&maps, json_out, frontend),
+        Command::Arp => arp(&maps, &args, json_out),
         Command::Pools | Command::Interfaces => {
             unreachable!("handled before the maps are opened")
         }
+    }
+}
+
+/// Frontends with their service and backends.
+fn services(maps: &PinnedMaps, json_out: bool) -> Result<()> {
+    let names = service_names(maps)?;
+    let mut out = Vec::new();
+    for (key, fe) in frontends(maps)? {
+        let mut backends: Vec<String> = Vec::new();
+        for id in table_shares(maps, &fe)?.keys() {
+            backends.push(backend_name(maps, *id)?);
+        }
+        backends.sort();
+        let service_port = names.get(&fe.service_id).cloned().unwrap_or_default();
+        out.push(json!({
+            "frontend": frontend_name(&key),
+            "type": frontend_type::name(fe.flags),
+            "service": service_of(&service_port),
+            "service_port": service_port,
+            "backends": backends,
+        }));
+    }
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let rows: Vec<Vec<String>> = out
+            .iter()
+            .map(|o| {
+                let backends: Vec<&str> = o["backends"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect();
+                vec![
+                    o["frontend"].as_str().unwrap().to_string(),
+                    o["type"].as_str().unwrap().to_string(),
+                    o["service_port"].as_str().unwrap().to_string(),
+                    backends.join(","),
+                ]
+            })
+            .collect();
+        print_table(&["FRONTEND", "TYPE", "SERVICE", "BACKENDS"], &rows);
+    }
+    Ok(())
+}
+
+/// Backends with state and counters.
+fn backends(maps: &PinnedMaps, json_out: bool) -> Result<()> {
+    let mut out = Vec::new();
+    for (id, b) in maps.backends.iter().enumerate() {
+        let b = b?;
+        if b.state == backend_state::UNUSED {
+            continue;
+        }
+        let c = PinnedMaps::sum(&maps.backend_stats.get(&(id as u32), 0)?);
+        let state = if b.state == backend_state::ACTIVE {
+            "active"
+        } else {
+            "terminating"
+        };
+        out.push(
+            json!({"id": id, "backend": hostport(b.addr, b.port), "protocol": proto_name(b.proto),
+            "state": state, "packets": c.packets, "bytes": c.bytes}),
+        );
+    }
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let rows: Vec<Vec<String>> = out
+            .iter()
+            .map(|o| {
+                ["id", "backend", "protocol", "state", "packets", "bytes"]
+                    .iter()
+                    .map(|k| o[*k].to_string().trim_matches('"').to_string())
+                    .collect()
+            })
+            .collect();
+        print_table(
+            &["ID", "BACKEND", "PROTO", "STATE", "PACKETS", "BYTES"],
+            &rows,
+        );
+    }
+    Ok(())
+}
+
+/// Conntrack entries.
+fn conntrack(maps: &PinnedMaps, json_out: bool) -> Result<()> {
+    let now = monotonic_ns();
+    let mut out = Vec::new();
+    for item in maps.conntrack.iter() {
+        let (k, e) = item?;
+        out.push(json!({
+            "direction": if e.dir == CT_DIR_FORWARD { "forward" } else { "reply" },
+            "protocol": proto_name(k.proto),
+            "source": hostport(k.src_addr, k.src_port),
+            "destination": hostport(k.dst_addr, k.dst_port),
+            "nat": hostport(e.nat_addr, e.nat_port),
+            "backend_id": e.backend_id,
+            "closing": e.flags & lb_common::ct_flags::CLOSING != 0,
+            "idle_seconds": now.saturating_sub(e.last_seen_ns) / 1_000_000_000,
+        }));
+    }
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let rows: Vec<Vec<String>> = out
+            .iter()
+            .map(|o| {
+                [
+                    "direction",
+                    "protocol",
+                    "source",
+                    "destination",
+                    "nat",
+                    "backend_id",
+                    "idle_seconds",
+                ]
+                .iter()
+                .map(|k| o[*k].to_string().trim_matches('"').to_string())
+                .collect()
+            })
+            .collect();
+        print_table(
+            &[
+                "DIR",
+                "PROTO",
+                "SOURCE",
+                "DESTINATION",
+                "NAT",
+                "BACKEND",
+                "IDLE_S",
+            ],
+            &rows,
+        );
+    }
+    Ok(())
+}
+
+/// Counters, conntrack fill and counters, socket reverse translations.
+fn stats(maps: &PinnedMaps, json_out: bool) -> Result<()> {
+    let names = service_names(maps)?;
+    let mut fe_out = Vec::new();
+    for (key, fe) in frontends(maps)? {
+        let c = PinnedMaps::sum(&maps.frontend_stats.get(&fe.frontend_id, 0)?);
+        fe_out.push(json!({"frontend": frontend_name(&key), "service": names.get(&fe.service_id).cloned().unwrap_or_default(),
+            "packets": c.packets, "bytes": c.bytes}));
+    }
+    let mut be_out = Vec::new();
+    for (id, b) in maps.backends.iter().enumerate() {
+        let b = b?;
+        if b.state == backend_state::UNUSED {
+            continue;
+        }
+        let c = PinnedMaps::sum(&maps.backend_stats.get(&(id as u32), 0)?);
+        be_out.push(
+            json!({"backend": hostport(b.addr, b.port), "packets": c.packets, "bytes": c.bytes}),
+        );
+    }
+    let entries = maps.conntrack.keys().count();
+    let capacity = maps.conntrack_capacity()?;
+    let sockets = maps.sock_revnat.keys().count();
+    let sockets_capacity = maps.capacity(map_names::SOCK_REVNAT)?;
+    let ct = maps.ct_counters()?;
+    // The LRU evicts silently: whatever was inserted and is neither here nor removed.
+    let evicted = ct
+        .inserted
+        .saturating_sub(entries as u64 + ct.expired + ct.agent_removed);
+    let out = json!({"frontends": fe_out, "backends": be_out,
+        "conntrack": {"entries": entries, "capacity": capacity, "inserted": ct.inserted,
+            "expired": ct.expired, "removed_by_agent": ct.agent_removed,
+            "evicted": evicted, "clash_ports": ct.clash_ports,
+            "reply_restored": ct.reply_restored},
+        "socket_revnat": {"entries": sockets, "capacity": sockets_capacity}});
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let rows: Vec<Vec<String>> = fe_out
+            .iter()
+            .map(|o| {
+                vec![
+                    o["frontend"].as_str().unwrap().into(),
+                    o["service"].as_str().unwrap().into(),
+                    o["packets"].to_string(),
+                    o["bytes"].to_string(),
+                ]
+            })
+            .collect();
+        print_table(&["FRONTEND", "SERVICE", "PACKETS", "BYTES"], &rows);
+        println!();
+        let rows: Vec<Vec<String>> = be_out
+            .iter()
+            .map(|o| {
+                vec![
+                    o["backend"].as_str().unwrap().into(),
+                    o["packets"].to_string(),
+                    o["bytes"].to_string(),
+                ]
+            })
+            .collect();
+        print_table(&["BACKEND", "PACKETS", "BYTES"], &rows);
+        println!(
+            "\nconntrack: {entries}/{capacity} entries ({:.1}%); inserted {}, expired {}, removed by the agent {}, evicted {evicted}; flows moved off a clashing port {}, reply entries restored {}",
+            100.0 * entries as f64 / capacity.max(1) as f64,
+            ct.inserted,
+            ct.expired,
+            ct.agent_removed,
+            ct.clash_ports,
+            ct.reply_restored
+        );
+        println!(
+            "socket reverse translations: {sockets}/{sockets_capacity} entries ({:.1}%)",
+            100.0 * sockets as f64 / sockets_capacity.max(1) as f64
+        );
+    }
+    Ok(())
+}
+
+/// Slot shares of one frontend's Maglev table.
+fn maglev(maps: &PinnedMaps, json_out: bool, frontend: &str) -> Result<()> {
+    let key = parse_frontend(frontend)?;
+    let fe = maps
+        .frontends
+        .get(&key, 0)
+        .with_context(|| format!("frontend {} not found", frontend_name(&key)))?;
+    let m = fe.maglev_size;
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    for (id, slots) in table_shares(maps, &fe)? {
+        let name = backend_name(maps, id)?;
+        let share = slots as f64 / m as f64;
+        rows.push(vec![
+            name.clone(),
+            id.to_string(),
+            slots.to_string(),
+            format!("{:.2}%", 100.0 * share),
+        ]);
+        out.push(json!({"backend": name, "id": id, "slots": slots, "share": share}));
+    }
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"frontend": frontend_name(&key), "table_size": m, "backends": out})
+            )?
+        );
+    } else {
+        println!("frontend {} (M = {m})", frontend_name(&key));
+        print_table(&["BACKEND", "ID", "SLOTS", "SHARE"], &rows);
+    }
+    Ok(())
+}
+
+/// Announced addresses, from LB_ARP and the status file.
+fn arp(maps: &PinnedMaps, args: &Args, json_out: bool) -> Result<()> {
+    // Interface names, services and GARP times come from the agent's status file; the
+    // map alone still answers (by ifindex) when it is missing.
+    let status = Status::read(&args.state_dir).unwrap_or_default();
+    let mut out = Vec::new();
+    for item in maps.arp.iter() {
+        let (k, e) = item?;
+        let address = addr(k.addr);
+        let mac = l2::mac_string(e.mac);
+        let known = status
+            .announced
+            .iter()
+            .find(|a| a.address == address && a.mac == mac);
+        out.push(json!({
+            "address": address.to_string(),
+            "interface": known.map_or_else(|| format!("ifindex {}", k.ifindex), |a| a.interface.clone()),
+            "mac": mac,
+            "service": known.map(|a| a.service.clone()).unwrap_or_default(),
+            "replies": e.replies,
+            "last_garp": known.and_then(|a| a.last_garp),
+        }));
+    }
+    out.sort_by_key(|o| {
+        (
+            o["address"].as_str().unwrap_or("").to_string(),
+            o["interface"].to_string(),
+        )
+    });
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let rows: Vec<Vec<String>> = out
+            .iter()
+            .map(|o| {
+                let garp = o["last_garp"].as_u64().map_or("never".into(), |t| {
+                    format!("{}s ago", now.saturating_sub(t))
+                });
+                let mut row: Vec<String> = ["address", "interface", "mac", "service", "replies"]
+                    .iter()
+                    .map(|k| o[*k].to_string().trim_matches('"').to_string())
+                    .collect();
+                row.push(garp);
+                row
+            })
+            .collect();
+        print_table(
+            &[
+                "ADDRESS",
+                "INTERFACE",
+                "MAC",
+                "SERVICE",
+                "REPLIES",
+                "LAST_GARP",
+            ],
+            &rows,
+        );
     }
     Ok(())
 }
