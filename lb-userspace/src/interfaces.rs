@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use regex::Regex;
 use rtnetlink::{MulticastGroup, new_multicast_connection};
 
-use crate::l2::{self, Interface};
+use crate::l2::Interface;
 
 /// `--interface` names and `--interface-regex`.
 #[derive(Debug, Clone)]
@@ -42,12 +42,13 @@ impl Selector {
             .collect()
     }
 
-    /// The matching interfaces that exist now (with a MAC: Ethernet-like), by name.
+    /// The matching interfaces that exist now (with a MAC: Ethernet-like), by name, from one
+    /// dump of the links.
     pub fn present(&self) -> Vec<Interface> {
         let mut found: Vec<Interface> = pnet::datalink::interfaces()
-            .into_iter()
+            .iter()
             .filter(|i| self.matches(&i.name))
-            .filter_map(|i| l2::interface(&i.name).ok())
+            .filter_map(|i| Interface::from_link(i).ok())
             .collect();
         found.sort_by(|a, b| a.name.cmp(&b.name));
         found

@@ -37,24 +37,26 @@ fn find(name: &str) -> Result<NetworkInterface> {
         .with_context(|| format!("no interface {name}"))
 }
 
-pub fn interface(name: &str) -> Result<Interface> {
-    let i = find(name)?;
-    let mac = i
-        .mac
-        .with_context(|| format!("interface {name} has no MAC address"))?;
-    Ok(Interface {
-        name: i.name.clone(),
-        index: i.index,
-        mac: mac.octets(),
-        ipv4: i
-            .ips
-            .iter()
-            .filter_map(|n| match n.ip() {
-                std::net::IpAddr::V4(a) => Some(a),
-                _ => None,
-            })
-            .collect(),
-    })
+impl Interface {
+    /// An Ethernet-like link (one with a MAC) as the agent keeps it.
+    pub fn from_link(link: &NetworkInterface) -> Result<Self> {
+        let mac = link
+            .mac
+            .with_context(|| format!("interface {} has no MAC address", link.name))?;
+        Ok(Self {
+            name: link.name.clone(),
+            index: link.index,
+            mac: mac.octets(),
+            ipv4: link
+                .ips
+                .iter()
+                .filter_map(|n| match n.ip() {
+                    std::net::IpAddr::V4(a) => Some(a),
+                    _ => None,
+                })
+                .collect(),
+        })
+    }
 }
 
 pub fn mac_string(mac: [u8; 6]) -> String {

@@ -312,10 +312,6 @@ impl PinnedMaps {
 }
 
 impl PinnedMaps {
-    pub fn conntrack_capacity(&self) -> Result<u32> {
-        self.capacity(map_names::CONNTRACK)
-    }
-
     /// max_entries of pinned map `name`.
     pub fn capacity(&self, name: &str) -> Result<u32> {
         let data = MapData::from_pin(self.dir.join(name))?;

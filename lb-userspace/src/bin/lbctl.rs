@@ -5,8 +5,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::{
-    CT_DIR_FORWARD, Frontend, FrontendKey, backend_state, frontend_type, ipv4_from_wire, map_names,
-    port_from_wire,
+    Backend, CT_DIR_FORWARD, Counters, Frontend, FrontendKey, backend_state, frontend_type,
+    ipv4_from_wire, map_names, port_from_wire,
 };
 use lb_userspace::{
     attach, l2,
@@ -222,15 +222,24 @@ fn services(maps: &PinnedMaps, json_out: bool) -> Result<()> {
     Ok(())
 }
 
-/// Backends with state and counters.
-fn backends(maps: &PinnedMaps, json_out: bool) -> Result<()> {
+/// Every backend slot in use, with its counters summed over CPUs.
+fn backends_in_use(maps: &PinnedMaps) -> Result<Vec<(u32, Backend, Counters)>> {
     let mut out = Vec::new();
     for (id, b) in maps.backends.iter().enumerate() {
         let b = b?;
         if b.state == backend_state::UNUSED {
             continue;
         }
-        let c = PinnedMaps::sum(&maps.backend_stats.get(&(id as u32), 0)?);
+        let id = id as u32;
+        out.push((id, b, PinnedMaps::sum(&maps.backend_stats.get(&id, 0)?)));
+    }
+    Ok(out)
+}
+
+/// Backends with state and counters.
+fn backends(maps: &PinnedMaps, json_out: bool) -> Result<()> {
+    let mut out = Vec::new();
+    for (id, b, c) in backends_in_use(maps)? {
         let state = if b.state == backend_state::ACTIVE {
             "active"
         } else {
@@ -324,18 +333,13 @@ fn stats(maps: &PinnedMaps, json_out: bool) -> Result<()> {
             "packets": c.packets, "bytes": c.bytes}));
     }
     let mut be_out = Vec::new();
-    for (id, b) in maps.backends.iter().enumerate() {
-        let b = b?;
-        if b.state == backend_state::UNUSED {
-            continue;
-        }
-        let c = PinnedMaps::sum(&maps.backend_stats.get(&(id as u32), 0)?);
+    for (_, b, c) in backends_in_use(maps)? {
         be_out.push(
             json!({"backend": hostport(b.addr, b.port), "packets": c.packets, "bytes": c.bytes}),
         );
     }
     let entries = maps.conntrack.keys().count();
-    let capacity = maps.conntrack_capacity()?;
+    let capacity = maps.capacity(map_names::CONNTRACK)?;
     let sockets = maps.sock_revnat.keys().count();
     let sockets_capacity = maps.capacity(map_names::SOCK_REVNAT)?;
     let ct = maps.ct_counters()?;
