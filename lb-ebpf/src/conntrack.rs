@@ -66,9 +66,9 @@ pub fn key(flow: &Flow) -> CtKey {
 }
 
 #[inline(always)]
-fn count(slot: u32) {
+fn count(slot: u32, n: u64) {
     if let Some(c) = LB_CT_STATS.get_ptr_mut(slot) {
-        unsafe { *c += 1 };
+        unsafe { *c += n };
     }
 }
 
@@ -84,7 +84,7 @@ pub fn lookup(flow: &Flow, now: u64) -> Hit {
     let e = unsafe { &mut *entry };
     if timeouts().expired(flow.proto, e.flags, e.last_seen_ns, now) {
         let _ = LB_CONNTRACK.remove(&key);
-        count(ct_stats::EXPIRED);
+        count(ct_stats::EXPIRED, 1);
         return Hit::Miss;
     }
     let closing = flow.tcp_flags & (TCP_FIN | TCP_RST) != 0;
@@ -182,8 +182,8 @@ fn restore_reply(flow: &Flow, forward: &CtEntry, now: u64) {
     let key = reply_key(flow, (forward.nat_addr, forward.nat_port), port_on_wire);
     if unsafe { LB_CONNTRACK.get(&key) }.is_none() {
         let _ = LB_CONNTRACK.insert(&key, &reply_entry(flow, forward, now), BPF_NOEXIST);
-        count(ct_stats::REPLY_RESTORED);
-        count(ct_stats::INSERTED);
+        count(ct_stats::REPLY_RESTORED, 1);
+        count(ct_stats::INSERTED, 1);
     }
 }
 
@@ -237,10 +237,9 @@ pub fn insert(flow: &Flow, pick: &Pick, now: u64, nexthop: &NextHop) -> Result<u
         if chosen == 0 {
             return Err(());
         }
-        count(ct_stats::CLASH_PORTS);
+        count(ct_stats::CLASH_PORTS, 1);
     }
     let _ = LB_CONNTRACK.insert(&key(flow), &forward, 0);
-    count(ct_stats::INSERTED);
-    count(ct_stats::INSERTED);
+    count(ct_stats::INSERTED, 2);
     Ok(forward.client_port)
 }

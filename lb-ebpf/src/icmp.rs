@@ -17,7 +17,7 @@ use crate::{
     nat,
     packet::{Packet, ptr_at},
     parse::Flow,
-    reject::{fold, sum_words},
+    reject::{fold, reply_headers, sum_words},
 };
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -57,27 +57,21 @@ pub fn reply_error<P: Packet>(
     }
     let p: *mut [u8; LEN] = ptr_at(ctx, 0)?;
     let p = unsafe { &mut *p };
-    p[..6].copy_from_slice(&macs[6..12]);
-    p[6..12].copy_from_slice(&macs[..6]);
-    p[12] = 0x08;
-    p[13] = 0x00;
-    p[IP] = 0x45;
-    p[IP + 1] = 0xc0; // internetwork control, as the kernel sends its ICMP errors
-    p[IP + 2..IP + 4].copy_from_slice(&((LEN - IP) as u16).to_be_bytes());
-    p[IP + 4..IP + 8].copy_from_slice(&[0, 0, 0, 0]);
-    p[IP + 8] = 64;
-    p[IP + 9] = IPPROTO_ICMP;
-    p[IP + 10] = 0;
-    p[IP + 11] = 0;
-    p[IP + 12..IP + 16].copy_from_slice(&flow.dst_addr.to_ne_bytes());
-    p[IP + 16..IP + 20].copy_from_slice(&flow.src_addr.to_ne_bytes());
+    p[IP + 4..IP + 6].copy_from_slice(&[0, 0]);
+    // TOS internetwork control, as the kernel sends its ICMP errors.
+    reply_headers(
+        &mut p[..ICMP],
+        &macs,
+        (&flow.dst_addr.to_ne_bytes(), &flow.src_addr.to_ne_bytes()),
+        (0xc0, 0),
+        IPPROTO_ICMP,
+        (LEN - IP) as u16,
+    );
     p[ICMP] = kind;
     p[ICMP + 1] = code;
     p[ICMP + 2..ICMP + 6].copy_from_slice(&[0, 0, 0, 0]);
     p[ICMP + 6..ICMP + 8].copy_from_slice(&mtu.to_be_bytes());
     p[QUOTE..LEN].copy_from_slice(&quote);
-    let ip_sum = sum_words(&p[IP..ICMP], 0);
-    p[IP + 10..IP + 12].copy_from_slice(&fold(ip_sum).to_be_bytes());
     let icmp_sum = sum_words(&p[ICMP..LEN], 0);
     p[ICMP + 2..ICMP + 4].copy_from_slice(&fold(icmp_sum).to_be_bytes());
     ctx.checksum_complete();

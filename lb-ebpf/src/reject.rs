@@ -58,18 +58,15 @@ pub fn no_endpoint<P: Packet>(ctx: &P, flow: &Flow) -> Result<u32, ()> {
     }
     let p: *mut [u8; LEN] = ptr_at(ctx, 0)?;
     let p = unsafe { &mut *p };
-    p[..6].copy_from_slice(&macs[6..12]);
-    p[6..12].copy_from_slice(&macs[..6]);
-    p[IP] = 0x45;
-    p[IP + 1] = 0;
-    p[IP + 2..IP + 4].copy_from_slice(&40u16.to_be_bytes());
-    p[IP + 6..IP + 8].copy_from_slice(&0x4000u16.to_be_bytes());
-    p[IP + 8] = 64;
-    p[IP + 9] = IPPROTO_TCP;
-    p[IP + 10] = 0;
-    p[IP + 11] = 0;
-    p[IP + 12..IP + 16].copy_from_slice(&addrs[4..8]);
-    p[IP + 16..IP + 20].copy_from_slice(&addrs[..4]);
+    let (to, from) = (&addrs[..4], &addrs[4..8]);
+    reply_headers(
+        &mut p[..TCP],
+        &macs,
+        (from, to),
+        (0, 0x4000),
+        IPPROTO_TCP,
+        40,
+    );
     p[TCP..TCP + 2].copy_from_slice(&ports[2..4]);
     p[TCP + 2..TCP + 4].copy_from_slice(&ports[..2]);
     p[TCP + 4..TCP + 8].copy_from_slice(&new_seq.to_be_bytes());
@@ -79,14 +76,44 @@ pub fn no_endpoint<P: Packet>(ctx: &P, flow: &Flow) -> Result<u32, ()> {
     for b in &mut p[TCP + 14..TCP + 20] {
         *b = 0; // window, checksum, urgent pointer
     }
-    let ip_sum = sum_words(&p[IP..IP + 20], 0);
-    p[IP + 10..IP + 12].copy_from_slice(&fold(ip_sum).to_be_bytes());
     // Pseudo-header: addresses, protocol, TCP length 20.
     let pseudo = sum_words(&p[IP + 12..IP + 20], IPPROTO_TCP as u32 + 20);
     let tcp_sum = sum_words(&p[TCP..TCP + 20], pseudo);
     p[TCP + 16..TCP + 18].copy_from_slice(&fold(tcp_sum).to_be_bytes());
     ctx.checksum_complete();
     Ok(ctx.send(ctx.ifindex()))
+}
+
+/// Writes the Ethernet and IPv4 headers (`p`: 34 bytes) of a packet the node sends back to
+/// whoever sent the frame whose MACs were `macs` (destination, source): MACs swapped, `from` →
+/// `to`, TOS and flags/fragment word as given, TTL 64, header checksum computed. The IP id is
+/// left as the frame had it.
+#[inline(always)]
+pub fn reply_headers(
+    p: &mut [u8],
+    macs: &[u8; 12],
+    (from, to): (&[u8], &[u8]),
+    (tos, frags): (u8, u16),
+    proto: u8,
+    total_len: u16,
+) {
+    const IP: usize = EthHdr::LEN;
+    p[..6].copy_from_slice(&macs[6..12]);
+    p[6..12].copy_from_slice(&macs[..6]);
+    p[12] = 0x08;
+    p[13] = 0x00;
+    p[IP] = 0x45;
+    p[IP + 1] = tos;
+    p[IP + 2..IP + 4].copy_from_slice(&total_len.to_be_bytes());
+    p[IP + 6..IP + 8].copy_from_slice(&frags.to_be_bytes());
+    p[IP + 8] = 64;
+    p[IP + 9] = proto;
+    p[IP + 10] = 0;
+    p[IP + 11] = 0;
+    p[IP + 12..IP + 16].copy_from_slice(from);
+    p[IP + 16..IP + 20].copy_from_slice(to);
+    let sum = sum_words(&p[IP..IP + 20], 0);
+    p[IP + 10..IP + 12].copy_from_slice(&fold(sum).to_be_bytes());
 }
 
 /// Adds big-endian 16-bit words of `bytes` (even length) to `sum`.

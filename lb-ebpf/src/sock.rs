@@ -73,7 +73,10 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         backend_id: pick.backend_id,
         frontend_id: pick.frontend_id,
     };
-    let _ = LB_SOCK_REVNAT.insert(&key, &entry, 0);
+    // An unconnected UDP socket comes here for every datagram: write only what is new.
+    if unsafe { LB_SOCK_REVNAT.get(&key) } != Some(&entry) {
+        let _ = LB_SOCK_REVNAT.insert(&key, &entry, 0);
+    }
     sa.user_ip4 = pick.backend.addr;
     sa.user_port = pick.backend.port as u32;
     ALLOW
