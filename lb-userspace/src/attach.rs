@@ -8,7 +8,7 @@
 //! (with tc behind it for what XDP leaves untouched) to physical NICs, and tc alone to virtual
 //! interfaces (veth, bridge, bond, VLAN, tunnels).
 
-use std::{ffi::CString, net::Ipv4Addr, path::Path};
+use std::{ffi::CString, path::Path};
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -64,7 +64,6 @@ pub struct Attached {
     pub driver: String,
     pub hooks: Hooks,
     pub reason: String,
-    pub ipv4: Vec<Ipv4Addr>,
 }
 
 /// Where the agent hooked in, written to `--state-dir`/interfaces.json.

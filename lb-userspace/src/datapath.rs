@@ -342,7 +342,6 @@ impl Datapath {
             driver,
             hooks,
             reason,
-            ipv4: interface.ipv4.clone(),
         })
     }
 
