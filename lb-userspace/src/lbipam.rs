@@ -83,7 +83,8 @@ pub struct L2PolicySpec {
     pub interfaces: Option<Vec<String>>,
     #[serde(default)]
     pub service_selector: Option<LabelSelector>,
-    /// Accepted for Cilium compatibility; this agent is the node, so it is not evaluated.
+    /// Nodes that announce (labels of this node's Node object, with `--kubernetes`; a file has
+    /// no Node, so there every node announces).
     #[serde(default)]
     pub node_selector: Option<LabelSelector>,
     #[serde(default, rename = "loadBalancerIPs")]

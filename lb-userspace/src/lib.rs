@@ -1,7 +1,8 @@
 //! lb-agent and lbctl: the control plane of the eBPF load balancer (XDP, tc and socket hooks).
 //!
-//! config (Kubernetes objects from YAML) → model (validated desired state) → reconcile (diff
-//! against what the maps hold, safe write order) → maps (pinned BPF maps).
+//! source (a YAML file or the API server) → config (Kubernetes objects → validated desired
+//! state, the model) → reconcile (diff against what the maps hold, safe write order) → maps
+//! (pinned BPF maps).
 
 pub mod attach;
 pub mod blocks;
@@ -16,6 +17,7 @@ pub mod model;
 pub mod nodeports;
 pub mod reconcile;
 pub mod sockets;
+pub mod source;
 pub mod state;
 pub mod status;
 

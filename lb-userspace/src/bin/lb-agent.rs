@@ -1,12 +1,7 @@
 //! lb-agent: keeps the load balancer's maps and hooks (XDP, tc, cgroup) in line with Kubernetes
-//! objects from a file.
+//! objects from a file or the API server.
 
-use std::{
-    net::Ipv4Addr,
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -16,7 +11,7 @@ use lb_common::{
 };
 use lb_userspace::{
     attach::{self, AttachMode},
-    config::{self, BuildContext},
+    config::BuildContext,
     datapath::{self, Datapath, Options},
     interfaces::{Changes, Selector},
     l2::{Announcer, Interface},
@@ -24,6 +19,11 @@ use lb_userspace::{
     model::{DesiredState, Protocol},
     reconcile::Reconciler,
     sockets,
+    source::{
+        Source,
+        file::FileSource,
+        kubernetes::{Connection, KubeSource},
+    },
     status::{self, Status},
 };
 use log::{error, info, warn};
@@ -36,13 +36,27 @@ use tokio::signal::unix::{SignalKind, signal};
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "kubernetes"])))]
 struct Args {
     #[command(subcommand)]
     command: Option<AgentCommand>,
     /// Multi-document YAML of v1 Service, discovery.k8s.io/v1 EndpointSlice, LoadBalancerIPPool
     /// and L2AnnouncementPolicy objects (Cilium's kinds accepted too); reloaded when it changes.
-    #[arg(long, required = true)]
+    #[arg(long)]
     config: Option<PathBuf>,
+    /// Follow the API server instead of a file: Services and EndpointSlices (without the
+    /// service-proxy-name and headless labels, as kube-proxy), LoadBalancerIPPools and
+    /// L2AnnouncementPolicies (lb.xdp.rs/v1alpha1) and this node's Node.
+    #[arg(long)]
+    kubernetes: bool,
+    /// kubeconfig for --kubernetes (default: KUBECONFIG, else the in-cluster service account).
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// The API server's URL for --kubernetes, overriding the kubeconfig's or in-cluster
+    /// KUBERNETES_SERVICE_HOST (which is usually a ClusterIP this agent itself programs: give
+    /// the API server's own address so the agent never depends on its own datapath).
+    #[arg(long, requires = "kubernetes")]
+    api_server: Option<String>,
     /// Interface to balance traffic on (repeat for several). One that does not exist yet is
     /// attached when it appears.
     #[arg(long = "interface")]
@@ -108,7 +122,7 @@ struct Args {
     /// Conntrack entries (LRU; two per flow).
     #[arg(long, default_value_t = DEFAULT_CONNTRACK_SIZE)]
     conntrack_size: u32,
-    /// How often the config file is checked for changes, in milliseconds.
+    /// How often --config's file is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     reload_interval_ms: u64,
     /// On exit, detach the program and remove the pinned maps (default: keep forwarding).
@@ -123,8 +137,9 @@ struct Args {
     #[arg(long, default_value = "30000-32767")]
     node_port_range: lb_userspace::nodeports::NodePortRange,
     /// This node's name as EndpointSlices give it (`nodeName`), for externalTrafficPolicy:
-    /// Local. Default: the host name.
-    #[arg(long)]
+    /// Local, and its Node object with --kubernetes. Default: the NODE_NAME environment
+    /// variable (a DaemonSet's downward API), else the host name.
+    #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Directory for status.json (LoadBalancer allocations, pool usage, announcements), read by
     /// `lbctl pools` / `lbctl arp` and by the next agent run to keep allocations stable.
@@ -144,9 +159,9 @@ enum AgentCommand {
 }
 
 struct Agent {
-    config: PathBuf,
-    /// Parsed documents of the last reads: a reload parses only what changed.
-    cache: config::ConfigCache,
+    source: Source,
+    /// A desired state was applied (with --kubernetes: after the initial lists).
+    synced: bool,
     /// What was last written to status.json.
     status: Status,
     state_dir: PathBuf,
@@ -167,41 +182,41 @@ struct Agent {
 
 impl Agent {
     fn reload(&mut self) {
-        let path = &self.config;
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) => {
-                error!(
-                    "config {}: {e}; keeping the last good state",
-                    path.display()
-                );
-                return;
-            }
-        };
-        let desired = match config::load_cached(&mut self.cache, &text, &self.ctx) {
-            Ok((desired, objects)) => {
-                for ignored in &objects.ignored {
-                    warn!("config {}: ignoring {ignored}", path.display());
+        let source = self.source.describe();
+        if let Some(labels) = self.source.node_labels()
+            && self.ctx.node_labels.as_ref() != Some(&labels)
+        {
+            info!("{source}: node labels {labels:?}");
+            self.ctx.node_labels = Some(labels);
+        }
+        let desired = match self.source.build(&self.ctx) {
+            // Nothing is programmed from a partial view; the pinned state keeps forwarding.
+            None => return,
+            Some(Ok(built)) => {
+                for ignored in &built.ignored {
+                    warn!("{source}: ignoring {ignored}");
                 }
-                desired
+                for e in &built.set_aside {
+                    error!("{source}: {e}; this object stays at its last good version");
+                }
+                built.desired
             }
-            Err(errors) => {
+            Some(Err(errors)) => {
                 for e in &errors.0 {
-                    error!("config {}: {e}", path.display());
+                    error!("{source}: {e}");
                 }
                 error!(
-                    "config {} rejected ({} errors); keeping the last good state",
-                    path.display(),
+                    "{source} rejected ({} errors); keeping the last good state",
                     errors.0.len()
                 );
                 return;
             }
         };
+        let path = &source;
         let report = match self.reconciler.apply(&desired, &mut self.maps) {
             Ok(r) => {
                 info!(
-                    "config {} applied: {} services, {} frontends, {} backends (+{}/-{} services, {} tables rebuilt, +{}/-{} backends)",
-                    path.display(),
+                    "{path} applied: {} services, {} frontends, {} backends (+{}/-{} services, {} tables rebuilt, +{}/-{} backends)",
                     self.reconciler.service_count(),
                     self.reconciler.frontend_count(),
                     self.reconciler.backend_count(),
@@ -214,10 +229,7 @@ impl Agent {
                 r
             }
             Err(e) => {
-                error!(
-                    "config {} not applied: {e:#}; keeping the last good state",
-                    path.display()
-                );
+                error!("{path} not applied: {e:#}; keeping the last good state");
                 return;
             }
         };
@@ -275,6 +287,7 @@ impl Agent {
         }
         self.write_status(&desired);
         self.ctx.lb_hints = status::hints(&self.status);
+        self.synced = true;
     }
 
     /// Connected UDP sockets balanced to removed endpoints are destroyed (the application sees
@@ -396,19 +409,40 @@ impl Agent {
         }
     }
 
+    /// The one line that says the agent is up (with --kubernetes: after the initial lists).
+    fn log_ready(&self, bpffs: &std::path::Path) {
+        let reconciler = &self.reconciler;
+        let hooks: Vec<String> = self
+            .attached
+            .iter()
+            .map(|a| format!("{} {}", a.interface, a.hooks))
+            .collect();
+        let sockets = self
+            .cgroup
+            .as_ref()
+            .map_or("socket balancing off".to_string(), |c| {
+                format!("sockets of cgroup {}", c.display())
+            });
+        info!(
+            "lb-agent ready: {} services, {} frontends, {} backends; interfaces: {}; {sockets}; maps in {}",
+            reconciler.service_count(),
+            reconciler.frontend_count(),
+            reconciler.backend_count(),
+            if hooks.is_empty() {
+                "none yet".to_string()
+            } else {
+                hooks.join(", ")
+            },
+            bpffs.display()
+        );
+    }
+
     /// Periodic gratuitous ARP for everything announced (`--garp-interval`).
     fn refresh_garp(&mut self) {
         self.announcer.refresh();
         self.status.announced = self.announcer.announced();
         self.save_status();
     }
-}
-
-/// Identity of the file's current content, cheap to poll; survives editors that replace the file
-/// and ConfigMap symlink swaps because it follows the path each time.
-fn fingerprint(path: &Path) -> Option<(i64, i64, u64, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.mtime(), m.mtime_nsec(), m.size(), m.ino()))
 }
 
 /// NodePort addresses by default: the IPv4 addresses of the attached interfaces.
@@ -439,7 +473,6 @@ async fn main() -> Result<()> {
         print!("{}", lb_userspace::crd::crds_yaml()?);
         return Ok(());
     }
-    let config_path = args.config.clone().expect("clap requires --config");
     let opts = Options {
         maglev_capacity: args.maglev_capacity,
         bpffs: args.bpffs.clone(),
@@ -463,8 +496,6 @@ async fn main() -> Result<()> {
         Some(dir) => Some(dir.clone()),
         None => Some(datapath::cgroup2_root()?),
     };
-    std::fs::metadata(&config_path)
-        .with_context(|| format!("--config {}", config_path.display()))?;
     let selector = Selector::new(args.interfaces.clone(), args.interface_regex.as_deref())?;
     let interfaces = selector.present();
     for name in selector.missing(&interfaces) {
@@ -499,9 +530,25 @@ async fn main() -> Result<()> {
     let names: Vec<String> = interfaces.iter().map(|i| i.name.clone()).collect();
     datapath.forget_others(&names)?;
     datapath.attach_cgroup(cgroup.as_deref())?;
+    let source = match &args.config {
+        Some(path) => {
+            std::fs::metadata(path).with_context(|| format!("--config {}", path.display()))?;
+            Source::File(FileSource::new(
+                path.clone(),
+                Duration::from_millis(args.reload_interval_ms.max(10)),
+            ))
+        }
+        None => {
+            let connection = Connection {
+                kubeconfig: args.kubeconfig.clone(),
+                api_server: args.api_server.clone(),
+            };
+            Source::Kubernetes(KubeSource::start(&connection, &node_name).await?)
+        }
+    };
     let mut agent = Agent {
-        config: config_path.clone(),
-        cache: config::ConfigCache::default(),
+        source,
+        synced: false,
         status: Status::default(),
         state_dir: args.state_dir.clone(),
         reconciler,
@@ -512,6 +559,7 @@ async fn main() -> Result<()> {
             node_name: Some(node_name),
             lb_hints,
             node_port_range: args.node_port_range,
+            node_labels: None,
         },
         datapath,
         selector,
@@ -521,39 +569,24 @@ async fn main() -> Result<()> {
         fixed_node_ips: !args.node_ips.is_empty(),
         ct_timeouts: opts.ct_timeouts,
     };
-    let mut seen = fingerprint(&config_path);
     agent.reload();
     // Subscribed before the first attach: nothing that appears meanwhile is missed.
     let mut changes = Changes::watch()?;
     agent.sync_interfaces();
     agent.write_interfaces();
-    let reconciler = &agent.reconciler;
-    let hooks: Vec<String> = agent
-        .attached
-        .iter()
-        .map(|a| format!("{} {}", a.interface, a.hooks))
-        .collect();
-    let sockets = cgroup
-        .as_ref()
-        .map_or("socket balancing off".to_string(), |c| {
-            format!("sockets of cgroup {}", c.display())
-        });
-    info!(
-        "lb-agent ready: {} services, {} frontends, {} backends; interfaces: {}; {sockets}; maps in {}",
-        reconciler.service_count(),
-        reconciler.frontend_count(),
-        reconciler.backend_count(),
-        if hooks.is_empty() {
-            "none yet".to_string()
-        } else {
-            hooks.join(", ")
-        },
-        opts.bpffs.display()
-    );
+    let mut ready = false;
+    if matches!(agent.source, Source::File(_)) || agent.synced {
+        agent.log_ready(&opts.bpffs);
+        ready = true;
+    } else {
+        info!(
+            "{}: waiting for the initial lists; the pinned state keeps forwarding",
+            agent.source.describe()
+        );
+    }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(Duration::from_millis(args.reload_interval_ms.max(10)));
     let garp_period = Duration::from_secs(if args.garp_interval == 0 {
         86_400 * 365
     } else {
@@ -566,11 +599,11 @@ async fn main() -> Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = tick.tick() => {
-                let now = fingerprint(&config_path);
-                if now != seen {
-                    seen = now;
-                    agent.reload();
+            _ = agent.source.changed() => {
+                agent.reload();
+                if !ready && agent.synced {
+                    agent.log_ready(&opts.bpffs);
+                    ready = true;
                 }
             }
             _ = garp.tick(), if args.garp_interval > 0 => agent.refresh_garp(),

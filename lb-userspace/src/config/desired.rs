@@ -553,6 +553,11 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
         }
     }
     for (policy, spec) in &policies {
+        if let Some(labels) = &ctx.node_labels
+            && !lbipam::selects(spec.node_selector.as_ref(), labels)
+        {
+            continue;
+        }
         for service in &objects.services {
             let (namespace, name) = service_identity(service);
             let service_name = format!("{namespace}/{name}");

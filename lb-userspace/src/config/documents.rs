@@ -98,11 +98,8 @@ pub(super) fn parse_document(text: &str, doc: &str) -> Result<Parsed, ConfigErro
 #[derive(Default)]
 pub struct ConfigCache {
     docs: HashMap<u64, Parsed, foldhash::fast::FixedState>,
-    /// Objects, context and desired state of the last successful build: a reload that only
-    /// changed EndpointSlices rebuilds just their Services on top of it.
-    pub(super) last: Option<(Arc<Objects>, BuildContext, Arc<DesiredState>)>,
-    /// Reloads that took that shortcut.
-    pub incremental_builds: u64,
+    /// The last successful build, for incremental rebuilds.
+    pub built: DesiredCache,
 }
 
 impl ConfigCache {

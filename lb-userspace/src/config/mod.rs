@@ -15,7 +15,7 @@ use std::{
 
 use k8s_openapi::{
     api::{core::v1::Service, discovery::v1::EndpointSlice},
-    apimachinery::pkg::util::intstr::IntOrString,
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
 use crate::{
@@ -90,6 +90,10 @@ pub struct BuildContext {
     pub lb_hints: BTreeMap<String, Vec<Ipv4Addr>>,
     /// Where NodePorts a manifest leaves out are allocated (`--node-port-range`).
     pub node_port_range: NodePortRange,
+    /// This node's labels, when the source knows its Node object: L2 announcement policies
+    /// whose `nodeSelector` does not select them are not announced here. None (a file): every
+    /// policy applies to this node.
+    pub node_labels: Option<BTreeMap<String, String>>,
 }
 
 fn err(
@@ -133,10 +137,12 @@ mod documents;
 mod fields;
 mod incremental;
 mod pools;
+mod tolerant;
 
 pub use desired::build_desired;
 use desired::*;
 pub use documents::{ConfigCache, parse_objects};
+pub use tolerant::{Tolerated, build_tolerant};
 use fields::*;
 use incremental::*;
 use pools::*;
@@ -163,29 +169,53 @@ pub fn load_cached(
     ctx: &BuildContext,
 ) -> Result<(Arc<DesiredState>, Arc<Objects>), ConfigErrors> {
     let objects = Arc::new(cache.parse(text)?);
-    let desired = match cache.last.take() {
-        Some((old, old_ctx, mut previous)) if old_ctx == *ctx => {
-            match endpoint_slice_change(&old, &objects, &previous, ctx) {
-                Some(affected) => {
-                    match rebuild_services(Arc::make_mut(&mut previous), &objects, &affected, ctx) {
-                        Some(Ok(())) => {
-                            cache.incremental_builds += 1;
-                            previous
-                        }
-                        Some(Err(e)) => {
-                            cache.last = Some((old, old_ctx, previous));
-                            return Err(e);
-                        }
-                        None => Arc::new(build_desired(&objects, ctx)?),
-                    }
-                }
-                None => Arc::new(build_desired(&objects, ctx)?),
-            }
-        }
-        _ => Arc::new(build_desired(&objects, ctx)?),
-    };
-    cache.last = Some((objects.clone(), ctx.clone(), desired.clone()));
+    let desired = cache.built.build(&objects, ctx)?;
     Ok((desired, objects))
+}
+
+/// The objects, context and desired state of the last successful build: when only
+/// EndpointSlices changed since (objects nobody touched are the same `Arc`s), the next build
+/// rebuilds just their Services on top of it.
+#[derive(Default)]
+pub struct DesiredCache {
+    last: Option<(Arc<Objects>, BuildContext, Arc<DesiredState>)>,
+    /// Builds that took that shortcut.
+    pub incremental_builds: u64,
+}
+
+impl DesiredCache {
+    /// [`build_desired`], incrementally where it can. The cache keeps the returned state: drop
+    /// it before the next call and that call updates it without copying.
+    pub fn build(
+        &mut self,
+        objects: &Arc<Objects>,
+        ctx: &BuildContext,
+    ) -> Result<Arc<DesiredState>, ConfigErrors> {
+        let desired = match self.last.take() {
+            Some((old, old_ctx, mut previous)) if old_ctx == *ctx => {
+                match endpoint_slice_change(&old, objects, &previous, ctx) {
+                    Some(affected) => {
+                        match rebuild_services(Arc::make_mut(&mut previous), objects, &affected, ctx)
+                        {
+                            Some(Ok(())) => {
+                                self.incremental_builds += 1;
+                                previous
+                            }
+                            Some(Err(e)) => {
+                                self.last = Some((old, old_ctx, previous));
+                                return Err(e);
+                            }
+                            None => Arc::new(build_desired(objects, ctx)?),
+                        }
+                    }
+                    None => Arc::new(build_desired(objects, ctx)?),
+                }
+            }
+            _ => Arc::new(build_desired(objects, ctx)?),
+        };
+        self.last = Some((objects.clone(), ctx.clone(), desired.clone()));
+        Ok(desired)
+    }
 }
 
 #[cfg(test)]

@@ -80,6 +80,10 @@ pub(super) fn validate_policies(
             errors.push(err(&object, "spec.serviceSelector", e));
             ok = false;
         }
+        if let Err(e) = lbipam::check_selector(p.spec.node_selector.as_ref()) {
+            errors.push(err(&object, "spec.nodeSelector", e));
+            ok = false;
+        }
         for (i, pattern) in p.spec.interfaces.iter().flatten().enumerate() {
             if let Err(e) = regex::Regex::new(&format!("^(?:{pattern})$")) {
                 errors.push(err(

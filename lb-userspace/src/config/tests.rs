@@ -348,7 +348,7 @@ fn endpoint_change_rebuilds_only_its_service_and_equals_a_full_build() {
         .map(|s| (s.service.clone(), s.addresses.clone()))
         .collect();
     load_cached(&mut cache, &text("10.0.5.1", "10.0.6.1"), &ctx).unwrap();
-    assert_eq!(cache.incremental_builds, 0, "the hints changed: full build");
+    assert_eq!(cache.built.incremental_builds, 0, "the hints changed: full build");
     // "pinned" lost its requested address to "clash" (which sorts first): no shortcut.
     for (web, pinned, incremental) in [
         ("10.0.5.2", "10.0.6.1", 1),
@@ -360,7 +360,7 @@ fn endpoint_change_rebuilds_only_its_service_and_equals_a_full_build() {
         let full = build_desired(&parse_objects(&t).unwrap(), &ctx).unwrap();
         assert_eq!(*desired, full, "web {web}, pinned {pinned}");
         assert_eq!(
-            cache.incremental_builds, incremental,
+            cache.built.incremental_builds, incremental,
             "web {web}, pinned {pinned}"
         );
     }
