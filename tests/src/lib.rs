@@ -21,6 +21,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub mod apiserver;
 pub mod frames;
 pub mod lab;
 pub mod testrun;
@@ -244,6 +245,28 @@ impl Topology {
 
     /// Starts lb-agent in the node namespace on all node interfaces and waits for its ready line.
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
+        self.spawn_agent(extra)?;
+        self.wait_agent_log("lb-agent ready", Duration::from_secs(20))
+    }
+
+    /// Waits until the agent's log holds `text`; fails if the agent exits first.
+    pub fn wait_agent_log(&mut self, text: &str, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        while !self.agent_log().contains(text) {
+            if let Some(status) = self.agent.as_mut().context("no agent")?.try_wait()? {
+                bail!("lb-agent exited ({status}):\n{}", self.agent_log());
+            }
+            if start.elapsed() > timeout {
+                bail!("lb-agent logged no {text:?} in {timeout:?}:\n{}", self.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Starts lb-agent in the node namespace (reading [`Topology::config_path`] unless `extra`
+    /// says `--kubernetes`) without waiting for it.
+    pub fn spawn_agent(&mut self, extra: &[&str]) -> Result<()> {
         let log = fs::File::create(self.dir.join("agent.log"))?;
         // Mounted here, in the test's mount namespace: a bpffs the agent mounted inside
         // `ip netns exec` would be invisible to lbctl outside it.
@@ -251,9 +274,10 @@ impl Topology {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.node])
             .arg(sibling_binary("lb-agent"));
-        cmd.arg("--config")
-            .arg(self.config_path())
-            .arg("--bpffs")
+        if !extra.contains(&"--kubernetes") {
+            cmd.arg("--config").arg(self.config_path());
+        }
+        cmd.arg("--bpffs")
             .arg(self.bpffs())
             .arg("--state-dir")
             .arg(self.state_dir());
@@ -284,16 +308,6 @@ impl Topology {
             .stdout(log.try_clone()?)
             .stderr(log);
         self.agent = Some(cmd.spawn()?);
-        let start = Instant::now();
-        while !self.agent_log().contains("lb-agent ready") {
-            if let Some(status) = self.agent.as_mut().unwrap().try_wait()? {
-                bail!("lb-agent exited ({status}):\n{}", self.agent_log());
-            }
-            if start.elapsed() > Duration::from_secs(20) {
-                bail!("lb-agent not ready after 20 s:\n{}", self.agent_log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
         Ok(())
     }
 

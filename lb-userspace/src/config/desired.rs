@@ -228,7 +228,18 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
                 continue;
             }
         }
-        let cluster_ip = match spec.cluster_ip.as_deref() {
+        // Dual-stack: the Service's IPv4 side is ours; an IPv6-only Service is not.
+        let families = spec.ip_families.as_deref().unwrap_or_default();
+        if !families.is_empty() && !families.iter().any(|f| f == "IPv4") {
+            continue;
+        }
+        let dual_stack = families.iter().any(|f| f == "IPv6");
+        let ipv4_cluster_ip = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .find(|ip| ip.parse::<Ipv4Addr>().is_ok());
+        let cluster_ip = match ipv4_cluster_ip.or(spec.cluster_ip.as_ref()).map(String::as_str) {
             // Headless: DNS only, nothing to balance.
             Some("None") => continue,
             // A user's own manifest (an API server would allocate one): no ClusterIP frontend;
@@ -244,6 +255,9 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
         };
         let mut external_ips = Vec::new();
         for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+            if dual_stack && ip.parse::<std::net::Ipv6Addr>().is_ok() {
+                continue;
+            }
             match parse_ipv4(ip, &object, &format!("spec.externalIPs[{i}]")) {
                 Ok(a) => external_ips.push(a),
                 Err(e) => errors.push(e),
