@@ -19,6 +19,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub const ANNOTATION_IPS: &str = "lb.xdp.rs/ips";
+/// `spec.loadBalancerClass` of the Services we allocate for (also those without a class).
+pub const LB_CLASS: &str = "lb.xdp.rs/lb";
 pub const CILIUM_ANNOTATION_IPS: &str = "io.cilium/lb-ipam-ips";
 /// Labels Cilium adds to every Service for selectors; we match them too.
 pub const LABEL_SERVICE_NAMESPACE: &str = "io.kubernetes.service.namespace";
@@ -38,6 +40,10 @@ pub struct IpPool {
     version = "v1alpha1",
     kind = "LoadBalancerIPPool",
     shortname = "lbpool",
+    status = "IpPoolStatus",
+    printcolumn = r#"{"name":"Total","type":"integer","jsonPath":".status.total"}"#,
+    printcolumn = r#"{"name":"Used","type":"integer","jsonPath":".status.used"}"#,
+    printcolumn = r#"{"name":"Available","type":"integer","jsonPath":".status.available"}"#,
     doc = "Addresses lb-agent hands out to LoadBalancer Services (as Cilium's CiliumLoadBalancerIPPool)"
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -50,6 +56,16 @@ pub struct IpPoolSpec {
     /// Cilium's "Yes"/"No": whether a CIDR's network and broadcast addresses may be handed out.
     #[serde(default, rename = "allowFirstLastIPs")]
     pub allow_first_last_ips: Option<String>,
+}
+
+/// A pool's counts, written by the agent that holds the IPAM Lease.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub struct IpPoolStatus {
+    /// Addresses in the pool's blocks.
+    pub total: u64,
+    /// Addresses allocated to Services.
+    pub used: u64,
+    pub available: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -91,6 +107,11 @@ pub struct L2PolicySpec {
     pub load_balancer_ips: bool,
     #[serde(default, rename = "externalIPs")]
     pub external_ips: bool,
+}
+
+/// Is a Service with this `spec.loadBalancerClass` ours to allocate for?
+pub fn our_class(class: Option<&str>) -> bool {
+    class.is_none_or(|c| c == LB_CLASS)
 }
 
 /// Does `selector` select an object with `labels`? None selects everything.
@@ -273,6 +294,17 @@ pub struct LbStatus {
     pub addresses: Vec<Ipv4Addr>,
     pub pool: Option<String>,
     pub error: Option<String>,
+    /// Why there is no address, as a condition reason: "RequestedNotInPool",
+    /// "RequestedAddressTaken", "NoPool" or "PoolExhausted".
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl LbStatus {
+    fn fail(&mut self, reason: &str, message: String) {
+        self.error = Some(message);
+        self.reason = Some(reason.to_string());
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -337,12 +369,14 @@ pub fn allocate(
             addresses: Vec::new(),
             pool: None,
             error: None,
+            reason: None,
         };
         for &a in &r.requested {
             let Some(pool) = pool_of(r, a) else {
-                status.error = Some(format!(
-                    "requested {a} is in no pool that selects this Service"
-                ));
+                status.fail(
+                    "RequestedNotInPool",
+                    format!("requested {a} is in no pool that selects this Service"),
+                );
                 break;
             };
             let holder = held
@@ -350,9 +384,10 @@ pub fn allocate(
                 .filter(|o| **o != r.service)
                 .map(|o| o.to_string());
             if let Some(owner) = used.get(&a).cloned().or(holder) {
-                status.error = Some(format!(
-                    "requested {a} conflicts: already allocated to {owner}"
-                ));
+                status.fail(
+                    "RequestedAddressTaken",
+                    format!("requested {a} conflicts: already allocated to {owner}"),
+                );
                 break;
             }
             status.pool = Some(pool);
@@ -382,6 +417,7 @@ pub fn allocate(
                 addresses: vec![a],
                 pool: pool_of(r, a),
                 error: None,
+                reason: None,
             },
         );
     }
@@ -393,9 +429,13 @@ pub fn allocate(
             addresses: Vec::new(),
             pool: None,
             error: None,
+            reason: None,
         };
         if candidates.is_empty() {
-            status.error = Some("no LoadBalancerIPPool selects this Service".into());
+            status.fail(
+                "NoPool",
+                "no LoadBalancerIPPool selects this Service".into(),
+            );
         } else {
             'pools: for p in &candidates {
                 for range in &p.ranges {
@@ -418,10 +458,10 @@ pub fn allocate(
             }
             if status.addresses.is_empty() {
                 let names: Vec<&str> = candidates.iter().map(|p| p.name.as_str()).collect();
-                status.error = Some(format!(
-                    "no free address: pool {} exhausted",
-                    names.join(", ")
-                ));
+                status.fail(
+                    "PoolExhausted",
+                    format!("no free address: pool {} exhausted", names.join(", ")),
+                );
             }
         }
         out.insert(r.service.clone(), status);

@@ -12,6 +12,7 @@ pub mod datapath;
 pub mod interfaces;
 pub mod l2;
 pub mod lbipam;
+pub mod lease;
 pub mod maps;
 pub mod model;
 pub mod nodeports;

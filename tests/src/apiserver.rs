@@ -127,6 +127,8 @@ pub struct State {
     pub requests: Vec<String>,
     /// 410 Gone answers sent.
     pub gone_sent: u64,
+    /// PATCHes that changed an object.
+    pub status_patches: u64,
 }
 
 impl State {
@@ -206,7 +208,9 @@ impl State {
 fn key_of(resource: Resource, object: &Value) -> String {
     let name = object["metadata"]["name"].as_str().unwrap_or_default();
     if resource.info().4 {
-        let ns = object["metadata"]["namespace"].as_str().unwrap_or("default");
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default");
         format!("{ns}/{name}")
     } else {
         name.to_string()
@@ -351,7 +355,12 @@ impl ApiServer {
     }
 
     /// Waits until `f` holds for the store (requests seen, say).
-    pub fn wait_for(&self, timeout: Duration, what: &str, f: impl Fn(&State) -> bool) -> Result<()> {
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        f: impl Fn(&State) -> bool,
+    ) -> Result<()> {
         let start = Instant::now();
         while start.elapsed() < timeout {
             if f(&self.lock()) {
@@ -382,6 +391,7 @@ impl Drop for ApiServer {
 
 struct Request {
     method: String,
+    content_type: String,
     path: String,
     query: BTreeMap<String, String>,
     body: Vec<u8>,
@@ -396,6 +406,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<Request>> {
     let method = parts.next().context("request line")?.to_string();
     let target = parts.next().context("request target")?.to_string();
     let mut length = 0usize;
+    let mut content_type = String::new();
     loop {
         let mut header = String::new();
         reader.read_line(&mut header)?;
@@ -403,10 +414,12 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<Request>> {
         if header.is_empty() {
             break;
         }
-        if let Some((name, value)) = header.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse()?;
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse()?;
+            } else if name.eq_ignore_ascii_case("content-type") {
+                content_type = value.trim().to_string();
+            }
         }
     }
     let mut body = vec![0; length];
@@ -422,6 +435,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<Request>> {
         .collect();
     Ok(Some(Request {
         method,
+        content_type,
         path: path.to_string(),
         query,
         body,
@@ -461,6 +475,7 @@ fn respond(conn: &mut TcpStream, code: u16, body: &Value) -> Result<()> {
         201 => "Created",
         404 => "Not Found",
         409 => "Conflict",
+        415 => "Unsupported Media Type",
         410 => "Gone",
         422 => "Unprocessable Entity",
         _ => "Internal Server Error",
@@ -500,14 +515,26 @@ fn handle(inner: &Inner, stop: &std::sync::atomic::AtomicBool, conn: TcpStream) 
         }
         state.requests.push(line);
     }
-    let routed = route(&req.path).filter(|(r, ..)| {
-        !inner.state.lock().expect("lock").missing.contains(r)
-    });
+    let routed =
+        route(&req.path).filter(|(r, ..)| !inner.state.lock().expect("lock").missing.contains(r));
     let Some((resource, namespace, name, subresource)) = routed else {
-        return respond(&mut conn, 404, &status(404, "NotFound", "the server could not find the requested resource"));
+        return respond(
+            &mut conn,
+            404,
+            &status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        );
     };
     match (req.method.as_str(), name) {
-        ("GET", None) if req.query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+        ("GET", None)
+            if req
+                .query
+                .get("watch")
+                .is_some_and(|w| w == "true" || w == "1") =>
+        {
             watch(inner, stop, &mut conn, resource, namespace, &req)
         }
         ("GET", None) => list(inner, &mut conn, resource, namespace, &req),
@@ -525,14 +552,38 @@ fn handle(inner: &Inner, stop: &std::sync::atomic::AtomicBool, conn: TcpStream) 
                 }
                 None => {
                     drop(state);
-                    respond(&mut conn, 404, &status(404, "NotFound", &format!("{} \"{name}\" not found", resource.info().1)))
+                    respond(
+                        &mut conn,
+                        404,
+                        &status(
+                            404,
+                            "NotFound",
+                            &format!("{} \"{name}\" not found", resource.info().1),
+                        ),
+                    )
                 }
             }
         }
-        (method, _) => {
-            let _ = (subresource, &req.body);
-            respond(&mut conn, 405, &status(405, "MethodNotAllowed", &format!("{method} not served by the double")))
-        }
+        ("POST", None) => create(inner, &mut conn, resource, namespace, &req),
+        ("PUT", Some(name)) => replace(inner, &mut conn, resource, namespace, name, &req),
+        ("PATCH", Some(name)) => patch(
+            inner,
+            &mut conn,
+            resource,
+            namespace,
+            name,
+            subresource,
+            &req,
+        ),
+        (method, _) => respond(
+            &mut conn,
+            405,
+            &status(
+                405,
+                "MethodNotAllowed",
+                &format!("{method} not served by the double"),
+            ),
+        ),
     }
 }
 
@@ -552,7 +603,9 @@ fn route(path: &str) -> Option<(Resource, Option<&str>, Option<&str>, Option<&st
         match parts.as_slice() {
             [p] if *p == plural => return Some((resource, namespace, None, None)),
             [p, name] if *p == plural => return Some((resource, namespace, Some(*name), None)),
-            [p, name, sub] if *p == plural => return Some((resource, namespace, Some(*name), Some(*sub))),
+            [p, name, sub] if *p == plural => {
+                return Some((resource, namespace, Some(*name), Some(*sub)));
+            }
             _ => {}
         }
     }
@@ -567,7 +620,12 @@ fn selected(object: &Value, namespace: Option<&str>, query: &BTreeMap<String, St
         return false;
     }
     let labels = &object["metadata"]["labels"];
-    for term in query.get("labelSelector").map(String::as_str).unwrap_or("").split(',') {
+    for term in query
+        .get("labelSelector")
+        .map(String::as_str)
+        .unwrap_or("")
+        .split(',')
+    {
         let term = term.trim();
         if term.is_empty() {
             continue;
@@ -585,7 +643,12 @@ fn selected(object: &Value, namespace: Option<&str>, query: &BTreeMap<String, St
             return false;
         }
     }
-    for term in query.get("fieldSelector").map(String::as_str).unwrap_or("").split(',') {
+    for term in query
+        .get("fieldSelector")
+        .map(String::as_str)
+        .unwrap_or("")
+        .split(',')
+    {
         let Some((field, value)) = term.split_once('=') else {
             continue;
         };
@@ -611,6 +674,165 @@ fn item(object: &Value) -> Value {
     o
 }
 
+fn body_object(req: &Request) -> Result<Value> {
+    serde_json::from_slice(&req.body).context("request body is not JSON")
+}
+
+fn object_key(namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    }
+}
+
+/// POST: 201 with the stored object, 409 AlreadyExists if the name is taken.
+fn create(
+    inner: &Inner,
+    conn: &mut TcpStream,
+    resource: Resource,
+    namespace: Option<&str>,
+    req: &Request,
+) -> Result<()> {
+    let mut object = body_object(req)?;
+    let (_, plural, kind, api_version, _) = resource.info();
+    object["kind"] = json!(kind);
+    object["apiVersion"] = json!(api_version);
+    if let Some(ns) = namespace {
+        object["metadata"]["namespace"] = json!(ns);
+    }
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut state = inner.state.lock().expect("lock");
+    if state
+        .objects
+        .contains_key(&(resource, object_key(namespace, &name)))
+    {
+        drop(state);
+        let message = format!(
+            "{plural}.{} \"{name}\" already exists",
+            api_version.split('/').next().unwrap_or("")
+        );
+        return respond(conn, 409, &status(409, "AlreadyExists", &message));
+    }
+    let stored = state.put(object);
+    drop(state);
+    inner.changed.notify_all();
+    respond(conn, 201, &stored)
+}
+
+/// PUT: optimistic concurrency on metadata.resourceVersion (409 Conflict when stale).
+fn replace(
+    inner: &Inner,
+    conn: &mut TcpStream,
+    resource: Resource,
+    namespace: Option<&str>,
+    name: &str,
+    req: &Request,
+) -> Result<()> {
+    let mut object = body_object(req)?;
+    let (_, plural, kind, api_version, _) = resource.info();
+    object["kind"] = json!(kind);
+    object["apiVersion"] = json!(api_version);
+    let mut state = inner.state.lock().expect("lock");
+    let Some(current) = state.objects.get(&(resource, object_key(namespace, name))) else {
+        drop(state);
+        return respond(
+            conn,
+            404,
+            &status(404, "NotFound", &format!("{plural} \"{name}\" not found")),
+        );
+    };
+    let sent = object["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default();
+    if !sent.is_empty() && current["metadata"]["resourceVersion"].as_str() != Some(sent) {
+        drop(state);
+        let message = format!(
+            "Operation cannot be fulfilled on {plural} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+        );
+        return respond(conn, 409, &status(409, "Conflict", &message));
+    }
+    object["metadata"]["uid"] = current["metadata"]["uid"].clone();
+    let stored = state.put(object);
+    drop(state);
+    inner.changed.notify_all();
+    respond(conn, 200, &stored)
+}
+
+/// PATCH with a JSON merge patch (RFC 7386); on the status subresource only `status` changes.
+/// A patch that changes nothing leaves the resourceVersion alone and sends no event.
+fn patch(
+    inner: &Inner,
+    conn: &mut TcpStream,
+    resource: Resource,
+    namespace: Option<&str>,
+    name: &str,
+    subresource: Option<&str>,
+    req: &Request,
+) -> Result<()> {
+    if !req.content_type.starts_with("application/merge-patch+json") {
+        return respond(
+            conn,
+            415,
+            &status(
+                415,
+                "UnsupportedMediaType",
+                &format!("{} not supported by the double", req.content_type),
+            ),
+        );
+    }
+    let patch = body_object(req)?;
+    let plural = resource.info().1;
+    let mut state = inner.state.lock().expect("lock");
+    let Some(current) = state
+        .objects
+        .get(&(resource, object_key(namespace, name)))
+        .cloned()
+    else {
+        drop(state);
+        return respond(
+            conn,
+            404,
+            &status(404, "NotFound", &format!("{plural} \"{name}\" not found")),
+        );
+    };
+    let mut next = current.clone();
+    match subresource {
+        Some("status") => merge(&mut next["status"], &patch["status"]),
+        _ => merge(&mut next, &patch),
+    }
+    if next == current {
+        drop(state);
+        return respond(conn, 200, &current);
+    }
+    state.status_patches += 1;
+    let stored = state.put(next);
+    drop(state);
+    inner.changed.notify_all();
+    respond(conn, 200, &stored)
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    let Some(fields) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let map = target.as_object_mut().expect("object");
+    for (k, v) in fields {
+        if v.is_null() {
+            map.remove(k);
+        } else {
+            merge(map.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
 fn list(
     inner: &Inner,
     conn: &mut TcpStream,
@@ -622,7 +844,11 @@ fn list(
     let (_, _, kind, api_version, _) = resource.info();
     if state.failing_lists.contains(&resource) {
         drop(state);
-        return respond(conn, 500, &status(500, "InternalError", "etcdserver: request timed out"));
+        return respond(
+            conn,
+            500,
+            &status(500, "InternalError", "etcdserver: request timed out"),
+        );
     }
     // continue = "<revision of the first page>:<offset>".
     let (rv, offset) = match req.query.get("continue").filter(|c| !c.is_empty()) {
@@ -634,7 +860,11 @@ fn list(
     };
     if rv < state.compacted {
         drop(state);
-        return respond(conn, 410, &status(410, "Expired", "The provided continue parameter is too old"));
+        return respond(
+            conn,
+            410,
+            &status(410, "Expired", "The provided continue parameter is too old"),
+        );
     }
     let limit = req
         .query
@@ -650,7 +880,12 @@ fn list(
         .map(|(_, o)| o)
         .filter(|o| selected(o, namespace, &req.query))
         .collect();
-    let page: Vec<Value> = matching.iter().skip(offset).take(limit).map(|o| item(o)).collect();
+    let page: Vec<Value> = matching
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|o| item(o))
+        .collect();
     let next = offset + page.len();
     let mut metadata = json!({"resourceVersion": rv.to_string()});
     if next < matching.len() {
@@ -676,7 +911,10 @@ fn watch(
         .get("resourceVersion")
         .and_then(|r| r.parse().ok())
         .unwrap_or(0);
-    let bookmarks = req.query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let bookmarks = req
+        .query
+        .get("allowWatchBookmarks")
+        .is_some_and(|b| b == "true");
     let timeout = Duration::from_secs(
         req.query
             .get("timeoutSeconds")
@@ -729,7 +967,10 @@ fn watch(
                 continue;
             }
             let now = selected(&c.object, namespace, &req.query);
-            let before = c.old.as_ref().is_some_and(|o| selected(o, namespace, &req.query));
+            let before = c
+                .old
+                .as_ref()
+                .is_some_and(|o| selected(o, namespace, &req.query));
             let kind = match (c.kind, before, now) {
                 ("DELETED", _, true) => "DELETED",
                 ("ADDED", _, true) => "ADDED",

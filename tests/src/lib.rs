@@ -257,7 +257,10 @@ impl Topology {
                 bail!("lb-agent exited ({status}):\n{}", self.agent_log());
             }
             if start.elapsed() > timeout {
-                bail!("lb-agent logged no {text:?} in {timeout:?}:\n{}", self.agent_log());
+                bail!(
+                    "lb-agent logged no {text:?} in {timeout:?}:\n{}",
+                    self.agent_log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

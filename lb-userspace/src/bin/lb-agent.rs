@@ -22,6 +22,7 @@ use lb_userspace::{
     source::{
         Source,
         file::FileSource,
+        ipam::LeaseTiming,
         kubernetes::{Connection, KubeSource},
     },
     status::{self, Status},
@@ -57,6 +58,10 @@ struct Args {
     /// the API server's own address so the agent never depends on its own datapath).
     #[arg(long, requires = "kubernetes")]
     api_server: Option<String>,
+    /// Namespace of the agents' Leases with --kubernetes (default: POD_NAMESPACE, the
+    /// DaemonSet's own namespace through the downward API, else kube-system).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    lease_namespace: String,
     /// Interface to balance traffic on (repeat for several). One that does not exist yet is
     /// attached when it appears.
     #[arg(long = "interface")]
@@ -543,7 +548,15 @@ async fn main() -> Result<()> {
                 kubeconfig: args.kubeconfig.clone(),
                 api_server: args.api_server.clone(),
             };
-            Source::Kubernetes(KubeSource::start(&connection, &node_name).await?)
+            Source::Kubernetes(
+                KubeSource::start(
+                    &connection,
+                    &node_name,
+                    &args.lease_namespace,
+                    LeaseTiming::default(),
+                )
+                .await?,
+            )
         }
     };
     let mut agent = Agent {
@@ -617,6 +630,7 @@ async fn main() -> Result<()> {
             },
         }
     }
+    agent.source.stop().await;
     drop(agent);
     if args.cleanup {
         datapath::cleanup(&opts.bpffs)?;

@@ -239,7 +239,10 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
             .iter()
             .flatten()
             .find(|ip| ip.parse::<Ipv4Addr>().is_ok());
-        let cluster_ip = match ipv4_cluster_ip.or(spec.cluster_ip.as_ref()).map(String::as_str) {
+        let cluster_ip = match ipv4_cluster_ip
+            .or(spec.cluster_ip.as_ref())
+            .map(String::as_str)
+        {
             // Headless: DNS only, nothing to balance.
             Some("None") => continue,
             // A user's own manifest (an API server would allocate one): no ClusterIP frontend;
@@ -331,7 +334,18 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
         if etp_local {
             local_policy.insert(service_name.clone());
         }
-        let lb_ips: &[Ipv4Addr] = if service_type == "LoadBalancer" {
+        // Another controller's class (MetalLB, a cloud): the addresses it wrote to the status
+        // are served, as kube-proxy does, but neither allocated nor announced here.
+        let foreign_ips: Vec<Ipv4Addr> = if service_type == "LoadBalancer"
+            && !lbipam::our_class(spec.load_balancer_class.as_deref())
+        {
+            status_ingress_ips(service)
+        } else {
+            Vec::new()
+        };
+        let lb_ips: &[Ipv4Addr] = if !foreign_ips.is_empty() {
+            &foreign_ips
+        } else if service_type == "LoadBalancer" {
             lb_addrs
                 .get(service_name.as_str())
                 .copied()
@@ -620,6 +634,19 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// The IPv4 addresses of `status.loadBalancer.ingress`.
+pub fn status_ingress_ips(service: &Service) -> Vec<Ipv4Addr> {
+    service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref()?.parse().ok())
+        .collect()
 }
 
 pub(super) fn service_identity(service: &Service) -> (&str, &str) {

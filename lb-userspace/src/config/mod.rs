@@ -139,13 +139,13 @@ mod incremental;
 mod pools;
 mod tolerant;
 
-pub use desired::build_desired;
 use desired::*;
+pub use desired::{build_desired, status_ingress_ips};
 pub use documents::{ConfigCache, parse_objects};
-pub use tolerant::{Tolerated, build_tolerant};
 use fields::*;
 use incremental::*;
 use pools::*;
+pub use tolerant::{Tolerated, build_tolerant};
 
 /// Parse and validate a whole file (no node addresses, no earlier allocation).
 pub fn load_str(text: &str) -> Result<(DesiredState, Objects), ConfigErrors> {
@@ -195,8 +195,12 @@ impl DesiredCache {
             Some((old, old_ctx, mut previous)) if old_ctx == *ctx => {
                 match endpoint_slice_change(&old, objects, &previous, ctx) {
                     Some(affected) => {
-                        match rebuild_services(Arc::make_mut(&mut previous), objects, &affected, ctx)
-                        {
+                        match rebuild_services(
+                            Arc::make_mut(&mut previous),
+                            objects,
+                            &affected,
+                            ctx,
+                        ) {
                             Some(Ok(())) => {
                                 self.incremental_builds += 1;
                                 previous

@@ -117,7 +117,10 @@ pub(super) fn lb_requests(objects: &Objects, errors: &mut Vec<ConfigError>) -> V
         let Some(spec) = service.spec.as_ref() else {
             continue;
         };
-        if spec.type_.as_deref() != Some("LoadBalancer") || service.metadata.name.is_none() {
+        if spec.type_.as_deref() != Some("LoadBalancer")
+            || service.metadata.name.is_none()
+            || !lbipam::our_class(spec.load_balancer_class.as_deref())
+        {
             continue;
         }
         let (namespace, name) = service_identity(service);

@@ -348,7 +348,10 @@ fn endpoint_change_rebuilds_only_its_service_and_equals_a_full_build() {
         .map(|s| (s.service.clone(), s.addresses.clone()))
         .collect();
     load_cached(&mut cache, &text("10.0.5.1", "10.0.6.1"), &ctx).unwrap();
-    assert_eq!(cache.built.incremental_builds, 0, "the hints changed: full build");
+    assert_eq!(
+        cache.built.incremental_builds, 0,
+        "the hints changed: full build"
+    );
     // "pinned" lost its requested address to "clash" (which sorts first): no shortcut.
     for (web, pinned, incremental) in [
         ("10.0.5.2", "10.0.6.1", 1),
@@ -408,7 +411,46 @@ fn dual_stack_services_use_their_ipv4_side_and_ipv6_only_ones_are_skipped() {
     let frontends: Vec<String> = desired
         .services
         .values()
-        .flat_map(|s| s.frontends.iter().map(|f| format!("{}:{}", f.endpoint.addr, f.endpoint.port)))
+        .flat_map(|s| {
+            s.frontends
+                .iter()
+                .map(|f| format!("{}:{}", f.endpoint.addr, f.endpoint.port))
+        })
         .collect();
     assert_eq!(frontends, ["10.96.0.30:80", "192.0.2.9:80"]);
+}
+
+#[test]
+fn another_controllers_class_is_served_from_its_status_but_not_allocated_or_announced() {
+    let text = format!(
+        "{LB}---\napiVersion: v1\nkind: Service\nmetadata: {{name: metal, namespace: default}}\nspec:\n  \
+         type: LoadBalancer\n  loadBalancerClass: metallb.io/metallb\n  clusterIP: 10.96.0.23\n  ports: [{{port: 80}}]\n\
+         status:\n  loadBalancer:\n    ingress: [{{ip: 192.0.2.50}}]\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: ours, namespace: default}}\nspec:\n  \
+         type: LoadBalancer\n  loadBalancerClass: lb.xdp.rs/lb\n  clusterIP: 10.96.0.24\n  ports: [{{port: 80}}]\n"
+    );
+    let (desired, _) = load_str(&text).unwrap();
+    let metal: Vec<String> = desired.services["default/metal:80"]
+        .frontends
+        .iter()
+        .map(|f| f.endpoint.addr.to_string())
+        .collect();
+    assert_eq!(metal, ["10.96.0.23", "192.0.2.50"]);
+    assert!(
+        !desired
+            .lb_status
+            .iter()
+            .any(|s| s.service == "default/metal")
+    );
+    assert!(
+        !desired
+            .announcements
+            .contains_key(&"192.0.2.50".parse().unwrap())
+    );
+    let ours = desired
+        .lb_status
+        .iter()
+        .find(|s| s.service == "default/ours")
+        .unwrap();
+    assert_eq!(ours.addresses.len(), 1, "{ours:?}");
 }

@@ -52,7 +52,14 @@ fn substitute(objects: &Objects, bad: &HashSet<String>, good: &Objects) -> Optio
     let pool = |(kind, p): &(String, Arc<IpPool>)| cluster_scoped(kind, &p.metadata);
     let policy = |(kind, p): &(String, Arc<L2Policy>)| cluster_scoped(kind, &p.metadata);
     let next = Objects {
-        services: set_aside(&objects.services, &good.services, bad, &mut touched, service, Arc::ptr_eq),
+        services: set_aside(
+            &objects.services,
+            &good.services,
+            bad,
+            &mut touched,
+            service,
+            Arc::ptr_eq,
+        ),
         endpoint_slices: set_aside(
             &objects.endpoint_slices,
             &good.endpoint_slices,
@@ -61,9 +68,14 @@ fn substitute(objects: &Objects, bad: &HashSet<String>, good: &Objects) -> Optio
             slice,
             Arc::ptr_eq,
         ),
-        pools: set_aside(&objects.pools, &good.pools, bad, &mut touched, pool, |a, b| {
-            Arc::ptr_eq(&a.1, &b.1)
-        }),
+        pools: set_aside(
+            &objects.pools,
+            &good.pools,
+            bad,
+            &mut touched,
+            pool,
+            |a, b| Arc::ptr_eq(&a.1, &b.1),
+        ),
         l2_policies: set_aside(
             &objects.l2_policies,
             &good.l2_policies,

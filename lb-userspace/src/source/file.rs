@@ -8,7 +8,7 @@ use std::{
 };
 
 use super::Built;
-use crate::config::{self, BuildContext, ConfigError, ConfigErrors, ConfigCache};
+use crate::config::{self, BuildContext, ConfigCache, ConfigError, ConfigErrors};
 
 pub struct FileSource {
     path: PathBuf,

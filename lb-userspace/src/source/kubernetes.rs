@@ -29,10 +29,13 @@ use log::{info, warn};
 use serde::de::DeserializeOwned;
 use tokio::{sync::Notify, task::JoinHandle};
 
-use super::Built;
+use super::{
+    Built,
+    ipam::{Ipam, LeaseTiming, Snapshot},
+};
 use crate::{
-    config::{self, BuildContext, ConfigErrors, DesiredCache, Objects},
-    lbipam::{IpPool, L2AnnouncementPolicy, L2Policy, LoadBalancerIPPool},
+    config::{self, BuildContext, ConfigErrors, DesiredCache, Objects, status_ingress_ips},
+    lbipam::{self, IpPool, L2AnnouncementPolicy, L2Policy, LoadBalancerIPPool},
 };
 
 /// The label selector kube-proxy lists Services and EndpointSlices with: Services another proxy
@@ -139,11 +142,18 @@ pub struct KubeSource {
     last_good: Arc<Objects>,
     /// Whether the last [`KubeSource::build`] found every kind synced (logged once).
     announced_sync: bool,
+    ipam: Ipam,
 }
 
 impl KubeSource {
-    /// Starts the watchers (they run until the source is dropped).
-    pub async fn start(connection: &Connection, node_name: &str) -> Result<Self> {
+    /// Starts the watchers (they run until the source is dropped) and the IPAM Lease
+    /// contender (identity: the node name; Lease in `lease_namespace`).
+    pub async fn start(
+        connection: &Connection,
+        node_name: &str,
+        lease_namespace: &str,
+        timing: LeaseTiming,
+    ) -> Result<Self> {
         let client = connection.client().await?;
         let shared = Arc::new(Shared {
             stores: Mutex::new(Stores::default()),
@@ -196,11 +206,12 @@ impl KubeSource {
         Ok(KubeSource {
             shared,
             server: server_of(connection),
-            client,
             tasks,
             cache: DesiredCache::default(),
             last_good: Arc::default(),
             announced_sync: false,
+            ipam: Ipam::start(client.clone(), lease_namespace, node_name, timing),
+            client,
         })
     }
 
@@ -242,15 +253,35 @@ impl KubeSource {
                 objects.l2_policies.len()
             );
         }
-        Some(
-            config::build_tolerant(&mut self.cache, objects, ctx, &mut self.last_good).map(|t| {
-                Built {
-                    desired: t.desired,
-                    ignored: Vec::new(),
-                    set_aside: t.set_aside,
-                }
-            }),
-        )
+        // The addresses in Service status are the allocation every agent starts from, so all
+        // nodes compute the same one whoever wrote it.
+        let ctx = BuildContext {
+            lb_hints: status_hints(&objects.services),
+            ..ctx.clone()
+        };
+        let services = objects.services.clone();
+        let built = config::build_tolerant(&mut self.cache, objects, &ctx, &mut self.last_good);
+        Some(built.map(|t| {
+            self.ipam.publish(Snapshot {
+                services,
+                desired: t.desired.clone(),
+            });
+            Built {
+                desired: t.desired,
+                ignored: Vec::new(),
+                set_aside: t.set_aside,
+            }
+        }))
+    }
+
+    /// Whether this agent holds the IPAM Lease (writes status).
+    pub fn ipam_leader(&self) -> bool {
+        self.ipam.is_leader()
+    }
+
+    /// Gives the IPAM Lease up, for a stopping agent.
+    pub async fn stop(&mut self) {
+        self.ipam.stop().await;
     }
 
     /// This node's labels (empty when its Node object does not exist), once listed.
@@ -279,11 +310,35 @@ impl Drop for KubeSource {
     }
 }
 
+/// "namespace/name" → the IPv4 addresses in the status of each LoadBalancer Service of ours.
+fn status_hints(services: &[Arc<Service>]) -> BTreeMap<String, Vec<std::net::Ipv4Addr>> {
+    services
+        .iter()
+        .filter(|s| {
+            s.spec.as_ref().is_some_and(|spec| {
+                spec.type_.as_deref() == Some("LoadBalancer")
+                    && lbipam::our_class(spec.load_balancer_class.as_deref())
+            })
+        })
+        .filter_map(|s| {
+            let ips = status_ingress_ips(s);
+            let name = s.metadata.name.as_deref()?;
+            let namespace = s.metadata.namespace.as_deref().unwrap_or("default");
+            (!ips.is_empty()).then(|| (format!("{namespace}/{name}"), ips))
+        })
+        .collect()
+}
+
 fn server_of(connection: &Connection) -> String {
     connection
         .api_server
         .clone()
-        .or_else(|| connection.kubeconfig.as_ref().map(|p| p.display().to_string()))
+        .or_else(|| {
+            connection
+                .kubeconfig
+                .as_ref()
+                .map(|p| p.display().to_string())
+        })
         .unwrap_or_else(|| "in-cluster".to_string())
 }
 
@@ -353,12 +408,9 @@ where
                         let relist = store.relist.take().unwrap_or_default();
                         let changed = !store.synced
                             || relist.len() != store.objects.len()
-                            || relist
-                                .iter()
-                                .zip(&store.objects)
-                                .any(|((k1, a), (k2, b))| {
-                                    k1 != k2 || !Arc::ptr_eq(&a.object, &b.object)
-                                });
+                            || relist.iter().zip(&store.objects).any(|((k1, a), (k2, b))| {
+                                k1 != k2 || !Arc::ptr_eq(&a.object, &b.object)
+                            });
                         store.objects = relist;
                         if !store.synced {
                             info!("kubernetes: {what}: {} listed", store.objects.len());
@@ -370,7 +422,10 @@ where
                         let version = o.meta().resource_version.clone();
                         let k = key(&o);
                         if version.is_some()
-                            && store.objects.get(&k).is_some_and(|old| old.version == version)
+                            && store
+                                .objects
+                                .get(&k)
+                                .is_some_and(|old| old.version == version)
                         {
                             false
                         } else {
@@ -392,7 +447,9 @@ where
                             store.synced = true;
                             true
                         } else {
-                            warn!("kubernetes: {what}: {e}; retrying with backoff, last state kept");
+                            warn!(
+                                "kubernetes: {what}: {e}; retrying with backoff, last state kept"
+                            );
                             false
                         }
                     }

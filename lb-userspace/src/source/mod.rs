@@ -3,6 +3,8 @@
 //! so the agent has one reconciler whatever the source.
 
 pub mod file;
+pub mod ipam;
+pub mod kube_status;
 pub mod kubernetes;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -50,6 +52,13 @@ impl Source {
         match self {
             Source::File(f) => Some(f.build(ctx)),
             Source::Kubernetes(k) => k.build(ctx),
+        }
+    }
+
+    /// Ends what the source runs besides watching (the IPAM Lease is given up).
+    pub async fn stop(&mut self) {
+        if let Source::Kubernetes(k) = self {
+            k.stop().await;
         }
     }
 
