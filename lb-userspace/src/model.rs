@@ -112,6 +112,18 @@ pub struct DesiredState {
     pub pool_usage: Vec<crate::lbipam::PoolUsage>,
     /// Addresses to answer ARP for, by address.
     pub announcements: BTreeMap<Ipv4Addr, Announcement>,
+    /// healthCheckNodePort of each externalTrafficPolicy: Local LoadBalancer Service.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// What a healthCheckNodePort answers: 200 while this node has a ready endpoint of the Service,
+/// 503 otherwise (so an external load balancer sends only to nodes that can serve).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// "namespace/name".
+    pub service: String,
+    /// Ready endpoints (addresses) of the Service on this node.
+    pub local_endpoints: u32,
 }
 
 /// An address the ARP responder answers for, on the interfaces matching `interfaces`.

@@ -587,9 +587,12 @@ fn handle(inner: &Inner, stop: &std::sync::atomic::AtomicBool, conn: TcpStream) 
     }
 }
 
+/// A request path taken apart: resource, namespace, name, subresource.
+type Route<'a> = (Resource, Option<&'a str>, Option<&'a str>, Option<&'a str>);
+
 /// "/api/v1/namespaces/default/services/web/status" → (Services, Some("default"), Some("web"),
 /// Some("status")).
-fn route(path: &str) -> Option<(Resource, Option<&str>, Option<&str>, Option<&str>)> {
+fn route(path: &str) -> Option<Route<'_>> {
     for resource in Resource::ALL {
         let (prefix, plural, ..) = resource.info();
         let Some(rest) = path.strip_prefix(prefix) else {

@@ -487,6 +487,28 @@ impl Drop for Topology {
     }
 }
 
+/// `GET path` over HTTP/1.1 to `to`: (status code, body).
+pub fn http_get(to: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text)?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no HTTP status in {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((code, body))
+}
+
 /// A TCP connection to a service that asks "who are you" and reads the backend's name.
 pub struct Conversation {
     stream: TcpStream,

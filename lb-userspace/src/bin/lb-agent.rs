@@ -13,9 +13,11 @@ use lb_userspace::{
     attach::{self, AttachMode},
     config::BuildContext,
     datapath::{self, Datapath, Options},
+    healthcheck::HealthChecks,
     interfaces::{Changes, Selector},
     l2::{Announcer, Interface},
     maps::PinnedMaps,
+    metrics::Metrics,
     model::{DesiredState, Protocol},
     reconcile::Reconciler,
     sockets,
@@ -150,6 +152,10 @@ struct Args {
     /// `lbctl pools` / `lbctl arp` and by the next agent run to keep allocations stable.
     #[arg(long, default_value = "/run/lb-agent")]
     state_dir: PathBuf,
+    /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, on this address
+    /// (e.g. 0.0.0.0:9964).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Re-send gratuitous ARP for every announced address this often, in seconds (0: only when
     /// an address starts being announced). Switches age their MAC tables.
     #[arg(long, default_value_t = 0)]
@@ -165,6 +171,8 @@ enum AgentCommand {
 
 struct Agent {
     source: Source,
+    metrics: Metrics,
+    health_checks: HealthChecks,
     /// A desired state was applied (with --kubernetes: after the initial lists).
     synced: bool,
     /// What was last written to status.json.
@@ -194,6 +202,7 @@ impl Agent {
             info!("{source}: node labels {labels:?}");
             self.ctx.node_labels = Some(labels);
         }
+        let started = std::time::Instant::now();
         let desired = match self.source.build(&self.ctx) {
             // Nothing is programmed from a partial view; the pinned state keeps forwarding.
             None => return,
@@ -204,6 +213,7 @@ impl Agent {
                 for e in &built.set_aside {
                     error!("{source}: {e}; this object stays at its last good version");
                 }
+                self.metrics.rejected.inc_by(built.set_aside.len() as u64);
                 built.desired
             }
             Some(Err(errors)) => {
@@ -214,6 +224,9 @@ impl Agent {
                     "{source} rejected ({} errors); keeping the last good state",
                     errors.0.len()
                 );
+                self.metrics.rejected.inc();
+                // Nothing more to program for this change.
+                self.metrics.health.programmed();
                 return;
             }
         };
@@ -235,6 +248,7 @@ impl Agent {
             }
             Err(e) => {
                 error!("{path} not applied: {e:#}; keeping the last good state");
+                self.metrics.map_write_errors.inc();
                 return;
             }
         };
@@ -283,6 +297,9 @@ impl Agent {
                 ),
             }
         }
+        for (port, e) in self.health_checks.apply(&desired.health_checks) {
+            error!("healthCheckNodePort {port}: {e:#}");
+        }
         match self.announcer.apply(&desired, &mut self.maps.arp) {
             Ok((added, removed)) if added + removed > 0 => {
                 info!("ARP announcements: +{added}/-{removed}")
@@ -293,6 +310,27 @@ impl Agent {
         self.write_status(&desired);
         self.ctx.lb_hints = status::hints(&self.status);
         self.synced = true;
+        self.metrics
+            .reconcile_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(seen) = self.metrics.health.programmed() {
+            self.metrics
+                .programming_seconds
+                .observe(seen.elapsed().as_secs_f64());
+        }
+        self.metrics
+            .announcements
+            .set(self.status.announced.len() as i64);
+        self.update_ready();
+    }
+
+    /// Ready once the first sync is applied and the datapath is attached somewhere.
+    fn update_ready(&self) {
+        let attached = !self.attached.is_empty() || self.cgroup.is_some();
+        self.metrics.health.ready.store(
+            self.synced && attached,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Connected UDP sockets balanced to removed endpoints are destroyed (the application sees
@@ -535,6 +573,11 @@ async fn main() -> Result<()> {
     let names: Vec<String> = interfaces.iter().map(|i| i.name.clone()).collect();
     datapath.forget_others(&names)?;
     datapath.attach_cgroup(cgroup.as_deref())?;
+    let metrics = Metrics::default();
+    if let Some(addr) = args.metrics_addr {
+        let bound = metrics.serve(addr, opts.bpffs.clone())?;
+        info!("metrics, /healthz and /readyz on http://{bound}");
+    }
     let source = match &args.config {
         Some(path) => {
             std::fs::metadata(path).with_context(|| format!("--config {}", path.display()))?;
@@ -554,6 +597,7 @@ async fn main() -> Result<()> {
                     &node_name,
                     &args.lease_namespace,
                     LeaseTiming::default(),
+                    &metrics,
                 )
                 .await?,
             )
@@ -561,6 +605,8 @@ async fn main() -> Result<()> {
     };
     let mut agent = Agent {
         source,
+        metrics: metrics.clone(),
+        health_checks: HealthChecks::default(),
         synced: false,
         status: Status::default(),
         state_dir: args.state_dir.clone(),
@@ -613,6 +659,7 @@ async fn main() -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = agent.source.changed() => {
+                agent.metrics.health.queue();
                 agent.reload();
                 if !ready && agent.synced {
                     agent.log_ready(&opts.bpffs);

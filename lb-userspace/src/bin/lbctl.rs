@@ -1,18 +1,19 @@
 //! lbctl: inspect the load balancer's pinned maps (works while the agent is down).
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{net::Ipv4Addr, path::PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_common::{
-    Backend, CT_DIR_FORWARD, Counters, Frontend, FrontendKey, backend_state, frontend_type,
-    ipv4_from_wire, map_names, port_from_wire,
-};
+use lb_common::{CT_DIR_FORWARD, backend_state, frontend_type};
 use lb_userspace::{
-    attach, l2,
+    attach,
+    inspect::{
+        self, addr, backend_name, backends_in_use, frontend_name, frontends, hostport,
+        parse_frontend, proto_name, service_names, table_shares,
+    },
+    l2,
     maps::PinnedMaps,
-    model::{Endpoint, Protocol, service_of},
-    reconcile::frontend_key,
+    model::service_of,
     status::Status,
 };
 use serde_json::{Value, json};
@@ -59,41 +60,6 @@ enum Command {
     Interfaces,
 }
 
-fn addr(wire: u32) -> Ipv4Addr {
-    Ipv4Addr::from(ipv4_from_wire(wire))
-}
-
-fn hostport(a: u32, p: u16) -> String {
-    format!("{}:{}", addr(a), port_from_wire(p))
-}
-
-fn proto_name(p: u8) -> String {
-    Protocol::from_number(p).map_or_else(|| p.to_string(), |p| p.to_string())
-}
-
-fn frontend_name(key: &FrontendKey) -> String {
-    format!("{}/{}", hostport(key.addr, key.port), proto_name(key.proto))
-}
-
-fn parse_frontend(s: &str) -> Result<FrontendKey> {
-    let (hostport, proto) = s.split_once('/').unwrap_or((s, "TCP"));
-    let proto = match proto.to_ascii_uppercase().as_str() {
-        "TCP" => Protocol::Tcp,
-        "UDP" => Protocol::Udp,
-        other => bail!("frontend {s:?}: protocol {other:?} is not TCP or UDP"),
-    };
-    let (ip, port) = hostport
-        .rsplit_once(':')
-        .with_context(|| format!("frontend {s:?}: expected IP:PORT[/PROTO]"))?;
-    let addr: Ipv4Addr = ip
-        .parse()
-        .with_context(|| format!("frontend {s:?}: {ip:?} is not an IPv4 address"))?;
-    let port: u16 = port
-        .parse()
-        .with_context(|| format!("frontend {s:?}: {port:?} is not a port"))?;
-    Ok(frontend_key(&Endpoint { addr, port, proto }))
-}
-
 /// Prints rows as aligned columns.
 fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -114,46 +80,6 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     for row in rows {
         line(row.iter().map(String::as_str).collect());
     }
-}
-
-fn service_names(maps: &PinnedMaps) -> Result<BTreeMap<u32, String>> {
-    let mut names = BTreeMap::new();
-    for item in maps.service_names.iter() {
-        let (id, name) = item?;
-        names.insert(id, name.as_str().to_string());
-    }
-    Ok(names)
-}
-
-fn frontends(maps: &PinnedMaps) -> Result<Vec<(FrontendKey, Frontend)>> {
-    let mut all = Vec::new();
-    for item in maps.frontends.iter() {
-        all.push(item?);
-    }
-    all.sort_by_key(|(k, _)| frontend_name(k));
-    Ok(all)
-}
-
-/// Backend ids in a frontend's Maglev table with their slot counts.
-fn table_shares(maps: &PinnedMaps, frontend: &Frontend) -> Result<BTreeMap<u32, usize>> {
-    let mut shares = BTreeMap::new();
-    if frontend.backend_count == 0 {
-        return Ok(shares);
-    }
-    for id in maps.maglev.read(
-        frontend.maglev_offset as usize,
-        frontend.maglev_size as usize,
-    )? {
-        if id != 0 {
-            *shares.entry(id).or_insert(0) += 1;
-        }
-    }
-    Ok(shares)
-}
-
-fn backend_name(maps: &PinnedMaps, id: u32) -> Result<String> {
-    let b = maps.backends.get(&id, 0)?;
-    Ok(hostport(b.addr, b.port))
 }
 
 fn main() -> Result<()> {
@@ -220,20 +146,6 @@ fn services(maps: &PinnedMaps, json_out: bool) -> Result<()> {
         print_table(&["FRONTEND", "TYPE", "SERVICE", "BACKENDS"], &rows);
     }
     Ok(())
-}
-
-/// Every backend slot in use, with its counters summed over CPUs.
-fn backends_in_use(maps: &PinnedMaps) -> Result<Vec<(u32, Backend, Counters)>> {
-    let mut out = Vec::new();
-    for (id, b) in maps.backends.iter().enumerate() {
-        let b = b?;
-        if b.state == backend_state::UNUSED {
-            continue;
-        }
-        let id = id as u32;
-        out.push((id, b, PinnedMaps::sum(&maps.backend_stats.get(&id, 0)?)));
-    }
-    Ok(out)
 }
 
 /// Backends with state and counters.
@@ -325,28 +237,24 @@ fn conntrack(maps: &PinnedMaps, json_out: bool) -> Result<()> {
 
 /// Counters, conntrack fill and counters, socket reverse translations.
 fn stats(maps: &PinnedMaps, json_out: bool) -> Result<()> {
-    let names = service_names(maps)?;
-    let mut fe_out = Vec::new();
-    for (key, fe) in frontends(maps)? {
-        let c = PinnedMaps::sum(&maps.frontend_stats.get(&fe.frontend_id, 0)?);
-        fe_out.push(json!({"frontend": frontend_name(&key), "service": names.get(&fe.service_id).cloned().unwrap_or_default(),
-            "packets": c.packets, "bytes": c.bytes}));
-    }
-    let mut be_out = Vec::new();
-    for (_, b, c) in backends_in_use(maps)? {
-        be_out.push(
-            json!({"backend": hostport(b.addr, b.port), "packets": c.packets, "bytes": c.bytes}),
-        );
-    }
-    let entries = maps.conntrack.keys().count();
-    let capacity = maps.capacity(map_names::CONNTRACK)?;
-    let sockets = maps.sock_revnat.keys().count();
-    let sockets_capacity = maps.capacity(map_names::SOCK_REVNAT)?;
-    let ct = maps.ct_counters()?;
-    // The LRU evicts silently: whatever was inserted and is neither here nor removed.
-    let evicted = ct
-        .inserted
-        .saturating_sub(entries as u64 + ct.expired + ct.agent_removed);
+    let s = inspect::stats(maps)?;
+    let fe_out: Vec<Value> = s
+        .frontends
+        .iter()
+        .map(|t| json!({"frontend": t.name, "service": t.service, "packets": t.packets, "bytes": t.bytes}))
+        .collect();
+    let be_out: Vec<Value> = s
+        .backends
+        .iter()
+        .map(|t| json!({"backend": t.name, "packets": t.packets, "bytes": t.bytes}))
+        .collect();
+    let (entries, capacity, ct, evicted) = (
+        s.conntrack_entries,
+        s.conntrack_capacity,
+        s.ct,
+        s.conntrack_evicted,
+    );
+    let (sockets, sockets_capacity) = (s.sock_revnat_entries, s.sock_revnat_capacity);
     let out = json!({"frontends": fe_out, "backends": be_out,
         "conntrack": {"entries": entries, "capacity": capacity, "inserted": ct.inserted,
             "expired": ct.expired, "removed_by_agent": ct.agent_removed,

@@ -90,6 +90,9 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
     // externalTrafficPolicy: Local Services, and those of them with a ready local endpoint.
     let mut local_policy = std::collections::BTreeSet::new();
     let mut local_ready = std::collections::BTreeSet::new();
+    // Ready local endpoint addresses per Local Service, and its healthCheckNodePort.
+    let mut local_addrs: HashMap<String, BTreeSet<Ipv4Addr>> = HashMap::new();
+    let mut health_check_ports: Vec<(u16, String)> = Vec::new();
 
     // EndpointSlices grouped by "namespace/service".
     let mut slices: HashMap<String, Vec<SliceEndpoints>> = HashMap::new();
@@ -333,6 +336,12 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
         }
         if etp_local {
             local_policy.insert(service_name.clone());
+            if let Some(p) = spec.health_check_node_port {
+                match parse_port(p, &object, "spec.healthCheckNodePort") {
+                    Ok(p) => health_check_ports.push((p, service_name.clone())),
+                    Err(e) => errors.push(e),
+                }
+            }
         }
         // Another controller's class (MetalLB, a cloud): the addresses it wrote to the status
         // are served, as kube-proxy does, but neither allocated nor announced here.
@@ -552,6 +561,12 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
                 {
                     local_ready.insert(service_name.clone());
                 }
+                local_addrs.entry(service_name.clone()).or_default().extend(
+                    local_backends
+                        .iter()
+                        .filter(|(_, c)| **c == BackendCondition::Active)
+                        .map(|(e, _)| e.addr),
+                );
                 let (cluster, external): (Vec<FrontendSpec>, Vec<FrontendSpec>) = frontends
                     .into_iter()
                     .partition(|f| f.kind == FrontendKind::ClusterIp);
@@ -625,6 +640,25 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
                 a.interfaces.sort();
                 a.interfaces.dedup();
             }
+        }
+    }
+    for (port, service) in health_check_ports {
+        let local_endpoints = local_addrs.get(&service).map_or(0, |a| a.len() as u32);
+        if let Some(other) = desired.health_checks.insert(
+            port,
+            HealthCheck {
+                service: service.clone(),
+                local_endpoints,
+            },
+        ) {
+            errors.push(err(
+                format!("Service {service}"),
+                "spec.healthCheckNodePort",
+                format!(
+                    "{port} is already the health check port of {}",
+                    other.service
+                ),
+            ));
         }
     }
     desired.lb_status = lb_status;

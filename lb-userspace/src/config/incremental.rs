@@ -128,6 +128,10 @@ pub(super) fn rebuild_services(
         }
     }
     desired.announcements = announcements;
+    desired
+        .health_checks
+        .retain(|_, h| !affected.contains(&h.service));
+    desired.health_checks.extend(rebuilt.health_checks);
     for service in affected {
         // Service ports are "namespace/name:port" (and "…@local"): ':' + 1 is ';'.
         let ports: Vec<String> = desired

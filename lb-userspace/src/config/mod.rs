@@ -22,7 +22,7 @@ use crate::{
     lbipam::{self, IpPool, L2Policy, LbRequest, Pool},
     model::{
         Announcement, BackendCondition, BackendSpec, DesiredState, Endpoint, FrontendKind,
-        FrontendSpec, Protocol, ServicePort,
+        FrontendSpec, HealthCheck, Protocol, ServicePort,
     },
     nodeports::{self, NodePortRange},
 };

@@ -20,7 +20,7 @@ use tokio::{
 };
 
 use super::kube_status::StatusWriter;
-use crate::{lease::LeaseLock, model::DesiredState};
+use crate::{lease::LeaseLock, metrics::Metrics, model::DesiredState};
 
 /// Lease timing, as client-go's leader election defaults: a lease of 15 s, tried every 2 s,
 /// given up by a leader that could not renew for 10 s.
@@ -58,7 +58,13 @@ pub struct Ipam {
 impl Ipam {
     pub const LEASE_NAME: &str = "lb-agent-ipam";
 
-    pub fn start(client: Client, namespace: &str, identity: &str, timing: LeaseTiming) -> Self {
+    pub fn start(
+        client: Client,
+        namespace: &str,
+        identity: &str,
+        timing: LeaseTiming,
+        metrics: &Metrics,
+    ) -> Self {
         let (snapshots, rx) = watch::channel(None);
         let leader = Arc::new(AtomicBool::new(false));
         let (stop, stopped) = oneshot::channel();
@@ -76,6 +82,7 @@ impl Ipam {
             leader.clone(),
             stopped,
             timing,
+            metrics.clone(),
         ));
         Ipam {
             snapshots,
@@ -120,6 +127,7 @@ async fn run(
     leader: Arc<AtomicBool>,
     mut stopped: oneshot::Receiver<()>,
     timing: LeaseTiming,
+    metrics: Metrics,
 ) {
     let mut tick = tokio::time::interval(timing.retry);
     let mut renewed = Instant::now();
@@ -145,6 +153,7 @@ async fn run(
                         leader.store(false, Ordering::Relaxed);
                     }
                     Err(e) => {
+                        metrics.api_errors.inc();
                         warn!("IPAM: Lease {}: {e}", lock.name());
                         if was && renewed.elapsed() > timing.renew_deadline {
                             warn!("IPAM: could not renew for {:?}; no longer writing status", timing.renew_deadline);
@@ -161,12 +170,16 @@ async fn run(
             }
             _ = &mut stopped => {
                 leader.store(false, Ordering::Relaxed);
+                metrics.ipam_leader.set(0);
                 if let Err(e) = lock.release().await {
                     warn!("IPAM: releasing Lease {}: {e}", lock.name());
                 }
                 break;
             }
         }
+        metrics
+            .ipam_leader
+            .set(i64::from(leader.load(Ordering::Relaxed)));
         if !dirty || !leader.load(Ordering::Relaxed) {
             continue;
         }
@@ -184,7 +197,10 @@ async fn run(
                 }
             }
             // Retried at the next tick.
-            Err(e) => warn!("IPAM: writing status: {e}"),
+            Err(e) => {
+                metrics.api_errors.inc();
+                warn!("IPAM: writing status: {e}");
+            }
         }
     }
 }

@@ -36,6 +36,7 @@ use super::{
 use crate::{
     config::{self, BuildContext, ConfigErrors, DesiredCache, Objects, status_ingress_ips},
     lbipam::{self, IpPool, L2AnnouncementPolicy, L2Policy, LoadBalancerIPPool},
+    metrics::Metrics,
 };
 
 /// The label selector kube-proxy lists Services and EndpointSlices with: Services another proxy
@@ -129,6 +130,8 @@ impl Stores {
 struct Shared {
     stores: Mutex<Stores>,
     changed: Notify,
+    /// API errors counted, changes queued for `/healthz`.
+    metrics: Metrics,
 }
 
 pub struct KubeSource {
@@ -153,11 +156,13 @@ impl KubeSource {
         node_name: &str,
         lease_namespace: &str,
         timing: LeaseTiming,
+        metrics: &Metrics,
     ) -> Result<Self> {
         let client = connection.client().await?;
         let shared = Arc::new(Shared {
             stores: Mutex::new(Stores::default()),
             changed: Notify::new(),
+            metrics: metrics.clone(),
         });
         let proxied = watcher::Config::default().labels(PROXY_SELECTOR);
         let tasks = vec![
@@ -210,7 +215,7 @@ impl KubeSource {
             cache: DesiredCache::default(),
             last_good: Arc::default(),
             announced_sync: false,
-            ipam: Ipam::start(client.clone(), lease_namespace, node_name, timing),
+            ipam: Ipam::start(client.clone(), lease_namespace, node_name, timing, metrics),
             client,
         })
     }
@@ -447,6 +452,7 @@ where
                             store.synced = true;
                             true
                         } else {
+                            shared.metrics.api_errors.inc();
                             warn!(
                                 "kubernetes: {what}: {e}; retrying with backoff, last state kept"
                             );
@@ -456,6 +462,7 @@ where
                 }
             };
             if changed {
+                shared.metrics.health.queue();
                 shared.changed.notify_one();
             }
         }

@@ -1,0 +1,170 @@
+//! Reading the pinned maps back as names and counters, for `lbctl` and the agent's metrics.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use anyhow::{Context, Result, bail};
+use lb_common::{
+    Backend, Counters, Frontend, FrontendKey, backend_state, ipv4_from_wire, map_names,
+    port_from_wire,
+};
+
+use crate::{
+    maps::{CtCounters, PinnedMaps},
+    model::{Endpoint, Protocol},
+    reconcile::frontend_key,
+};
+
+pub fn addr(wire: u32) -> Ipv4Addr {
+    Ipv4Addr::from(ipv4_from_wire(wire))
+}
+
+pub fn hostport(a: u32, p: u16) -> String {
+    format!("{}:{}", addr(a), port_from_wire(p))
+}
+
+pub fn proto_name(p: u8) -> String {
+    Protocol::from_number(p).map_or_else(|| p.to_string(), |p| p.to_string())
+}
+
+/// "10.96.0.10:80/TCP".
+pub fn frontend_name(key: &FrontendKey) -> String {
+    format!("{}/{}", hostport(key.addr, key.port), proto_name(key.proto))
+}
+
+/// "IP:PORT[/PROTO]" → the frontend's map key.
+pub fn parse_frontend(s: &str) -> Result<FrontendKey> {
+    let (hostport, proto) = s.split_once('/').unwrap_or((s, "TCP"));
+    let proto = match proto.to_ascii_uppercase().as_str() {
+        "TCP" => Protocol::Tcp,
+        "UDP" => Protocol::Udp,
+        other => bail!("frontend {s:?}: protocol {other:?} is not TCP or UDP"),
+    };
+    let (ip, port) = hostport
+        .rsplit_once(':')
+        .with_context(|| format!("frontend {s:?}: expected IP:PORT[/PROTO]"))?;
+    let addr: Ipv4Addr = ip
+        .parse()
+        .with_context(|| format!("frontend {s:?}: {ip:?} is not an IPv4 address"))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("frontend {s:?}: {port:?} is not a port"))?;
+    Ok(frontend_key(&Endpoint { addr, port, proto }))
+}
+
+/// Service id → "namespace/name:port".
+pub fn service_names(maps: &PinnedMaps) -> Result<BTreeMap<u32, String>> {
+    let mut names = BTreeMap::new();
+    for item in maps.service_names.iter() {
+        let (id, name) = item?;
+        names.insert(id, name.as_str().to_string());
+    }
+    Ok(names)
+}
+
+/// Every frontend, sorted by name.
+pub fn frontends(maps: &PinnedMaps) -> Result<Vec<(FrontendKey, Frontend)>> {
+    let mut all = Vec::new();
+    for item in maps.frontends.iter() {
+        all.push(item?);
+    }
+    all.sort_by_key(|(k, _)| frontend_name(k));
+    Ok(all)
+}
+
+/// Backend ids in a frontend's Maglev table with their slot counts.
+pub fn table_shares(maps: &PinnedMaps, frontend: &Frontend) -> Result<BTreeMap<u32, usize>> {
+    let mut shares = BTreeMap::new();
+    if frontend.backend_count == 0 {
+        return Ok(shares);
+    }
+    for id in maps.maglev.read(
+        frontend.maglev_offset as usize,
+        frontend.maglev_size as usize,
+    )? {
+        if id != 0 {
+            *shares.entry(id).or_insert(0) += 1;
+        }
+    }
+    Ok(shares)
+}
+
+pub fn backend_name(maps: &PinnedMaps, id: u32) -> Result<String> {
+    let b = maps.backends.get(&id, 0)?;
+    Ok(hostport(b.addr, b.port))
+}
+
+/// Backends in use with their counters.
+pub fn backends_in_use(maps: &PinnedMaps) -> Result<Vec<(u32, Backend, Counters)>> {
+    let mut out = Vec::new();
+    for (id, b) in maps.backends.iter().enumerate() {
+        let b = b?;
+        if b.state == backend_state::UNUSED {
+            continue;
+        }
+        let id = id as u32;
+        out.push((id, b, PinnedMaps::sum(&maps.backend_stats.get(&id, 0)?)));
+    }
+    Ok(out)
+}
+
+/// Packets and bytes of one frontend or backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Traffic {
+    /// "10.96.0.10:80/TCP" or "10.0.1.2:8080".
+    pub name: String,
+    /// "namespace/name:port" (frontends only).
+    pub service: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The counters `lbctl stats` and the metrics show.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub frontends: Vec<Traffic>,
+    pub backends: Vec<Traffic>,
+    pub conntrack_entries: u64,
+    pub conntrack_capacity: u32,
+    pub ct: CtCounters,
+    /// Entries the LRU evicted: inserted, and neither live, expired nor removed.
+    pub conntrack_evicted: u64,
+    pub sock_revnat_entries: u64,
+    pub sock_revnat_capacity: u32,
+}
+
+pub fn stats(maps: &PinnedMaps) -> Result<Stats> {
+    let names = service_names(maps)?;
+    let mut frontends_out = Vec::new();
+    for (key, fe) in frontends(maps)? {
+        let c = PinnedMaps::sum(&maps.frontend_stats.get(&fe.frontend_id, 0)?);
+        frontends_out.push(Traffic {
+            name: frontend_name(&key),
+            service: names.get(&fe.service_id).cloned().unwrap_or_default(),
+            packets: c.packets,
+            bytes: c.bytes,
+        });
+    }
+    let backends = backends_in_use(maps)?
+        .into_iter()
+        .map(|(_, b, c)| Traffic {
+            name: hostport(b.addr, b.port),
+            service: String::new(),
+            packets: c.packets,
+            bytes: c.bytes,
+        })
+        .collect();
+    let entries = maps.conntrack.keys().count() as u64;
+    let ct = maps.ct_counters()?;
+    Ok(Stats {
+        frontends: frontends_out,
+        backends,
+        conntrack_entries: entries,
+        conntrack_capacity: maps.capacity(map_names::CONNTRACK)?,
+        conntrack_evicted: ct
+            .inserted
+            .saturating_sub(entries + ct.expired + ct.agent_removed),
+        ct,
+        sock_revnat_entries: maps.sock_revnat.keys().count() as u64,
+        sock_revnat_capacity: maps.capacity(map_names::SOCK_REVNAT)?,
+    })
+}
