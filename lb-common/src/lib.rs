@@ -38,11 +38,15 @@ pub mod map_names {
     pub const CT_STATS: &str = "LB_CT_STATS";
     /// Ports of fragmented datagrams, learned from their first fragment (LRU).
     pub const FRAGMENTS: &str = "LB_FRAGMENTS";
+    /// Until when (CLOCK_MONOTONIC ns) the ARP responder may answer: the agent pushes it
+    /// forward while its node Lease is renewed, so a node whose agent died stops answering
+    /// when the other nodes take its addresses over. 0: no limit (no Lease, a file source).
+    pub const ANNOUNCE: &str = "LB_ANNOUNCE";
     /// Created by the agent, never read by the datapath: service names for `lbctl`.
     pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 
     /// Every map a node pins, the agent's own last.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         FRONTENDS,
         BACKENDS,
         MAGLEV,
@@ -58,6 +62,7 @@ pub mod map_names {
         SOCK_REVNAT,
         CT_STATS,
         FRAGMENTS,
+        ANNOUNCE,
         SERVICE_NAMES,
     ];
 

@@ -2,11 +2,12 @@
 //! IPs, per the L2 announcement policies) is turned into the reply in place and sent back out of
 //! that interface. Gratuitous requests (sender = target) and everything else go to the kernel.
 
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::ArpKey;
 use network_types::{arp::ArpHdr, eth::EthHdr};
 
 use crate::{
-    maps::LB_ARP,
+    maps::{LB_ANNOUNCE, LB_ARP},
     packet::{Packet, ptr_at},
 };
 
@@ -34,6 +35,12 @@ pub fn reply<P: Packet>(ctx: &P) -> Result<u32, ()> {
     let Some(entry) = LB_ARP.get_ptr_mut(&key) else {
         return Ok(P::PASS);
     };
+    // This node's claim on its addresses lapsed (its agent stopped renewing its Lease):
+    // another node answers now.
+    let until = LB_ANNOUNCE.get(0).copied().unwrap_or(0);
+    if until != 0 && unsafe { bpf_ktime_get_coarse_ns() } > until {
+        return Ok(P::PASS);
+    }
     let mac = unsafe { (*entry).mac };
     // Plain increment: the BPF target has no 64-bit atomic add in core, and two CPUs answering
     // the same address in the same instant only loses a count, never a reply.

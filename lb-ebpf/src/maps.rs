@@ -44,6 +44,10 @@ pub static LB_BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(DEFAULT
 #[map]
 pub static LB_ARP: HashMap<ArpKey, ArpEntry> = HashMap::pinned(DEFAULT_MAX_ANNOUNCEMENTS, 0);
 
+/// Until when (CLOCK_MONOTONIC ns) LB_ARP may be answered; 0: no limit.
+#[map]
+pub static LB_ANNOUNCE: Array<u64> = Array::pinned(1, 0);
+
 #[map]
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
     LruHashMap::pinned(DEFAULT_AFFINITY_SIZE, 0);

@@ -28,6 +28,8 @@ pub struct Interface {
     pub index: u32,
     pub mac: [u8; 6],
     pub ipv4: Vec<Ipv4Addr>,
+    /// Administratively up with carrier (IFF_UP and IFF_RUNNING).
+    pub up: bool,
 }
 
 fn find(name: &str) -> Result<NetworkInterface> {
@@ -47,6 +49,7 @@ impl Interface {
             name: link.name.clone(),
             index: link.index,
             mac: mac.octets(),
+            up: link.is_up() && link.is_running(),
             ipv4: link
                 .ips
                 .iter()
@@ -88,6 +91,10 @@ impl Announcer {
         })
     }
 
+    pub fn interfaces(&self) -> &[Interface] {
+        &self.interfaces
+    }
+
     /// The interfaces changed (one came, one went): the next [`Announcer::apply`] announces on
     /// the new set.
     pub fn set_interfaces(&mut self, interfaces: Vec<Interface>) {
@@ -97,7 +104,7 @@ impl Announcer {
     fn wanted(&self, desired: &DesiredState) -> BTreeMap<ArpKey, (String, [u8; 6])> {
         let mut want = BTreeMap::new();
         for (addr, a) in &desired.announcements {
-            for i in self.interfaces.iter().filter(|i| a.on(&i.name)) {
+            for i in self.interfaces.iter().filter(|i| i.up && a.on(&i.name)) {
                 want.insert(
                     ArpKey {
                         ifindex: i.index,

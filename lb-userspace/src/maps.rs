@@ -141,6 +141,8 @@ pub struct PinnedMaps {
     pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
     pub sock_revnat: HashMap<MapData, SockRevKey, SockRevEntry>,
     pub ct_stats: PerCpuArray<MapData, u64>,
+    /// Until when the ARP responder answers (see [`lb_common::map_names::ANNOUNCE`]).
+    pub announce: Array<MapData, u64>,
 }
 
 /// The LPM key of one source range of a service.
@@ -181,6 +183,7 @@ impl PinnedMaps {
             source_ranges: LpmTrie::try_from(open_map(dir, map_names::SOURCE_RANGES)?)?,
             sock_revnat: HashMap::try_from(open_map(dir, map_names::SOCK_REVNAT)?)?,
             ct_stats: PerCpuArray::try_from(open_map(dir, map_names::CT_STATS)?)?,
+            announce: Array::try_from(open_map(dir, map_names::ANNOUNCE)?)?,
         })
     }
 
@@ -463,5 +466,13 @@ impl PinnedMaps {
             }
         }
         Ok(dead)
+    }
+}
+
+impl PinnedMaps {
+    /// Lets the ARP responder answer until `until_ns` (CLOCK_MONOTONIC_COARSE; 0: no limit).
+    pub fn set_announce_deadline(&mut self, until_ns: u64) -> Result<()> {
+        self.announce.set(0, until_ns, 0)?;
+        Ok(())
     }
 }

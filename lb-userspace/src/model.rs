@@ -1,6 +1,10 @@
 //! The validated desired state: what the datapath should do, whatever source it came from.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, frontend_type};
 
@@ -114,7 +118,22 @@ pub struct DesiredState {
     pub announcements: BTreeMap<Ipv4Addr, Announcement>,
     /// healthCheckNodePort of each externalTrafficPolicy: Local LoadBalancer Service.
     pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// externalTrafficPolicy: Local Services ("namespace/name") → the nodes with a ready
+    /// endpoint (only those may announce their addresses).
+    pub local_nodes: BTreeMap<String, BTreeSet<String>>,
+    /// The valid L2 announcement policies by name: where a node may announce.
+    pub l2_policies: BTreeMap<String, L2Scope>,
 }
+
+/// Where an L2 announcement policy lets a node announce.
+#[derive(Clone, Debug, PartialEq)]
+pub struct L2Scope {
+    /// Whole-name regular expressions; empty: every interface.
+    pub interfaces: Vec<String>,
+    pub node_selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+}
+
+impl Eq for L2Scope {}
 
 /// What a healthCheckNodePort answers: 200 while this node has a ready endpoint of the Service,
 /// 503 otherwise (so an external load balancer sends only to nodes that can serve).

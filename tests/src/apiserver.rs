@@ -575,6 +575,32 @@ fn handle(inner: &Inner, stop: &std::sync::atomic::AtomicBool, conn: TcpStream) 
             subresource,
             &req,
         ),
+        ("DELETE", Some(name)) => {
+            let kind = resource.info().2;
+            let deleted = {
+                let mut state = inner.state.lock().expect("lock");
+                let stored = state.get(kind, namespace, name).cloned();
+                if stored.is_some() {
+                    state.delete(kind, namespace, name);
+                }
+                stored
+            };
+            match deleted {
+                Some(o) => {
+                    inner.changed.notify_all();
+                    respond(&mut conn, 200, &o)
+                }
+                None => respond(
+                    &mut conn,
+                    404,
+                    &status(
+                        404,
+                        "NotFound",
+                        &format!("{} \"{name}\" not found", resource.info().1),
+                    ),
+                ),
+            }
+        }
         (method, _) => respond(
             &mut conn,
             405,

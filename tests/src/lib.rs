@@ -22,6 +22,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 pub mod apiserver;
+pub mod arpprobe;
+pub mod cluster;
 pub mod frames;
 pub mod lab;
 pub mod testrun;
@@ -32,7 +34,7 @@ pub const UDP_PORT: u16 = 53;
 pub const BACKEND_TCP_PORT: u16 = 8080;
 pub const BACKEND_UDP_PORT: u16 = 8053;
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+pub(crate) static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub fn sh(cmd: &str) -> Result<()> {
     let out = Command::new("sh")

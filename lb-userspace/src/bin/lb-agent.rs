@@ -1,7 +1,13 @@
 //! lb-agent: keeps the load balancer's maps and hooks (XDP, tc, cgroup) in line with Kubernetes
 //! objects from a file or the API server.
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -18,7 +24,7 @@ use lb_userspace::{
     l2::{Announcer, Interface},
     maps::PinnedMaps,
     metrics::Metrics,
-    model::{DesiredState, Protocol},
+    model::{DesiredState, L2Scope, Protocol},
     reconcile::Reconciler,
     sockets,
     source::{
@@ -26,6 +32,7 @@ use lb_userspace::{
         file::FileSource,
         ipam::LeaseTiming,
         kubernetes::{Connection, KubeSource},
+        membership::AnnounceTiming,
     },
     status::{self, Status},
 };
@@ -64,6 +71,11 @@ struct Args {
     /// DaemonSet's own namespace through the downward API, else kube-system).
     #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
     lease_namespace: String,
+    /// With --kubernetes: seconds this node's Lease lives without renewal (renewed every third
+    /// of it). A crashed node's addresses move to another node after this long; each node
+    /// writes its Lease 3 times per this period, whatever the number of Services.
+    #[arg(long, default_value_t = 3)]
+    announce_lease_duration: u64,
     /// Interface to balance traffic on (repeat for several). One that does not exist yet is
     /// attached when it appears.
     #[arg(long = "interface")]
@@ -171,6 +183,8 @@ enum AgentCommand {
 
 struct Agent {
     source: Source,
+    /// The desired state last applied.
+    desired: Arc<DesiredState>,
     metrics: Metrics,
     health_checks: HealthChecks,
     /// A desired state was applied (with --kubernetes: after the initial lists).
@@ -196,12 +210,6 @@ struct Agent {
 impl Agent {
     fn reload(&mut self) {
         let source = self.source.describe();
-        if let Some(labels) = self.source.node_labels()
-            && self.ctx.node_labels.as_ref() != Some(&labels)
-        {
-            info!("{source}: node labels {labels:?}");
-            self.ctx.node_labels = Some(labels);
-        }
         let started = std::time::Instant::now();
         let desired = match self.source.build(&self.ctx) {
             // Nothing is programmed from a partial view; the pinned state keeps forwarding.
@@ -300,13 +308,8 @@ impl Agent {
         for (port, e) in self.health_checks.apply(&desired.health_checks) {
             error!("healthCheckNodePort {port}: {e:#}");
         }
-        match self.announcer.apply(&desired, &mut self.maps.arp) {
-            Ok((added, removed)) if added + removed > 0 => {
-                info!("ARP announcements: +{added}/-{removed}")
-            }
-            Ok(_) => {}
-            Err(e) => error!("ARP announcements not applied: {e:#}"),
-        }
+        self.desired = desired.clone();
+        self.announce();
         self.write_status(&desired);
         self.ctx.lb_hints = status::hints(&self.status);
         self.synced = true;
@@ -318,9 +321,6 @@ impl Agent {
                 .programming_seconds
                 .observe(seen.elapsed().as_secs_f64());
         }
-        self.metrics
-            .announcements
-            .set(self.status.announced.len() as i64);
         self.update_ready();
     }
 
@@ -422,6 +422,16 @@ impl Agent {
             changed = true;
         }
         if !changed {
+            // A link went down or came up: only who announces what may change.
+            let state = |list: &[Interface]| -> Vec<(String, bool)> {
+                list.iter().map(|i| (i.name.clone(), i.up)).collect()
+            };
+            if state(&interfaces) != state(self.announcer.interfaces()) {
+                self.announcer.set_interfaces(interfaces);
+                self.announce();
+                let desired = self.desired.clone();
+                self.write_status(&desired);
+            }
             return;
         }
         self.attached.sort_by(|a, b| a.interface.cmp(&b.interface));
@@ -449,6 +459,62 @@ impl Agent {
                 self.maps.count_agent_removed(n as u64);
             }
             Err(e) => warn!("conntrack sweep: {e:#}"),
+        }
+    }
+
+    /// Answers ARP for the announced addresses this node owns: all of them with a file; with
+    /// --kubernetes those the node Leases give it (see [`lb_userspace::source::membership`]),
+    /// after telling the others which L2 policies this node serves now.
+    fn announce(&mut self) {
+        let desired = self.desired.clone();
+        let owned = match &self.source {
+            Source::Kubernetes(k) => {
+                let labels = k.node_labels().unwrap_or_default();
+                let up: Vec<&str> = self
+                    .announcer
+                    .interfaces()
+                    .iter()
+                    .filter(|i| i.up)
+                    .map(|i| i.name.as_str())
+                    .collect();
+                k.membership()
+                    .set_policies(served_policies(&desired.l2_policies, &labels, &up));
+                let owned = k.membership().owned(&desired);
+                Arc::new(DesiredState {
+                    announcements: desired
+                        .announcements
+                        .iter()
+                        .filter(|(a, _)| owned.contains(a))
+                        .map(|(a, v)| (*a, v.clone()))
+                        .collect(),
+                    ..Default::default()
+                })
+            }
+            Source::File(_) => desired,
+        };
+        match self.announcer.apply(&owned, &mut self.maps.arp) {
+            Ok((added, removed)) if added + removed > 0 => {
+                info!("ARP announcements: +{added}/-{removed}")
+            }
+            Ok(_) => {}
+            Err(e) => error!("ARP announcements not applied: {e:#}"),
+        }
+        self.metrics
+            .announcements
+            .set(self.announcer.announced().len() as i64);
+    }
+
+    /// Pushes forward until when the datapath answers ARP (with --kubernetes: as long as this
+    /// node's Lease is live in the others' eyes).
+    fn refresh_announce_deadline(&mut self) {
+        let until = match &self.source {
+            Source::Kubernetes(k) => k
+                .membership()
+                .deadline_ns(lb_userspace::maps::monotonic_coarse_ns()),
+            Source::File(_) => 0,
+        };
+        if let Err(e) = self.maps.set_announce_deadline(until) {
+            warn!("LB_ANNOUNCE: {e:#}");
         }
     }
 
@@ -485,6 +551,35 @@ impl Agent {
         self.announcer.refresh();
         self.status.announced = self.announcer.announced();
         self.save_status();
+    }
+}
+
+/// The L2 announcement policies this node serves: their nodeSelector selects its labels and a
+/// link their interfaces select is up.
+fn served_policies(
+    policies: &BTreeMap<String, L2Scope>,
+    labels: &BTreeMap<String, String>,
+    up: &[&str],
+) -> BTreeSet<String> {
+    policies
+        .iter()
+        .filter(|(_, p)| lb_userspace::lbipam::selects(p.node_selector.as_ref(), labels))
+        .filter(|(_, p)| {
+            p.interfaces.is_empty() && !up.is_empty()
+                || p.interfaces.iter().any(|re| {
+                    regex::Regex::new(&format!("^(?:{re})$"))
+                        .is_ok_and(|r| up.iter().any(|name| r.is_match(name)))
+                })
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// Waits for `notify`, or forever without one.
+async fn notified(notify: Option<&tokio::sync::Notify>) {
+    match notify {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -597,6 +692,7 @@ async fn main() -> Result<()> {
                     &node_name,
                     &args.lease_namespace,
                     LeaseTiming::default(),
+                    AnnounceTiming::new(Duration::from_secs(args.announce_lease_duration.max(1))),
                     &metrics,
                 )
                 .await?,
@@ -605,6 +701,7 @@ async fn main() -> Result<()> {
     };
     let mut agent = Agent {
         source,
+        desired: Arc::default(),
         metrics: metrics.clone(),
         health_checks: HealthChecks::default(),
         synced: false,
@@ -618,7 +715,6 @@ async fn main() -> Result<()> {
             node_name: Some(node_name),
             lb_hints,
             node_port_range: args.node_port_range,
-            node_labels: None,
         },
         datapath,
         selector,
@@ -644,6 +740,12 @@ async fn main() -> Result<()> {
         );
     }
 
+    // Four times per renewal: the datapath's deadline trails the Lease closely.
+    let mut deadline = tokio::time::interval(Duration::from_millis(
+        (args.announce_lease_duration.max(1) * 1000 / 12).max(50),
+    ));
+    agent.refresh_announce_deadline();
+    let membership = agent.source.membership_notifier();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let garp_period = Duration::from_secs(if args.garp_interval == 0 {
@@ -658,6 +760,8 @@ async fn main() -> Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = notified(membership.as_deref()) => agent.announce(),
+            _ = deadline.tick() => agent.refresh_announce_deadline(),
             _ = agent.source.changed() => {
                 agent.metrics.health.queue();
                 agent.reload();
@@ -676,6 +780,13 @@ async fn main() -> Result<()> {
                 }
             },
         }
+    }
+    // Stop answering ARP first, then give the Leases up: the next owner takes over at once and
+    // no request is answered twice.
+    if matches!(agent.source, Source::Kubernetes(_))
+        && let Err(e) = agent.maps.set_announce_deadline(1)
+    {
+        warn!("LB_ANNOUNCE: {e:#}");
     }
     agent.source.stop().await;
     drop(agent);

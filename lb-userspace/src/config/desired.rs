@@ -93,6 +93,8 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
     // Ready local endpoint addresses per Local Service, and its healthCheckNodePort.
     let mut local_addrs: HashMap<String, BTreeSet<Ipv4Addr>> = HashMap::new();
     let mut health_check_ports: Vec<(u16, String)> = Vec::new();
+    // Nodes with a ready endpoint, per "namespace/service" (kept for Local Services).
+    let mut ready_nodes: HashMap<String, BTreeSet<&str>> = HashMap::new();
 
     // EndpointSlices grouped by "namespace/service".
     let mut slices: HashMap<String, Vec<SliceEndpoints>> = HashMap::new();
@@ -178,6 +180,12 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
                 continue;
             };
             let local = ctx.node_name.is_some() && endpoint.node_name == ctx.node_name;
+            if let (BackendCondition::Active, Some(node)) = (condition, &endpoint.node_name) {
+                ready_nodes
+                    .entry(format!("{namespace}/{service}"))
+                    .or_default()
+                    .insert(node);
+            }
             for (j, address) in endpoint.addresses.iter().enumerate() {
                 // The field name is only formatted for an error (100k addresses in a big file).
                 match address.parse::<Ipv4Addr>() {
@@ -596,11 +604,6 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
         }
     }
     for (policy, spec) in &policies {
-        if let Some(labels) = &ctx.node_labels
-            && !lbipam::selects(spec.node_selector.as_ref(), labels)
-        {
-            continue;
-        }
         for service in &objects.services {
             let (namespace, name) = service_identity(service);
             let service_name = format!("{namespace}/{name}");
@@ -661,6 +664,25 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
             ));
         }
     }
+    for service in &local_policy {
+        let nodes = ready_nodes.remove(service).unwrap_or_default();
+        desired.local_nodes.insert(
+            service.clone(),
+            nodes.into_iter().map(str::to_string).collect(),
+        );
+    }
+    desired.l2_policies = policies
+        .iter()
+        .map(|(name, spec)| {
+            (
+                name.clone(),
+                L2Scope {
+                    interfaces: spec.interfaces.clone().unwrap_or_default(),
+                    node_selector: spec.node_selector.clone(),
+                },
+            )
+        })
+        .collect();
     desired.lb_status = lb_status;
     desired.pool_usage = pool_usage;
     if errors.is_empty() {

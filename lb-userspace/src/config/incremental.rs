@@ -132,6 +132,8 @@ pub(super) fn rebuild_services(
         .health_checks
         .retain(|_, h| !affected.contains(&h.service));
     desired.health_checks.extend(rebuilt.health_checks);
+    desired.local_nodes.retain(|s, _| !affected.contains(s));
+    desired.local_nodes.extend(rebuilt.local_nodes);
     for service in affected {
         // Service ports are "namespace/name:port" (and "…@local"): ':' + 1 is ';'.
         let ports: Vec<String> = desired

@@ -22,7 +22,7 @@ use crate::{
     lbipam::{self, IpPool, L2Policy, LbRequest, Pool},
     model::{
         Announcement, BackendCondition, BackendSpec, DesiredState, Endpoint, FrontendKind,
-        FrontendSpec, HealthCheck, Protocol, ServicePort,
+        FrontendSpec, HealthCheck, L2Scope, Protocol, ServicePort,
     },
     nodeports::{self, NodePortRange},
 };
@@ -90,10 +90,6 @@ pub struct BuildContext {
     pub lb_hints: BTreeMap<String, Vec<Ipv4Addr>>,
     /// Where NodePorts a manifest leaves out are allocated (`--node-port-range`).
     pub node_port_range: NodePortRange,
-    /// This node's labels, when the source knows its Node object: L2 announcement policies
-    /// whose `nodeSelector` does not select them are not announced here. None (a file): every
-    /// policy applies to this node.
-    pub node_labels: Option<BTreeMap<String, String>>,
 }
 
 fn err(

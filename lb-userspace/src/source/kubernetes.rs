@@ -32,6 +32,7 @@ use tokio::{sync::Notify, task::JoinHandle};
 use super::{
     Built,
     ipam::{Ipam, LeaseTiming, Snapshot},
+    membership::{AnnounceTiming, Membership},
 };
 use crate::{
     config::{self, BuildContext, ConfigErrors, DesiredCache, Objects, status_ingress_ips},
@@ -146,6 +147,7 @@ pub struct KubeSource {
     /// Whether the last [`KubeSource::build`] found every kind synced (logged once).
     announced_sync: bool,
     ipam: Ipam,
+    membership: Membership,
 }
 
 impl KubeSource {
@@ -156,6 +158,7 @@ impl KubeSource {
         node_name: &str,
         lease_namespace: &str,
         timing: LeaseTiming,
+        announce: AnnounceTiming,
         metrics: &Metrics,
     ) -> Result<Self> {
         let client = connection.client().await?;
@@ -216,6 +219,13 @@ impl KubeSource {
             last_good: Arc::default(),
             announced_sync: false,
             ipam: Ipam::start(client.clone(), lease_namespace, node_name, timing, metrics),
+            membership: Membership::start(
+                client.clone(),
+                lease_namespace,
+                node_name,
+                announce,
+                metrics,
+            ),
             client,
         })
     }
@@ -284,8 +294,15 @@ impl KubeSource {
         self.ipam.is_leader()
     }
 
-    /// Gives the IPAM Lease up, for a stopping agent.
+    /// Which node answers for which address.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// Gives the IPAM Lease up and deletes this node's Lease, for a stopping agent (which has
+    /// stopped answering ARP first).
     pub async fn stop(&mut self) {
+        self.membership.stop().await;
         self.ipam.stop().await;
     }
 

@@ -6,6 +6,7 @@ pub mod file;
 pub mod ipam;
 pub mod kube_status;
 pub mod kubernetes;
+pub mod membership;
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -52,6 +53,14 @@ impl Source {
         match self {
             Source::File(f) => Some(f.build(ctx)),
             Source::Kubernetes(k) => k.build(ctx),
+        }
+    }
+
+    /// Notified when who announces which address may have changed (None for a file).
+    pub fn membership_notifier(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        match self {
+            Source::File(_) => None,
+            Source::Kubernetes(k) => Some(k.membership().notifier()),
         }
     }
 
