@@ -61,11 +61,11 @@ pub struct IpPoolSpec {
 /// A pool's counts, written by the agent that holds the IPAM Lease.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 pub struct IpPoolStatus {
-    /// Addresses in the pool's blocks.
-    pub total: u64,
+    /// Addresses in the pool's blocks (int64, as Kubernetes schemas have no unsigned types).
+    pub total: i64,
     /// Addresses allocated to Services.
-    pub used: u64,
-    pub available: u64,
+    pub used: i64,
+    pub available: i64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]

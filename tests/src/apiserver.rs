@@ -196,6 +196,40 @@ impl State {
         self.objects.get(&(resource, key))
     }
 
+    /// The RBAC permissions the requests so far needed: (apiGroup, resource[/subresource],
+    /// verb), as the API server authorizes them.
+    pub fn permissions_used(&self) -> std::collections::BTreeSet<(String, String, String)> {
+        let mut used = std::collections::BTreeSet::new();
+        for line in &self.requests {
+            let (method, target) = line.split_once(' ').unwrap_or((line, ""));
+            let (path, query) = target.split_once('?').unwrap_or((target, ""));
+            let Some((resource, _, name, sub)) = route(path) else {
+                continue;
+            };
+            let (prefix, plural, ..) = resource.info();
+            let group = prefix
+                .strip_prefix("/apis/")
+                .and_then(|g| g.split('/').next())
+                .unwrap_or("");
+            let verb = match (method, name) {
+                ("GET", None) if query.contains("watch=true") => "watch",
+                ("GET", None) => "list",
+                ("GET", Some(_)) => "get",
+                ("POST", _) => "create",
+                ("PUT", _) => "update",
+                ("PATCH", _) => "patch",
+                ("DELETE", _) => "delete",
+                _ => continue,
+            };
+            let resource = match sub {
+                Some(s) => format!("{plural}/{s}"),
+                None => plural.to_string(),
+            };
+            used.insert((group.to_string(), resource, verb.to_string()));
+        }
+        used
+    }
+
     /// Requests whose line starts with `prefix` ("GET /api/v1/services?").
     pub fn count(&self, prefix: &str, containing: &str) -> usize {
         self.requests

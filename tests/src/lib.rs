@@ -24,6 +24,7 @@ use anyhow::{Context, Result, bail};
 pub mod apiserver;
 pub mod arpprobe;
 pub mod cluster;
+pub mod deploy;
 pub mod frames;
 pub mod lab;
 pub mod testrun;

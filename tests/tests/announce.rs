@@ -266,4 +266,12 @@ fn each_address_has_one_announcer_and_moves_within_the_targets() {
         "crash hand-over took {took:?}"
     );
     wait_settled(&cluster, &macs, &[y], "one node left");
+
+    // deploy/rbac.yaml grants exactly what the two agents asked the API server for.
+    let used = api.lock().permissions_used();
+    let granted = lb_tests::deploy::granted().unwrap();
+    assert_eq!(
+        used, granted,
+        "requests needed {used:?}\ndeploy/rbac.yaml grants {granted:?}"
+    );
 }
