@@ -234,9 +234,9 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
         apply_t.push((done - built).as_secs_f64() * 1e3);
     }
     anyhow::ensure!(
-        cache.incremental_builds == s.changes as u64,
+        cache.built.incremental_builds == s.changes as u64,
         "only {} of {} endpoint changes took the incremental rebuild",
-        cache.incremental_builds,
+        cache.built.incremental_builds,
         s.changes
     );
     drop(lab);

@@ -5,6 +5,7 @@
 mod arp;
 mod control;
 mod forward;
+mod kube;
 mod maglev;
 mod memory;
 mod report;
@@ -20,7 +21,7 @@ use clap::Parser;
 type Benchmark = fn(bool, &std::path::Path) -> Result<(report::Table, Vec<report::Target>)>;
 
 /// Every benchmark in run order: name (for --only) and how to run it (quick or full).
-const BENCHMARKS: [(&str, Benchmark); 7] = [
+const BENCHMARKS: [(&str, Benchmark); 8] = [
     ("xdp", |quick, out| {
         xdp::run(&xdp::Settings::new(quick), out)
     }),
@@ -35,6 +36,9 @@ const BENCHMARKS: [(&str, Benchmark); 7] = [
     }),
     ("control", |quick, out| {
         control::run(&control::Settings::new(quick), out)
+    }),
+    ("kubernetes", |quick, out| {
+        kube::run(&kube::Settings::new(quick), out)
     }),
     ("arp", |quick, out| {
         arp::run(&arp::Settings::new(quick), out)

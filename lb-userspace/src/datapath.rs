@@ -44,6 +44,8 @@ pub struct Options {
     pub conntrack_size: u32,
     /// Sockets whose reverse translation (getpeername, datagram sources) is remembered.
     pub sock_revnat_size: u32,
+    /// (interface, address) pairs the ARP responder can answer for.
+    pub max_announcements: u32,
     /// Conntrack lifetimes by state (a read-only global of the programs, set at load).
     pub ct_timeouts: CtTimeouts,
 }
@@ -97,6 +99,7 @@ impl Options {
             (map_names::BACKEND_STATS, self.max_backends),
             (map_names::NEXTHOPS, self.max_backends),
             (map_names::SOCK_REVNAT, self.sock_revnat_size),
+            (map_names::ARP, self.max_announcements),
             (map_names::SERVICE_NAMES, self.max_services),
         ])
     }

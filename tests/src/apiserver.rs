@@ -265,13 +265,20 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Listens on `listener` (bound by the caller, e.g. inside a network namespace).
+    /// Listens on `listener` (bound by the caller, e.g. inside a network namespace), with
+    /// pages of at most 2 objects, so the tests' small lists paginate too.
     pub fn serve(listener: TcpListener) -> Result<Self> {
+        Self::serve_paged(listener, 2)
+    }
+
+    /// As [`ApiServer::serve`], pages of at most `page_cap` objects (a real server honours
+    /// the client's limit, 500 for kube-rs).
+    pub fn serve_paged(listener: TcpListener, page_cap: usize) -> Result<Self> {
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
-            page_cap: 2,
+            page_cap,
         });
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         listener.set_nonblocking(true)?;

@@ -26,6 +26,7 @@ pub mod arpprobe;
 pub mod cluster;
 pub mod deploy;
 pub mod frames;
+pub mod l2cluster;
 pub mod lab;
 pub mod testrun;
 
@@ -287,14 +288,16 @@ impl Topology {
             .arg(self.bpffs())
             .arg("--state-dir")
             .arg(self.state_dir());
-        cmd.args([
-            "--max-services",
-            "64",
-            "--conntrack-size",
-            "65536",
-            "--reload-interval-ms",
-            "100",
-        ]);
+        // Small maps unless the caller sizes them.
+        for (flag, value) in [
+            ("--max-services", "64"),
+            ("--conntrack-size", "65536"),
+            ("--reload-interval-ms", "100"),
+        ] {
+            if !extra.contains(&flag) {
+                cmd.args([flag, value]);
+            }
+        }
         // With --interface-regex the test selects the backend links itself.
         let named = if extra.contains(&"--interface-regex") {
             &self.node_interfaces[..1]

@@ -159,6 +159,7 @@ pub fn lab_options(ct_timeouts: lb_common::CtTimeouts) -> lb_userspace::datapath
         max_backends: 64,
         conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
         sock_revnat_size: lb_common::DEFAULT_SOCK_REVNAT_SIZE,
+        max_announcements: lb_common::DEFAULT_MAX_ANNOUNCEMENTS,
         ct_timeouts,
     }
 }

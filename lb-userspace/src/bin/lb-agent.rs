@@ -138,6 +138,9 @@ struct Args {
     max_frontends: u32,
     #[arg(long, default_value_t = DEFAULT_MAX_BACKENDS)]
     max_backends: u32,
+    /// (interface, address) pairs the ARP responder can answer for.
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_ANNOUNCEMENTS)]
+    max_announcements: u32,
     /// Conntrack entries (LRU; two per flow).
     #[arg(long, default_value_t = DEFAULT_CONNTRACK_SIZE)]
     conntrack_size: u32,
@@ -620,6 +623,7 @@ async fn main() -> Result<()> {
         max_backends: args.max_backends,
         conntrack_size: args.conntrack_size,
         sock_revnat_size: args.sock_revnat_size,
+        max_announcements: args.max_announcements,
         ct_timeouts: CtTimeouts {
             tcp_syn: args.ct_timeout_tcp_syn,
             tcp_established: args.ct_timeout_tcp,

@@ -3,20 +3,6 @@
 
 use super::*;
 
-/// One port of an EndpointSlice, normalised.
-pub(super) struct SlicePort {
-    name: String,
-    port: Option<u16>,
-    proto: Protocol,
-}
-
-/// Endpoint addresses of one slice with their condition.
-pub(super) struct SliceEndpoints {
-    ports: Vec<SlicePort>,
-    /// (address, condition, on this node).
-    endpoints: Vec<(Ipv4Addr, BackendCondition, bool)>,
-}
-
 /// Does this Service get NodePorts (type NodePort, or LoadBalancer unless
 /// allocateLoadBalancerNodePorts is false)?
 pub(super) fn needs_node_port(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> bool {
@@ -93,263 +79,32 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
     // Ready local endpoint addresses per Local Service, and its healthCheckNodePort.
     let mut local_addrs: HashMap<String, BTreeSet<Ipv4Addr>> = HashMap::new();
     let mut health_check_ports: Vec<(u16, String)> = Vec::new();
-    // Nodes with a ready endpoint, per "namespace/service" (kept for Local Services).
-    let mut ready_nodes: HashMap<String, BTreeSet<&str>> = HashMap::new();
-
-    // EndpointSlices grouped by "namespace/service".
-    let mut slices: HashMap<String, Vec<SliceEndpoints>> = HashMap::new();
-    for slice in &objects.endpoint_slices {
-        let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
-        let name = slice.metadata.name.as_deref().unwrap_or("<unnamed>");
-        let object = format!("EndpointSlice {namespace}/{name}");
-        if slice.metadata.name.is_none() {
-            errors.push(err(&object, "metadata.name", "missing"));
-            continue;
-        }
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
-            errors.push(err(
-                &object,
-                "metadata.labels",
-                format!("label {SERVICE_NAME_LABEL} missing"),
-            ));
-            continue;
-        };
-        match slice.address_type.as_str() {
-            "IPv4" => {}
-            // Dual-stack clusters publish an IPv6 slice next to the IPv4 one; skip it quietly.
-            "IPv6" | "FQDN" => continue,
-            other => {
-                errors.push(err(
-                    &object,
-                    "addressType",
-                    format!("{other:?} not supported (IPv4)"),
-                ));
-                continue;
-            }
-        }
-        let mut parsed = SliceEndpoints {
-            ports: Vec::new(),
-            endpoints: Vec::new(),
-        };
-        for (i, port) in slice.ports.iter().flatten().enumerate() {
-            let field = format!("ports[{i}]");
-            let proto = match parse_protocol(
-                port.protocol.as_deref(),
-                &object,
-                &format!("{field}.protocol"),
-            ) {
-                Ok(p) => p,
-                Err(e) => {
-                    errors.push(e);
-                    continue;
-                }
-            };
-            let number = match port
-                .port
-                .map(|p| parse_port(p, &object, &format!("{field}.port")))
-                .transpose()
-            {
-                Ok(n) => n,
-                Err(e) => {
-                    errors.push(e);
-                    continue;
-                }
-            };
-            parsed.ports.push(SlicePort {
-                name: port.name.clone().unwrap_or_default(),
-                port: number,
-                proto,
-            });
-        }
-        for (i, endpoint) in slice.endpoints.iter().enumerate() {
-            let conditions = endpoint.conditions.as_ref();
-            // Kubernetes: a nil condition means "unknown" and ready is to be read as true.
-            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
-            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-            let condition = if ready && !terminating {
-                BackendCondition::Active
-            } else if serving && terminating {
-                BackendCondition::Terminating
-            } else {
-                continue;
-            };
-            let local = ctx.node_name.is_some() && endpoint.node_name == ctx.node_name;
-            if let (BackendCondition::Active, Some(node)) = (condition, &endpoint.node_name) {
-                ready_nodes
-                    .entry(format!("{namespace}/{service}"))
-                    .or_default()
-                    .insert(node);
-            }
-            for (j, address) in endpoint.addresses.iter().enumerate() {
-                // The field name is only formatted for an error (100k addresses in a big file).
-                match address.parse::<Ipv4Addr>() {
-                    Ok(a) => parsed.endpoints.push((a, condition, local)),
-                    Err(_) => match parse_ipv4(
-                        address,
-                        &object,
-                        &format!("endpoints[{i}].addresses[{j}]"),
-                    ) {
-                        Ok(a) => parsed.endpoints.push((a, condition, local)),
-                        Err(e) => errors.push(e),
-                    },
-                }
-            }
-        }
-        slices
-            .entry(format!("{namespace}/{service}"))
-            .or_default()
-            .push(parsed);
-    }
-
+    // EndpointSlices by "namespace/service"; nodes with a ready endpoint (kept for Local).
+    let (slices, mut ready_nodes) = parse_slices(objects, ctx, &mut errors);
     let mut desired = DesiredState::default();
     let mut claimed: BTreeMap<Endpoint, String> = BTreeMap::new();
     for service in &objects.services {
-        let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
-        let Some(name) = service.metadata.name.as_deref() else {
-            errors.push(err(
-                format!("Service {namespace}/<unnamed>"),
-                "metadata.name",
-                "missing",
-            ));
+        let Some(settings) = service_settings(service, ctx, &mut errors) else {
             continue;
         };
-        let service_name = format!("{namespace}/{name}");
-        let object = format!("Service {service_name}");
-        let Some(spec) = service.spec.as_ref() else {
-            errors.push(err(&object, "spec", "missing"));
-            continue;
-        };
-        let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
-        match service_type {
-            "ClusterIP" | "NodePort" | "LoadBalancer" => {}
-            // No proxying for ExternalName services; kube-proxy ignores them too.
-            "ExternalName" => continue,
-            other => {
-                errors.push(err(
-                    &object,
-                    "spec.type",
-                    format!("{other:?} is not a Service type"),
-                ));
-                continue;
-            }
-        }
-        // Dual-stack: the Service's IPv4 side is ours; an IPv6-only Service is not.
-        let families = spec.ip_families.as_deref().unwrap_or_default();
-        if !families.is_empty() && !families.iter().any(|f| f == "IPv4") {
-            continue;
-        }
-        let dual_stack = families.iter().any(|f| f == "IPv6");
-        let ipv4_cluster_ip = spec
-            .cluster_ips
-            .iter()
-            .flatten()
-            .find(|ip| ip.parse::<Ipv4Addr>().is_ok());
-        let cluster_ip = match ipv4_cluster_ip
-            .or(spec.cluster_ip.as_ref())
-            .map(String::as_str)
-        {
-            // Headless: DNS only, nothing to balance.
-            Some("None") => continue,
-            // A user's own manifest (an API server would allocate one): no ClusterIP frontend;
-            // NodePorts, externalIPs and LoadBalancer IPs still work.
-            None | Some("") => None,
-            Some(ip) => match parse_ipv4(ip, &object, "spec.clusterIP") {
-                Ok(a) => Some(a),
-                Err(e) => {
-                    errors.push(e);
-                    continue;
-                }
-            },
-        };
-        let mut external_ips = Vec::new();
-        for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-            if dual_stack && ip.parse::<std::net::Ipv6Addr>().is_ok() {
-                continue;
-            }
-            match parse_ipv4(ip, &object, &format!("spec.externalIPs[{i}]")) {
-                Ok(a) => external_ips.push(a),
-                Err(e) => errors.push(e),
-            }
-        }
+        let ServiceSettings {
+            service_name,
+            object,
+            spec,
+            service_type,
+            cluster_ip,
+            external_ips,
+            affinity_timeout_s,
+            source_ranges,
+            etp_local,
+            health_check_port,
+        } = settings;
         external_by_service.insert(service_name.clone(), external_ips.clone());
-        let affinity_timeout_s = match spec.session_affinity.as_deref().unwrap_or("None") {
-            "None" => 0,
-            "ClientIP" => {
-                let timeout = spec
-                    .session_affinity_config
-                    .as_ref()
-                    .and_then(|c| c.client_ip.as_ref())
-                    .and_then(|c| c.timeout_seconds)
-                    .unwrap_or(10_800);
-                if !(1..=86_400).contains(&timeout) {
-                    errors.push(err(
-                        &object,
-                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-                        format!("{timeout} is out of range (1-86400)"),
-                    ));
-                }
-                timeout.clamp(1, 86_400) as u32
-            }
-            other => {
-                errors.push(err(
-                    &object,
-                    "spec.sessionAffinity",
-                    format!("{other:?} (None or ClientIP)"),
-                ));
-                0
-            }
-        };
-        let mut source_ranges = Vec::new();
-        for (i, cidr) in spec
-            .load_balancer_source_ranges
-            .iter()
-            .flatten()
-            .enumerate()
-        {
-            let field = format!("spec.loadBalancerSourceRanges[{i}]");
-            if cidr.contains(':') {
-                continue; // IPv6 range of a dual-stack Service
-            }
-            match parse_cidr(cidr) {
-                Ok(r) => source_ranges.push(r),
-                Err(e) => errors.push(err(&object, field, e)),
-            }
-        }
-        source_ranges.sort();
-        source_ranges.dedup();
-        let etp_local = match spec.external_traffic_policy.as_deref().unwrap_or("Cluster") {
-            "Cluster" => false,
-            "Local" => service_type != "ClusterIP",
-            other => {
-                errors.push(err(
-                    &object,
-                    "spec.externalTrafficPolicy",
-                    format!("{other:?} (Cluster or Local)"),
-                ));
-                false
-            }
-        };
-        if etp_local && ctx.node_name.is_none() {
-            errors.push(err(
-                &object,
-                "spec.externalTrafficPolicy",
-                "Local needs the agent's --node-name",
-            ));
-        }
         if etp_local {
             local_policy.insert(service_name.clone());
-            if let Some(p) = spec.health_check_node_port {
-                match parse_port(p, &object, "spec.healthCheckNodePort") {
-                    Ok(p) => health_check_ports.push((p, service_name.clone())),
-                    Err(e) => errors.push(e),
-                }
-            }
+        }
+        if let Some(p) = health_check_port {
+            health_check_ports.push((p, service_name.clone()));
         }
         // Another controller's class (MetalLB, a cloud): the addresses it wrote to the status
         // are served, as kube-proxy does, but neither allocated nor announced here.
@@ -432,113 +187,38 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
                 Some(IntOrString::String(_)) => None,
             };
 
-            let mut backends: BTreeMap<Endpoint, BackendCondition> = BTreeMap::new();
-            let mut local_backends: BTreeMap<Endpoint, BackendCondition> = BTreeMap::new();
-            for slice in service_slices {
-                for slice_port in slice
-                    .ports
-                    .iter()
-                    .filter(|p| p.name == port_name && p.proto == proto)
-                {
-                    let Some(backend_port) = slice_port.port.or(target_port) else {
-                        let target = match &port.target_port {
-                            Some(IntOrString::String(s)) => s.clone(),
-                            _ => String::new(),
-                        };
-                        errors.push(err(
-                            &object,
-                            format!("{field}.targetPort"),
-                            format!("named port {target:?} has no number in the EndpointSlice"),
-                        ));
-                        continue;
-                    };
-                    for &(addr, condition, local) in &slice.endpoints {
-                        let endpoint = Endpoint {
-                            addr,
-                            port: backend_port,
-                            proto,
-                        };
-                        // The same address in two slices: the more usable condition wins.
-                        let entry = backends.entry(endpoint).or_insert(condition);
-                        *entry = (*entry).min(condition);
-                        if local {
-                            let entry = local_backends.entry(endpoint).or_insert(condition);
-                            *entry = (*entry).min(condition);
-                        }
-                    }
-                }
-            }
+            let (backends, local_backends) = port_backends(
+                service_slices,
+                port,
+                &port_name,
+                proto,
+                target_port,
+                &object,
+                &field,
+                &mut errors,
+            );
 
             let service_port_name = if port_name.is_empty() {
                 format!("{service_name}:{number}")
             } else {
                 format!("{service_name}:{port_name}")
             };
-            let mut frontends: Vec<FrontendSpec> = cluster_ip
-                .map(|addr| FrontendSpec {
-                    endpoint: Endpoint {
-                        addr,
-                        port: number,
-                        proto,
-                    },
-                    kind: FrontendKind::ClusterIp,
-                })
-                .into_iter()
-                .collect();
-            for &addr in &external_ips {
-                frontends.push(FrontendSpec {
-                    endpoint: Endpoint {
-                        addr,
-                        port: number,
-                        proto,
-                    },
-                    kind: FrontendKind::ExternalIp,
-                });
-            }
-            for &addr in lb_ips {
-                frontends.push(FrontendSpec {
-                    endpoint: Endpoint {
-                        addr,
-                        port: number,
-                        proto,
-                    },
-                    kind: FrontendKind::LoadBalancer,
-                });
-            }
-            if service_type != "ClusterIP" {
-                let allocated = node_ports
-                    .get(&node_port_id(&service_name, port, proto))
-                    .map(|&p| i32::from(p));
-                match port.node_port.or(allocated) {
-                    Some(node_port) => {
-                        match parse_port(node_port, &object, &format!("{field}.nodePort")) {
-                            Ok(node_port) => {
-                                for &addr in &ctx.node_ips {
-                                    frontends.push(FrontendSpec {
-                                        endpoint: Endpoint {
-                                            addr,
-                                            port: node_port,
-                                            proto,
-                                        },
-                                        kind: FrontendKind::NodePort,
-                                    });
-                                }
-                            }
-                            Err(e) => errors.push(e),
-                        }
-                    }
-                    None if needs_node_port(spec) => errors.push(err(
-                        &object,
-                        format!("{field}.nodePort"),
-                        format!(
-                            "none given and --node-port-range {}-{} is full",
-                            ctx.node_port_range.first, ctx.node_port_range.last
-                        ),
-                    )),
-                    // LoadBalancer without node ports (allocateLoadBalancerNodePorts: false).
-                    None => {}
-                }
-            }
+            let mut frontends = port_frontends(
+                &PortAddresses {
+                    cluster_ip,
+                    external_ips: &external_ips,
+                    lb_ips,
+                },
+                &service_name,
+                spec,
+                port,
+                (number, proto),
+                &node_ports,
+                ctx,
+                &object,
+                &field,
+                &mut errors,
+            );
             for frontend in &frontends {
                 if let Some(other) = claimed.insert(frontend.endpoint, service_port_name.clone()) {
                     errors.push(err(
@@ -603,48 +283,14 @@ pub fn build_desired(objects: &Objects, ctx: &BuildContext) -> Result<DesiredSta
             );
         }
     }
-    for (policy, spec) in &policies {
-        for service in &objects.services {
-            let (namespace, name) = service_identity(service);
-            let service_name = format!("{namespace}/{name}");
-            if !lbipam::selects(spec.service_selector.as_ref(), &service_labels(service)) {
-                continue;
-            }
-            // Local traffic policy: announce only where a ready endpoint runs, as MetalLB does.
-            if local_policy.contains(&service_name) && !local_ready.contains(&service_name) {
-                continue;
-            }
-            let mut addrs: Vec<Ipv4Addr> = Vec::new();
-            if spec.load_balancer_ips {
-                addrs.extend(
-                    lb_addrs
-                        .get(service_name.as_str())
-                        .copied()
-                        .unwrap_or_default(),
-                );
-            }
-            if spec.external_ips {
-                addrs.extend(external_by_service.get(&service_name).into_iter().flatten());
-            }
-            for addr in addrs {
-                let a = desired
-                    .announcements
-                    .entry(addr)
-                    .or_insert_with(|| Announcement {
-                        service: service_name.clone(),
-                        policies: Vec::new(),
-                        interfaces: Vec::new(),
-                    });
-                a.policies.push(policy.clone());
-                match &spec.interfaces {
-                    Some(list) if !list.is_empty() => a.interfaces.extend(list.iter().cloned()),
-                    _ => a.interfaces.push(".*".into()),
-                }
-                a.interfaces.sort();
-                a.interfaces.dedup();
-            }
-        }
-    }
+    desired.announcements = announcements(
+        objects,
+        &policies,
+        &lb_addrs,
+        &external_by_service,
+        &local_policy,
+        &local_ready,
+    );
     for (port, service) in health_check_ports {
         let local_endpoints = local_addrs.get(&service).map_or(0, |a| a.len() as u32);
         if let Some(other) = desired.health_checks.insert(

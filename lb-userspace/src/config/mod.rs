@@ -128,19 +128,27 @@ fn typed<T: serde::de::DeserializeOwned>(
     })
 }
 
+mod announce;
 mod desired;
 mod documents;
 mod fields;
 mod incremental;
 mod pools;
+mod ports;
+mod service;
+mod slices;
 mod tolerant;
 
+use announce::*;
 use desired::*;
 pub use desired::{build_desired, status_ingress_ips};
 pub use documents::{ConfigCache, parse_objects};
 use fields::*;
 use incremental::*;
 use pools::*;
+use ports::*;
+use service::*;
+use slices::*;
 pub use tolerant::{Tolerated, build_tolerant};
 
 /// Parse and validate a whole file (no node addresses, no earlier allocation).

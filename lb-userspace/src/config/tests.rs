@@ -404,7 +404,7 @@ fn cached_reload_equals_a_fresh_parse() {
 fn dual_stack_services_use_their_ipv4_side_and_ipv6_only_ones_are_skipped() {
     let text = "apiVersion: v1\nkind: Service\nmetadata: {name: dual, namespace: default}\nspec:\n  \
         clusterIP: fd00::10\n  clusterIPs: [fd00::10, 10.96.0.30]\n  ipFamilies: [IPv6, IPv4]\n  \
-        externalIPs: [fd00::99, 192.0.2.9]\n  ports: [{port: 80}]\n---\n\
+        externalIPs: [fd00::99, 192.0.2.9]\n  loadBalancerSourceRanges: [\"fd00::/64\", 10.0.0.0/8]\n  ports: [{port: 80}]\n---\n\
         apiVersion: v1\nkind: Service\nmetadata: {name: six, namespace: default}\nspec:\n  \
         clusterIP: fd00::11\n  clusterIPs: [fd00::11]\n  ipFamilies: [IPv6]\n  ports: [{port: 80}]\n";
     let (desired, _) = load_str(text).unwrap();
