@@ -690,7 +690,7 @@ async fn main() -> Result<()> {
                 kubeconfig: args.kubeconfig.clone(),
                 api_server: args.api_server.clone(),
             };
-            Source::Kubernetes(
+            Source::Kubernetes(Box::new(
                 KubeSource::start(
                     &connection,
                     &node_name,
@@ -700,7 +700,7 @@ async fn main() -> Result<()> {
                     &metrics,
                 )
                 .await?,
-            )
+            ))
         }
     };
     let mut agent = Agent {

@@ -26,7 +26,7 @@ pub struct Built {
 
 pub enum Source {
     File(file::FileSource),
-    Kubernetes(kubernetes::KubeSource),
+    Kubernetes(Box<kubernetes::KubeSource>),
 }
 
 impl Source {
