@@ -111,7 +111,7 @@ fn main() -> Result<()> {
         }
     }
 
-    let summary = report::write_summary(&args.out, &targets)?;
+    let summary = report::write_summary(&args.out, &targets, !args.only.is_empty())?;
     markdown += "### Targets\n\n| metric | value | baseline | ratio | target | met |\n|---|---|---|---|---|---|\n";
     for t in &targets {
         markdown += &format!(
@@ -124,7 +124,13 @@ fn main() -> Result<()> {
             if t.met { "yes" } else { "**no**" }
         );
     }
-    fs::write(args.out.join("results.md"), &markdown)?;
+    // A partial run keeps the full run's tables: its own go beside them.
+    let tables = if args.only.is_empty() {
+        "results.md".to_string()
+    } else {
+        format!("results.{}.md", args.only.join("+"))
+    };
+    fs::write(args.out.join(&tables), &markdown)?;
     println!("\n### Targets ({})\n", summary.display());
     for t in &targets {
         println!(
@@ -140,7 +146,7 @@ fn main() -> Result<()> {
     println!(
         "\nall benchmarks took {:.0} s; tables in {}",
         started.elapsed().as_secs_f64(),
-        args.out.join("results.md").display()
+        args.out.join(&tables).display()
     );
     Ok(())
 }

@@ -109,9 +109,20 @@ impl Target {
     }
 }
 
-pub fn write_summary(dir: &Path, targets: &[Target]) -> Result<PathBuf> {
+/// Writes summary.csv; with `merge`, rows of metrics not measured now are kept from the file
+/// (a run of some benchmarks updates their rows only).
+pub fn write_summary(dir: &Path, targets: &[Target], merge: bool) -> Result<PathBuf> {
     let path = dir.join("summary.csv");
     let mut csv = String::from("metric,value,baseline,ratio,target,met\n");
+    if merge && let Ok(old) = fs::read_to_string(&path) {
+        let measured: Vec<String> = targets.iter().map(|t| csv_cell(&t.metric)).collect();
+        for line in old.lines().skip(1) {
+            if !measured.iter().any(|m| line.starts_with(&format!("{m},"))) {
+                csv.push_str(line);
+                csv.push('\n');
+            }
+        }
+    }
     for t in targets {
         let _ = writeln!(
             csv,

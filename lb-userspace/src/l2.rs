@@ -8,11 +8,11 @@ use std::{
 };
 
 use crate::{model::DesiredState, status::Announced};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData};
 use lb_common::{ArpEntry, ArpKey, ipv4_from_wire, ipv4_to_wire};
 use pnet::{
-    datalink::{self, Channel, NetworkInterface},
+    datalink::NetworkInterface,
     packet::{
         MutablePacket,
         arp::{ArpHardwareTypes, ArpOperations, MutableArpPacket},
@@ -30,13 +30,6 @@ pub struct Interface {
     pub ipv4: Vec<Ipv4Addr>,
     /// Administratively up with carrier (IFF_UP and IFF_RUNNING).
     pub up: bool,
-}
-
-fn find(name: &str) -> Result<NetworkInterface> {
-    datalink::interfaces()
-        .into_iter()
-        .find(|i| i.name == name)
-        .with_context(|| format!("no interface {name}"))
 }
 
 impl Interface {
@@ -72,6 +65,9 @@ pub struct Announcer {
     interfaces: Vec<Interface>,
     /// Current pairs → (service, last GARP time).
     current: BTreeMap<ArpKey, (String, Option<u64>)>,
+    /// One send-only packet socket, kept: a take-over of 10k addresses sends 10k gratuitous
+    /// ARPs in milliseconds, not one socket setup each.
+    socket: Option<GarpSocket>,
 }
 
 impl Announcer {
@@ -88,6 +84,7 @@ impl Announcer {
         Ok(Self {
             interfaces,
             current,
+            socket: None,
         })
     }
 
@@ -171,7 +168,16 @@ impl Announcer {
             return;
         };
         let addr = Ipv4Addr::from(ipv4_from_wire(k.addr));
-        match send_garp(&i.name, i.mac, addr) {
+        let socket = match self.socket.take() {
+            Some(s) => Ok(s),
+            None => GarpSocket::open(),
+        };
+        let sent = socket.and_then(|s| {
+            let sent = s.send(i.index, i.mac, addr);
+            self.socket = Some(s);
+            sent
+        });
+        match sent {
             Ok(()) => {
                 if let Some(e) = self.current.get_mut(k) {
                     e.1 = Some(now_unix());
@@ -210,9 +216,53 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// A gratuitous ARP (a broadcast request with sender = target = `addr`) out of `interface`.
-pub fn send_garp(interface: &str, mac: [u8; 6], addr: Ipv4Addr) -> Result<()> {
-    let iface = find(interface)?;
+/// A send-only packet socket (protocol 0: it receives nothing, so the datapath's packets are
+/// never copied to it) for gratuitous ARP out of any interface.
+pub struct GarpSocket(std::os::fd::OwnedFd);
+
+impl GarpSocket {
+    pub fn open() -> Result<Self> {
+        // SAFETY: plain socket(2); the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("packet socket for gratuitous ARP");
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        Ok(Self(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
+    }
+
+    /// A gratuitous ARP (a broadcast request with sender = target = `addr`) out of `ifindex`.
+    pub fn send(&self, ifindex: u32, mac: [u8; 6], addr: Ipv4Addr) -> Result<()> {
+        let frame = garp_frame(mac, addr);
+        // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_protocol = (libc::ETH_P_ARP as u16).to_be();
+        to.sll_ifindex = ifindex as i32;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        // SAFETY: frame and address are valid for the lengths given.
+        let sent = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const to).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if sent < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("gratuitous ARP for {addr} out of ifindex {ifindex}"));
+        }
+        Ok(())
+    }
+}
+
+/// The Ethernet frame of a gratuitous ARP for `addr` from `mac`.
+fn garp_frame(mac: [u8; 6], addr: Ipv4Addr) -> [u8; 42] {
     let mut frame = [0u8; 42];
     {
         let mut eth = MutableEthernetPacket::new(&mut frame).expect("frame size");
@@ -230,13 +280,5 @@ pub fn send_garp(interface: &str, mac: [u8; 6], addr: Ipv4Addr) -> Result<()> {
         arp.set_target_hw_addr(MacAddr::zero());
         arp.set_target_proto_addr(addr);
     }
-    let Channel::Ethernet(mut tx, _rx) = datalink::channel(&iface, datalink::Config::default())?
-    else {
-        bail!("{interface}: not an Ethernet channel");
-    };
-    match tx.send_to(&frame, None) {
-        Some(Ok(())) => Ok(()),
-        Some(Err(e)) => Err(e.into()),
-        None => bail!("{interface}: nothing sent"),
-    }
+    frame
 }

@@ -469,6 +469,25 @@ impl PinnedMaps {
     }
 }
 
+/// LB_ANNOUNCE on its own, for the task that renews this node's Lease: it pushes the ARP
+/// responder's deadline forward after each renewal, whatever the agent's main loop is doing.
+pub struct AnnounceDeadline(std::sync::Mutex<Array<MapData, u64>>);
+
+impl AnnounceDeadline {
+    pub fn open(dir: &Path) -> Result<Self> {
+        Ok(Self(std::sync::Mutex::new(Array::try_from(open_map(
+            dir,
+            map_names::ANNOUNCE,
+        )?)?)))
+    }
+
+    /// Lets the ARP responder answer until `until_ns` (CLOCK_MONOTONIC_COARSE; 0: no limit).
+    pub fn set(&self, until_ns: u64) -> Result<()> {
+        self.0.lock().expect("LB_ANNOUNCE").set(0, until_ns, 0)?;
+        Ok(())
+    }
+}
+
 impl PinnedMaps {
     /// Lets the ARP responder answer until `until_ns` (CLOCK_MONOTONIC_COARSE; 0: no limit).
     pub fn set_announce_deadline(&mut self, until_ns: u64) -> Result<()> {

@@ -507,20 +507,6 @@ impl Agent {
             .set(self.announcer.announced().len() as i64);
     }
 
-    /// Pushes forward until when the datapath answers ARP (with --kubernetes: as long as this
-    /// node's Lease is live in the others' eyes).
-    fn refresh_announce_deadline(&mut self) {
-        let until = match &self.source {
-            Source::Kubernetes(k) => k
-                .membership()
-                .deadline_ns(lb_userspace::maps::monotonic_coarse_ns()),
-            Source::File(_) => 0,
-        };
-        if let Err(e) = self.maps.set_announce_deadline(until) {
-            warn!("LB_ANNOUNCE: {e:#}");
-        }
-    }
-
     /// The one line that says the agent is up (with --kubernetes: after the initial lists).
     fn log_ready(&self, bpffs: &std::path::Path) {
         let reconciler = &self.reconciler;
@@ -606,7 +592,9 @@ fn parse_table_size(v: &str) -> Result<u32, String> {
     Ok(m)
 }
 
-#[tokio::main(flavor = "current_thread")]
+// Two workers: the watches and the Lease renewals go on while the main loop builds and writes
+// maps (a 10k-Service rebuild must not let this node's Lease lapse).
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
@@ -672,6 +660,10 @@ async fn main() -> Result<()> {
     let names: Vec<String> = interfaces.iter().map(|i| i.name.clone()).collect();
     datapath.forget_others(&names)?;
     datapath.attach_cgroup(cgroup.as_deref())?;
+    // ARP answers: with a file, always; with --kubernetes, only once this node's Lease is
+    // renewed (the renewal task pushes the deadline forward from then on).
+    let mut maps = maps;
+    maps.set_announce_deadline(if args.kubernetes { 1 } else { 0 })?;
     let metrics = Metrics::default();
     if let Some(addr) = args.metrics_addr {
         let bound = metrics.serve(addr, opts.bpffs.clone())?;
@@ -697,6 +689,7 @@ async fn main() -> Result<()> {
                     &args.lease_namespace,
                     LeaseTiming::default(),
                     AnnounceTiming::new(Duration::from_secs(args.announce_lease_duration.max(1))),
+                    Some(lb_userspace::maps::AnnounceDeadline::open(&opts.bpffs)?),
                     &metrics,
                 )
                 .await?,
@@ -744,11 +737,6 @@ async fn main() -> Result<()> {
         );
     }
 
-    // Four times per renewal: the datapath's deadline trails the Lease closely.
-    let mut deadline = tokio::time::interval(Duration::from_millis(
-        (args.announce_lease_duration.max(1) * 1000 / 12).max(50),
-    ));
-    agent.refresh_announce_deadline();
     let membership = agent.source.membership_notifier();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -765,7 +753,6 @@ async fn main() -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = notified(membership.as_deref()) => agent.announce(),
-            _ = deadline.tick() => agent.refresh_announce_deadline(),
             _ = agent.source.changed() => {
                 agent.metrics.health.queue();
                 agent.reload();

@@ -5,7 +5,7 @@
 //! partial list never deletes Services. While the API server is away the last state stays.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fmt::Debug,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -131,6 +131,9 @@ impl Stores {
 struct Shared {
     stores: Mutex<Stores>,
     changed: Notify,
+    /// LoadBalancer addresses of the last build, by "namespace/name": a Service update that
+    /// only writes them to its status (the IPAM leader's own write) needs no rebuild.
+    allocated: Mutex<HashMap<String, Vec<std::net::Ipv4Addr>>>,
     /// API errors counted, changes queued for `/healthz`.
     metrics: Metrics,
 }
@@ -159,12 +162,14 @@ impl KubeSource {
         lease_namespace: &str,
         timing: LeaseTiming,
         announce: AnnounceTiming,
+        deadline: Option<crate::maps::AnnounceDeadline>,
         metrics: &Metrics,
     ) -> Result<Self> {
         let client = connection.client().await?;
         let shared = Arc::new(Shared {
             stores: Mutex::new(Stores::default()),
             changed: Notify::new(),
+            allocated: Mutex::default(),
             metrics: metrics.clone(),
         });
         let proxied = watcher::Config::default().labels(PROXY_SELECTOR);
@@ -175,6 +180,7 @@ impl KubeSource {
                 shared.clone(),
                 |s| &mut s.services,
                 |s| s,
+                status_only,
             ),
             follow(
                 Api::<EndpointSlice>::all(client.clone()),
@@ -182,6 +188,7 @@ impl KubeSource {
                 shared.clone(),
                 |s| &mut s.endpoint_slices,
                 |s| s,
+                never,
             ),
             follow(
                 Api::<LoadBalancerIPPool>::all(client.clone()),
@@ -192,6 +199,7 @@ impl KubeSource {
                     metadata: p.metadata,
                     spec: p.spec,
                 },
+                never,
             ),
             follow(
                 Api::<L2AnnouncementPolicy>::all(client.clone()),
@@ -202,6 +210,7 @@ impl KubeSource {
                     metadata: p.metadata,
                     spec: p.spec,
                 },
+                never,
             ),
             follow(
                 Api::<Node>::all(client.clone()),
@@ -209,6 +218,7 @@ impl KubeSource {
                 shared.clone(),
                 |s| &mut s.node,
                 |n| n,
+                never,
             ),
         ];
         Ok(KubeSource {
@@ -224,6 +234,7 @@ impl KubeSource {
                 lease_namespace,
                 node_name,
                 announce,
+                deadline,
                 metrics,
             ),
             client,
@@ -277,6 +288,12 @@ impl KubeSource {
         let services = objects.services.clone();
         let built = config::build_tolerant(&mut self.cache, objects, &ctx, &mut self.last_good);
         Some(built.map(|t| {
+            *self.shared.allocated.lock().expect("allocated") = t
+                .desired
+                .lb_status
+                .iter()
+                .map(|s| (s.service.clone(), s.addresses.clone()))
+                .collect();
             self.ipam.publish(Snapshot {
                 services,
                 desired: t.desired.clone(),
@@ -330,6 +347,38 @@ impl Drop for KubeSource {
             t.abort();
         }
     }
+}
+
+/// Kinds where every change counts.
+fn never<T>(_: &Shared, _: &T, _: &T) -> bool {
+    false
+}
+
+/// A Service update that changes nothing the build reads: only its status, and its
+/// LoadBalancer addresses there are what the last build allocated (or it is not ours and
+/// they did not change).
+fn status_only(shared: &Shared, old: &Service, new: &Service) -> bool {
+    if old.spec != new.spec
+        || old.metadata.labels != new.metadata.labels
+        || old.metadata.annotations != new.metadata.annotations
+    {
+        return false;
+    }
+    let ingress = status_ingress_ips(new);
+    if ingress == status_ingress_ips(old) {
+        return true;
+    }
+    let name = format!(
+        "{}/{}",
+        new.metadata.namespace.as_deref().unwrap_or("default"),
+        new.metadata.name.as_deref().unwrap_or_default()
+    );
+    shared
+        .allocated
+        .lock()
+        .expect("allocated")
+        .get(&name)
+        .is_some_and(|a| *a == ingress)
 }
 
 /// "namespace/name" → the IPv4 addresses in the status of each LoadBalancer Service of ours.
@@ -391,6 +440,7 @@ fn follow<K, T>(
     shared: Arc<Shared>,
     kind: fn(&mut Stores) -> &mut Kind<T>,
     convert: fn(K) -> T,
+    quiet: fn(&Shared, &T, &T) -> bool,
 ) -> JoinHandle<()>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -452,8 +502,12 @@ where
                             false
                         } else {
                             let object = Arc::new(convert(o));
+                            let rebuild = store
+                                .objects
+                                .get(&k)
+                                .is_none_or(|old| !quiet(&shared, &old.object, &object));
                             store.objects.insert(k, Versioned { version, object });
-                            true
+                            rebuild
                         }
                     }
                     Ok(Event::Delete(o)) => store.objects.remove(&key(&o)).is_some(),

@@ -47,7 +47,11 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::{metrics::Metrics, model::DesiredState};
+use crate::{
+    maps::{AnnounceDeadline, monotonic_coarse_ns},
+    metrics::Metrics,
+    model::DesiredState,
+};
 
 pub const LEASE_PREFIX: &str = "lb-agent-node-";
 /// Label on node Leases (the watch selects them by it).
@@ -126,6 +130,7 @@ impl Membership {
         namespace: &str,
         me: &str,
         timing: AnnounceTiming,
+        deadline: Option<AnnounceDeadline>,
         metrics: &Metrics,
     ) -> Self {
         let shared = Arc::new(Shared {
@@ -142,6 +147,7 @@ impl Membership {
                 me.to_string(),
                 timing,
                 policies_rx,
+                deadline,
                 metrics.clone(),
             )),
             tokio::spawn(expire(shared.clone(), me.to_string(), timing)),
@@ -195,19 +201,6 @@ impl Membership {
             })
             .map(|(addr, _)| *addr)
             .collect()
-    }
-
-    /// Until when (CLOCK_MONOTONIC_COARSE ns) this node may answer ARP: its Lease's expiry as
-    /// the others will judge it. 1 (already past) before the first renewal.
-    pub fn deadline_ns(&self, now_ns: u64) -> u64 {
-        let state = self.shared.state.lock().expect("membership");
-        match state.renewed {
-            Some(t) => {
-                let left = self.timing.duration.saturating_sub(t.elapsed());
-                now_ns + left.as_nanos() as u64
-            }
-            None => 1,
-        }
     }
 
     /// Deletes this node's Lease (after the caller stopped answering ARP): the other nodes
@@ -362,6 +355,7 @@ async fn renew(
     me: String,
     timing: AnnounceTiming,
     mut policies: watch::Receiver<Option<BTreeSet<String>>>,
+    deadline: Option<AnnounceDeadline>,
     metrics: Metrics,
 ) {
     let name = format!("{LEASE_PREFIX}{me}");
@@ -378,6 +372,13 @@ async fn renew(
         let sent = Instant::now();
         match write(&api, &name, &me, &mine, timing).await {
             Ok(()) => {
+                // The datapath answers ARP as long as the others will take this node as live.
+                let left = timing.duration.saturating_sub(sent.elapsed());
+                if let Some(d) = &deadline
+                    && let Err(e) = d.set(monotonic_coarse_ns() + left.as_nanos() as u64)
+                {
+                    warn!("announcements: LB_ANNOUNCE: {e:#}");
+                }
                 let mut state = shared.state.lock().expect("membership");
                 state.renewed = Some(sent);
                 if mine == state.settled {
