@@ -310,23 +310,11 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
         ),
         String::new(),
     ]);
-    let mut sorted = latencies.clone();
-    sorted.sort_by(f64::total_cmp);
-    Plot {
-        title: "Endpoint change: file to maps (sorted samples)",
-        x_label: "sample",
-        y_label: "ms",
-        log_x: false,
-        log_y: false,
-        series: vec![(
-            "file → maps".into(),
-            sorted
-                .iter()
-                .enumerate()
-                .map(|(i, v)| (i as f64 + 1.0, *v))
-                .collect(),
-        )],
-    }
+    Plot::sorted_samples(
+        "Endpoint change: file to maps (sorted samples)",
+        "file → maps",
+        &latencies,
+    )
     .write(&out.join("control_plane.png"))?;
     let targets = vec![
         Target::at_least(

@@ -419,23 +419,11 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
             "never two ARP answers to one request".into(),
         ]);
     }
-    let mut sorted = sync.event_ms.clone();
-    sorted.sort_by(f64::total_cmp);
-    Plot {
-        title: "EndpointSlice event to maps (sorted samples)",
-        x_label: "sample",
-        y_label: "ms",
-        log_x: false,
-        log_y: false,
-        series: vec![(
-            "API double → maps".into(),
-            sorted
-                .iter()
-                .enumerate()
-                .map(|(i, v)| (i as f64 + 1.0, *v))
-                .collect(),
-        )],
-    }
+    Plot::sorted_samples(
+        "EndpointSlice event to maps (sorted samples)",
+        "API double → maps",
+        &sync.event_ms,
+    )
     .write(&out.join("kubernetes.png"))?;
     let targets = vec![
         Target::at_most(

@@ -149,7 +149,28 @@ pub struct Plot<'a> {
     pub series: Vec<(String, Vec<(f64, f64)>)>,
 }
 
-impl Plot<'_> {
+impl<'a> Plot<'a> {
+    /// Latency samples sorted, one series: the shape of the whole distribution at a glance.
+    pub fn sorted_samples(title: &'a str, series: &str, samples: &[f64]) -> Self {
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        Plot {
+            title,
+            x_label: "sample",
+            y_label: "ms",
+            log_x: false,
+            log_y: false,
+            series: vec![(
+                series.to_string(),
+                sorted
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (i as f64 + 1.0, *v))
+                    .collect(),
+            )],
+        }
+    }
+
     pub fn write(&self, path: &Path) -> Result<()> {
         let points = self.series.iter().flat_map(|(_, p)| p.iter());
         let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);

@@ -774,7 +774,7 @@ fn create(
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let mut state = inner.state.lock().expect("lock");
+    let state = inner.state.lock().expect("lock");
     if state
         .objects
         .contains_key(&(resource, object_key(namespace, &name)))
@@ -786,10 +786,21 @@ fn create(
         );
         return respond(conn, 409, &status(409, "AlreadyExists", &message));
     }
+    store(inner, state, conn, 201, object)
+}
+
+/// Stores `object` (a create or a replace), wakes the watches and answers with it.
+fn store(
+    inner: &Inner,
+    mut state: MutexGuard<'_, State>,
+    conn: &mut TcpStream,
+    code: u16,
+    object: Value,
+) -> Result<()> {
     let stored = state.put(object);
     drop(state);
     inner.changed.notify_all();
-    respond(conn, 201, &stored)
+    respond(conn, code, &stored)
 }
 
 /// PUT: optimistic concurrency on metadata.resourceVersion (409 Conflict when stale).
@@ -805,7 +816,7 @@ fn replace(
     let (_, plural, kind, api_version, _) = resource.info();
     object["kind"] = json!(kind);
     object["apiVersion"] = json!(api_version);
-    let mut state = inner.state.lock().expect("lock");
+    let state = inner.state.lock().expect("lock");
     let Some(current) = state.objects.get(&(resource, object_key(namespace, name))) else {
         drop(state);
         return respond(
@@ -825,10 +836,7 @@ fn replace(
         return respond(conn, 409, &status(409, "Conflict", &message));
     }
     object["metadata"]["uid"] = current["metadata"]["uid"].clone();
-    let stored = state.put(object);
-    drop(state);
-    inner.changed.notify_all();
-    respond(conn, 200, &stored)
+    store(inner, state, conn, 200, object)
 }
 
 /// PATCH with a JSON merge patch (RFC 7386); on the status subresource only `status` changes.
