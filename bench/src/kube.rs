@@ -206,6 +206,9 @@ fn sync_and_events(s: &Settings) -> Result<Sync> {
 
     eprintln!("kubernetes: {} EndpointSlice events …", s.changes);
     let maps = PinnedMaps::open(&topo.bpffs(), false)?;
+    // The agent's histogram also holds the initial sync: count only what the events add.
+    let sum0 = scrape(&topo, "lb_network_programming_duration_seconds_sum")?;
+    let count0 = scrape(&topo, "lb_network_programming_duration_seconds_count")?;
     let mut event_ms = Vec::new();
     for c in 0..s.changes {
         let i = (c as u32 * 7919) % n;
@@ -227,8 +230,8 @@ fn sync_and_events(s: &Settings) -> Result<Sync> {
         event_ms.push(start.elapsed().as_secs_f64() * 1e3);
         std::thread::sleep(Duration::from_millis(20));
     }
-    let sum = scrape(&topo, "lb_network_programming_duration_seconds_sum")?;
-    let count = scrape(&topo, "lb_network_programming_duration_seconds_count")?;
+    let sum = scrape(&topo, "lb_network_programming_duration_seconds_sum")? - sum0;
+    let count = scrape(&topo, "lb_network_programming_duration_seconds_count")? - count0;
     topo.stop_agent()?;
     Ok(Sync {
         sync_ms,
