@@ -31,8 +31,9 @@ use prometheus_client::{
 
 use crate::{inspect, l2, maps::PinnedMaps};
 
-/// A change waiting longer than this makes `/healthz` answer 503 (kube-proxy's rule: the
-/// proxy is unhealthy when it has not programmed a queued change in time).
+/// Default of `--health-timeout`: a change waiting longer than this makes `/healthz` answer
+/// 503 (kube-proxy's rule: the proxy is unhealthy when it has not programmed a queued change
+/// in time).
 pub const HEALTH_BOUND: Duration = Duration::from_secs(60);
 
 /// The agent's own metrics and health; cheap to clone (shared counters).
@@ -50,15 +51,30 @@ pub struct Metrics {
     pub health: Arc<Health>,
 }
 
-#[derive(Default)]
 pub struct Health {
     /// First sync applied and the datapath attached.
     pub ready: AtomicBool,
+    /// How long a seen change may wait to be programmed before `/healthz` fails.
+    pub bound: Duration,
     /// When the oldest change not yet programmed was seen.
     queued: Mutex<Option<Instant>>,
 }
 
+impl Default for Health {
+    fn default() -> Self {
+        Health::with_bound(HEALTH_BOUND)
+    }
+}
+
 impl Health {
+    pub fn with_bound(bound: Duration) -> Self {
+        Health {
+            ready: AtomicBool::new(false),
+            bound,
+            queued: Mutex::default(),
+        }
+    }
+
     /// A change was seen (keeps the oldest).
     pub fn queue(&self) {
         self.queued
@@ -182,10 +198,13 @@ fn answer(conn: TcpStream, registry: &Registry, health: &Health) -> Result<()> {
             )
         }
         "/healthz" => match health.waiting() {
-            Some(w) if w > HEALTH_BOUND => (
+            Some(w) if w > health.bound => (
                 503,
                 "text/plain",
-                format!("a change has waited {w:?} to be programmed (bound {HEALTH_BOUND:?})\n"),
+                format!(
+                    "a change has waited {w:?} to be programmed (bound {:?})\n",
+                    health.bound
+                ),
             ),
             _ => (200, "text/plain", "ok\n".to_string()),
         },

@@ -408,7 +408,27 @@ fn ipam_leader_writes_service_and_pool_status() {
     metal["spec"]["loadBalancerClass"] = json!("metallb.io/metallb");
     metal["status"] = json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.50"}]}});
     api.put(metal);
-    start_agent(&mut topo, &api);
+    // The kubeconfig names a server that is not there: --api-server is the one reached (as
+    // the DaemonSet reaches the API server without the ClusterIP the agent serves).
+    let kubeconfig = topo.dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        api.kubeconfig()
+            .replace(&api.addr.to_string(), "127.0.0.1:9"),
+    )
+    .unwrap();
+    let kubeconfig = kubeconfig.display().to_string();
+    let server = format!("http://{}", api.addr);
+    topo.start_agent(&[
+        "--kubernetes",
+        "--kubeconfig",
+        &kubeconfig,
+        "--api-server",
+        &server,
+        "--node-name",
+        NODE,
+    ])
+    .unwrap();
 
     let start = Instant::now();
     loop {

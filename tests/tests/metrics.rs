@@ -179,3 +179,61 @@ fn metrics_health_and_health_check_node_port() {
     .unwrap();
     assert_eq!(probe(&topo).0, 503);
 }
+
+/// kube-proxy's healthz rule: a change that cannot be programmed (here: more Service ports
+/// than `--max-services`) makes /healthz fail once it has waited `--health-timeout`; the last
+/// good state keeps forwarding, and the next change that fits makes it healthy again.
+#[test]
+fn healthz_fails_while_a_change_cannot_be_programmed() {
+    let mut topo = Topology::new(1).unwrap();
+    let fits = Topology::service_yaml(&[1]);
+    topo.write_config(&fits).unwrap();
+    topo.start_agent(&[
+        "--max-services",
+        "2",
+        "--health-timeout",
+        "1",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ])
+    .unwrap();
+    let log = topo.agent_log();
+    let addr: SocketAddr = log
+        .split("metrics, /healthz and /readyz on http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap();
+    let get = |topo: &Topology, path: &'static str| {
+        in_netns(&topo.node, move || http_get(addr, path).unwrap())
+    };
+    assert_eq!(get(&topo, "/healthz").0, 200);
+
+    // Two more Service ports than the maps hold: rejected before any write, counted.
+    let too_big = format!(
+        "{fits}---\napiVersion: v1\nkind: Service\nmetadata: {{name: more, namespace: default}}\nspec:\n  \
+         clusterIP: 10.96.0.77\n  ports: [{{name: a, port: 80}}, {{name: b, port: 81}}]\n"
+    );
+    topo.write_config(&too_big).unwrap();
+    topo.wait_until(Duration::from_secs(5), "the write error counted", |t| {
+        sample(&get(t, "/metrics").1, "lb_map_write_errors_total", &[]).is_some_and(|v| v >= 1.0)
+    })
+    .unwrap();
+    topo.wait_until(Duration::from_secs(5), "/healthz 503", |t| {
+        get(t, "/healthz").0 == 503
+    })
+    .unwrap();
+    // The last good state still forwards.
+    let name = topo.client(|| {
+        Conversation::open(SocketAddr::from((CLUSTER_IP, TCP_PORT)))
+            .and_then(|mut c| c.ask())
+            .unwrap()
+    });
+    assert_eq!(name, "backend-1");
+
+    topo.write_config(&fits).unwrap();
+    topo.wait_until(Duration::from_secs(5), "/healthz 200 again", |t| {
+        get(t, "/healthz").0 == 200
+    })
+    .unwrap();
+}

@@ -171,6 +171,10 @@ struct Args {
     /// (e.g. 0.0.0.0:9964).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// /healthz answers 503 once a seen change has waited this many seconds without being
+    /// programmed (maps full, writes failing), as kube-proxy's healthz does.
+    #[arg(long, default_value_t = lb_userspace::metrics::HEALTH_BOUND.as_secs())]
+    health_timeout: u64,
     /// Re-send gratuitous ARP for every announced address this often, in seconds (0: only when
     /// an address starts being announced). Switches age their MAC tables.
     #[arg(long, default_value_t = 0)]
@@ -186,8 +190,10 @@ enum AgentCommand {
 
 struct Agent {
     source: Source,
-    /// The desired state last applied.
-    desired: Arc<DesiredState>,
+    /// What announcing needs of the desired state last applied (announcements, Local
+    /// Services' nodes, L2 policies). Not the whole state: holding it would make the next
+    /// incremental build copy all of it.
+    l2: DesiredState,
     metrics: Metrics,
     health_checks: HealthChecks,
     /// A desired state was applied (with --kubernetes: after the initial lists).
@@ -311,7 +317,12 @@ impl Agent {
         for (port, e) in self.health_checks.apply(&desired.health_checks) {
             error!("healthCheckNodePort {port}: {e:#}");
         }
-        self.desired = desired.clone();
+        self.l2 = DesiredState {
+            announcements: desired.announcements.clone(),
+            local_nodes: desired.local_nodes.clone(),
+            l2_policies: desired.l2_policies.clone(),
+            ..Default::default()
+        };
         self.announce();
         self.write_status(&desired);
         self.ctx.lb_hints = status::hints(&self.status);
@@ -432,8 +443,8 @@ impl Agent {
             if state(&interfaces) != state(self.announcer.interfaces()) {
                 self.announcer.set_interfaces(interfaces);
                 self.announce();
-                let desired = self.desired.clone();
-                self.write_status(&desired);
+                self.status.announced = self.announcer.announced();
+                self.save_status();
             }
             return;
         }
@@ -469,8 +480,9 @@ impl Agent {
     /// --kubernetes those the node Leases give it (see [`lb_userspace::source::membership`]),
     /// after telling the others which L2 policies this node serves now.
     fn announce(&mut self) {
-        let desired = self.desired.clone();
-        let owned = match &self.source {
+        let desired = &self.l2;
+        let filtered;
+        let owned: &DesiredState = match &self.source {
             Source::Kubernetes(k) => {
                 let labels = k.node_labels().unwrap_or_default();
                 let up: Vec<&str> = self
@@ -482,8 +494,8 @@ impl Agent {
                     .collect();
                 k.membership()
                     .set_policies(served_policies(&desired.l2_policies, &labels, &up));
-                let owned = k.membership().owned(&desired);
-                Arc::new(DesiredState {
+                let owned = k.membership().owned(desired);
+                filtered = DesiredState {
                     announcements: desired
                         .announcements
                         .iter()
@@ -491,11 +503,12 @@ impl Agent {
                         .map(|(a, v)| (*a, v.clone()))
                         .collect(),
                     ..Default::default()
-                })
+                };
+                &filtered
             }
             Source::File(_) => desired,
         };
-        match self.announcer.apply(&owned, &mut self.maps.arp) {
+        match self.announcer.apply(owned, &mut self.maps.arp) {
             Ok((added, removed)) if added + removed > 0 => {
                 info!("ARP announcements: +{added}/-{removed}")
             }
@@ -664,7 +677,10 @@ async fn main() -> Result<()> {
     // renewed (the renewal task pushes the deadline forward from then on).
     let mut maps = maps;
     maps.set_announce_deadline(if args.kubernetes { 1 } else { 0 })?;
-    let metrics = Metrics::default();
+    let mut metrics = Metrics::default();
+    metrics.health = Arc::new(lb_userspace::metrics::Health::with_bound(
+        Duration::from_secs(args.health_timeout),
+    ));
     if let Some(addr) = args.metrics_addr {
         let bound = metrics.serve(addr, opts.bpffs.clone())?;
         info!("metrics, /healthz and /readyz on http://{bound}");
@@ -698,7 +714,7 @@ async fn main() -> Result<()> {
     };
     let mut agent = Agent {
         source,
-        desired: Arc::default(),
+        l2: DesiredState::default(),
         metrics: metrics.clone(),
         health_checks: HealthChecks::default(),
         synced: false,

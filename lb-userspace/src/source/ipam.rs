@@ -20,7 +20,11 @@ use tokio::{
 };
 
 use super::kube_status::StatusWriter;
-use crate::{lease::LeaseLock, metrics::Metrics, model::DesiredState};
+use crate::{
+    lbipam::{LbStatus, PoolUsage},
+    lease::LeaseLock,
+    metrics::Metrics,
+};
 
 /// Lease timing, as client-go's leader election defaults: a lease of 15 s, tried every 2 s,
 /// given up by a leader that could not renew for 10 s.
@@ -41,11 +45,13 @@ impl Default for LeaseTiming {
     }
 }
 
-/// The objects and desired state of the last build.
+/// The Services and the allocation of the last build (a copy: holding the desired state
+/// itself would make the next incremental build copy all of it).
 #[derive(Clone)]
 pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
-    pub desired: Arc<DesiredState>,
+    pub lb_status: Vec<LbStatus>,
+    pub pool_usage: Vec<PoolUsage>,
 }
 
 pub struct Ipam {
@@ -186,7 +192,14 @@ async fn run(
         let Some(snapshot) = snapshots.borrow_and_update().clone() else {
             continue;
         };
-        match writer.write(&snapshot.services, &snapshot.desired).await {
+        match writer
+            .write(
+                &snapshot.services,
+                &snapshot.lb_status,
+                &snapshot.pool_usage,
+            )
+            .await
+        {
             Ok(w) => {
                 dirty = false;
                 if w.services + w.pools > 0 {

@@ -22,8 +22,7 @@ use serde_json::{Value, json};
 
 use crate::{
     config::status_ingress_ips,
-    lbipam::{self, LbStatus, LoadBalancerIPPool},
-    model::DesiredState,
+    lbipam::{self, LbStatus, LoadBalancerIPPool, PoolUsage},
 };
 
 /// The condition type of our allocation on a Service.
@@ -60,18 +59,16 @@ impl StatusWriter {
     }
 
     /// Brings the status of `services` (the API server's current objects) and of the pools in
-    /// line with `desired`.
+    /// line with the allocation.
     pub async fn write(
         &mut self,
         services: &[Arc<Service>],
-        desired: &DesiredState,
+        lb_status: &[LbStatus],
+        pool_usage: &[PoolUsage],
     ) -> Result<Written, kube::Error> {
         let mut written = Written::default();
-        let allocations: BTreeMap<&str, &LbStatus> = desired
-            .lb_status
-            .iter()
-            .map(|s| (s.service.as_str(), s))
-            .collect();
+        let allocations: BTreeMap<&str, &LbStatus> =
+            lb_status.iter().map(|s| (s.service.as_str(), s)).collect();
         for service in services {
             let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
             let Some(name) = service.metadata.name.as_deref() else {
@@ -96,7 +93,7 @@ impl StatusWriter {
                 .insert(key, (patch, version_of(&after).unwrap_or(0)));
             written.services += 1;
         }
-        for usage in &desired.pool_usage {
+        for usage in pool_usage {
             let status = json!({"status": {
                 "total": usage.size,
                 "used": usage.used,

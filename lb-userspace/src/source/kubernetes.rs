@@ -296,7 +296,8 @@ impl KubeSource {
                 .collect();
             self.ipam.publish(Snapshot {
                 services,
-                desired: t.desired.clone(),
+                lb_status: t.desired.lb_status.clone(),
+                pool_usage: t.desired.pool_usage.clone(),
             });
             Built {
                 desired: t.desired,
