@@ -151,6 +151,8 @@ fn scrape(topo: &Topology, name: &str) -> Result<f64> {
 struct Sync {
     sync_ms: Vec<f64>,
     event_ms: Vec<f64>,
+    /// From the agent's log, per event: (build ms, maps ms).
+    phases: Vec<(f64, f64)>,
     /// The agent's own view: watch event seen → maps written, mean.
     agent_event_ms: f64,
 }
@@ -231,12 +233,36 @@ fn sync_and_events(s: &Settings) -> Result<Sync> {
         event_ms.push(start.elapsed().as_secs_f64() * 1e3);
         std::thread::sleep(Duration::from_millis(20));
     }
+    let phases: Vec<(f64, f64)> = topo
+        .agent_log()
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split(" applied in ").nth(1)?;
+            let b = rest
+                .split("(build ")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            let m = rest
+                .split(", maps ")
+                .nth(1)?
+                .split(')')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((b, m))
+        })
+        .collect();
+    let phases = phases[phases.len().saturating_sub(s.changes)..].to_vec();
     let sum = scrape(&topo, "lb_network_programming_duration_seconds_sum")? - sum0;
     let count = scrape(&topo, "lb_network_programming_duration_seconds_count")? - count0;
     topo.stop_agent()?;
     Ok(Sync {
         sync_ms,
         event_ms,
+        phases,
         agent_event_ms: sum / count.max(1.0) * 1e3,
     })
 }
@@ -398,6 +424,21 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
         num(p99),
         String::new(),
     ]);
+    let builds: Vec<f64> = sync.phases.iter().map(|p| p.0).collect();
+    let writes: Vec<f64> = sync.phases.iter().map(|p| p.1).collect();
+    if !builds.is_empty() {
+        table.row(vec![
+            "  agent: objects → desired state / map writes, ms, p50 and p99".into(),
+            format!(
+                "{} / {} and {} / {}",
+                num(percentile(&builds, 0.5)),
+                num(percentile(&writes, 0.5)),
+                num(percentile(&builds, 0.99)),
+                num(percentile(&writes, 0.99))
+            ),
+            "from its log".into(),
+        ]);
+    }
     table.row(vec![
         "  agent's own view (watch event seen → maps written), mean ms".into(),
         num(sync.agent_event_ms),

@@ -248,10 +248,14 @@ impl Agent {
             }
         };
         let path = &source;
+        let built = started.elapsed();
         let report = match self.reconciler.apply(&desired, &mut self.maps) {
             Ok(r) => {
                 info!(
-                    "{path} applied: {} services, {} frontends, {} backends (+{}/-{} services, {} tables rebuilt, +{}/-{} backends)",
+                    "{path} applied in {:.1} ms (build {:.1}, maps {:.1}): {} services, {} frontends, {} backends (+{}/-{} services, {} tables rebuilt, +{}/-{} backends)",
+                    started.elapsed().as_secs_f64() * 1e3,
+                    built.as_secs_f64() * 1e3,
+                    (started.elapsed() - built).as_secs_f64() * 1e3,
                     self.reconciler.service_count(),
                     self.reconciler.frontend_count(),
                     self.reconciler.backend_count(),
@@ -327,6 +331,10 @@ impl Agent {
         self.write_status(&desired);
         self.ctx.lb_hints = status::hints(&self.status);
         self.synced = true;
+        log::debug!(
+            "reload done in {:.1} ms (cleanup, announcements and status included)",
+            started.elapsed().as_secs_f64() * 1e3
+        );
         self.metrics
             .reconcile_seconds
             .observe(started.elapsed().as_secs_f64());
