@@ -231,6 +231,14 @@ impl Drop for Membership {
     }
 }
 
+/// How long after a renewal every node takes a Lease of `duration` as expired, and its own
+/// datapath stops answering: half a renewal period (renewals come every third of the
+/// duration) short of it, so one late renewal is forgiven and a crash is noticed within the
+/// duration even with the 50 ms poll (3 s → 2.5 s).
+pub fn expiry(duration: Duration) -> Duration {
+    duration - duration / 6
+}
+
 /// Rendezvous rank of `node` for `addr`: FNV-1a over both, finished with splitmix64, so every
 /// agent (of any version) ranks alike.
 pub fn rank(node: &str, addr: Ipv4Addr) -> u64 {
@@ -253,11 +261,11 @@ fn live_members(
     let mut live: BTreeMap<String, BTreeSet<String>> = state
         .members
         .iter()
-        .filter(|(node, m)| *node != me && !m.released && m.seen.elapsed() < m.duration)
+        .filter(|(node, m)| *node != me && !m.released && m.seen.elapsed() < expiry(m.duration))
         .map(|(node, m)| (node.clone(), m.policies.clone()))
         .collect();
     if let (Some(renewed), Some(mine)) = (state.renewed, &state.mine)
-        && renewed.elapsed() < timing.duration
+        && renewed.elapsed() < expiry(timing.duration)
     {
         let settled: BTreeSet<String> = mine.intersection(&state.settled).cloned().collect();
         if !settled.is_empty() {
@@ -373,7 +381,7 @@ async fn renew(
         match write(&api, &name, &me, &mine, timing).await {
             Ok(()) => {
                 // The datapath answers ARP as long as the others will take this node as live.
-                let left = timing.duration.saturating_sub(sent.elapsed());
+                let left = expiry(timing.duration).saturating_sub(sent.elapsed());
                 if let Some(d) = &deadline
                     && let Err(e) = d.set(monotonic_coarse_ns() + left.as_nanos() as u64)
                 {
