@@ -96,7 +96,7 @@ fn each_address_has_one_announcer_and_moves_within_the_targets() {
     });
     println!("kill -9: {a} answered by node {y} after {took:?}");
     assert!(
-        took <= Duration::from_millis(3200),
+        took <= Duration::from_secs(3),
         "crash hand-over took {took:?}"
     );
     wait_settled(&cluster, &macs, &[y], "one node left");
