@@ -314,9 +314,7 @@ fn writes_per_minute(n: u32, window: Duration) -> Result<f64> {
         if written != last.0 {
             last = (written, Instant::now());
         }
-        if owned as u32 >= n
-            && written >= u64::from(n)
-            && last.1.elapsed() > Duration::from_secs(2)
+        if owned as u32 >= n && written >= u64::from(n) && last.1.elapsed() > Duration::from_secs(2)
         {
             break;
         }

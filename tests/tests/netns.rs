@@ -158,6 +158,15 @@ fn bad_config_is_rejected_and_last_good_state_keeps_forwarding() {
         2,
         "both backends of the last good state still serve: {names:?}"
     );
+
+    // An empty file (a ConfigMap cut off, an editor's truncate) does not delete every Service.
+    topo.write_config("").unwrap();
+    topo.wait_until(Duration::from_secs(3), "the empty file refused", |t| {
+        t.agent_log().contains("no objects (empty or truncated?)")
+    })
+    .unwrap();
+    let name = topo.client(|| Conversation::open(vip(TCP_PORT)).unwrap().ask().unwrap());
+    assert!(name.starts_with("backend-"), "{name}");
 }
 
 #[test]

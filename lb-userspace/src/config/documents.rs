@@ -13,6 +13,9 @@ pub(super) enum Parsed {
     Policy(String, Arc<L2Policy>),
     /// "Kind ns/name (apiVersion)" of a kind we do not handle.
     Ignored(String),
+    /// A `v1 List` (what `kubectl get -o yaml` writes): its items; an empty one is how a file
+    /// says "no Services" on purpose.
+    List(Vec<Parsed>),
 }
 
 /// Splits a multi-document YAML stream at its `---` lines (document ends `...` dropped), so each
@@ -53,6 +56,23 @@ pub(super) fn parse_document(text: &str, doc: &str) -> Result<Parsed, ConfigErro
         serde_yaml::from_str(text).map_err(|e| err(doc, "", format!("invalid YAML: {e}")))?;
     if value.is_null() {
         return Ok(Parsed::Null);
+    }
+    parse_value(value, doc)
+}
+
+fn parse_value(value: serde_yaml::Value, doc: &str) -> Result<Parsed, ConfigError> {
+    if value["apiVersion"].as_str() == Some("v1") && value["kind"].as_str() == Some("List") {
+        let items = match &value["items"] {
+            serde_yaml::Value::Sequence(items) => items.clone(),
+            serde_yaml::Value::Null => Vec::new(),
+            _ => return Err(err(doc, "items", "not a list")),
+        };
+        return items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| parse_value(item, &format!("{doc} items[{i}]")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Parsed::List);
     }
     let api_version = value["apiVersion"].as_str().unwrap_or("").to_string();
     let Some(kind) = value["kind"].as_str().map(str::to_string) else {
@@ -139,6 +159,8 @@ impl ConfigCache {
             };
         let mut objects = Objects::default();
         let mut errors = Vec::new();
+        // A `kind: List` (even an empty one) says what the file holds on purpose.
+        let mut declared_empty = false;
         for (index, (key, _)) in docs.iter().enumerate() {
             // Cached documents stay where they are: no reference count is touched twice (on a
             // 20k-document file those cold cache lines are most of a reload).
@@ -150,26 +172,53 @@ impl ConfigCache {
                 }
                 None => &self.docs[key],
             };
-            match parsed {
-                Parsed::Null => {}
-                Parsed::Service(s) => objects.services.push(s.clone()),
-                Parsed::Slice(s) => objects.endpoint_slices.push(s.clone()),
-                Parsed::Pool(kind, p) => objects.pools.push((kind.clone(), p.clone())),
-                Parsed::Policy(kind, p) => objects.l2_policies.push((kind.clone(), p.clone())),
-                Parsed::Ignored(what) => objects
-                    .ignored
-                    .push(format!("document {}: {what}", index + 1)),
-            }
+            declared_empty |= matches!(parsed, Parsed::List(_));
+            objects.add(parsed, index);
         }
         if self.docs.len() > docs.len() {
             let keys: HashSet<u64> = docs.iter().map(|(k, _)| *k).collect();
             self.docs.retain(|k, _| keys.contains(k));
+        }
+        if errors.is_empty() && !declared_empty && objects.is_empty() {
+            // An empty or cut-off file would delete every Service: refused.
+            errors.push(err(
+                "the file",
+                "",
+                "no objects (empty or truncated?): to run with no Services, write a `kind: List` with `items: []`",
+            ));
         }
         if errors.is_empty() {
             Ok(objects)
         } else {
             Err(ConfigErrors(errors))
         }
+    }
+}
+
+impl Objects {
+    fn add(&mut self, parsed: &Parsed, index: usize) {
+        match parsed {
+            Parsed::Null => {}
+            Parsed::Service(s) => self.services.push(s.clone()),
+            Parsed::Slice(s) => self.endpoint_slices.push(s.clone()),
+            Parsed::Pool(kind, p) => self.pools.push((kind.clone(), p.clone())),
+            Parsed::Policy(kind, p) => self.l2_policies.push((kind.clone(), p.clone())),
+            Parsed::Ignored(what) => self.ignored.push(format!("document {}: {what}", index + 1)),
+            Parsed::List(items) => {
+                for item in items {
+                    self.add(item, index);
+                }
+            }
+        }
+    }
+
+    /// No object at all, not even one of a kind we ignore.
+    fn is_empty(&self) -> bool {
+        self.services.is_empty()
+            && self.endpoint_slices.is_empty()
+            && self.pools.is_empty()
+            && self.l2_policies.is_empty()
+            && self.ignored.is_empty()
     }
 }
 

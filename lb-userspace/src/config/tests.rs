@@ -454,3 +454,31 @@ fn another_controllers_class_is_served_from_its_status_but_not_allocated_or_anno
         .unwrap();
     assert_eq!(ours.addresses.len(), 1, "{ours:?}");
 }
+
+#[test]
+fn an_empty_file_is_refused_and_a_list_says_none_on_purpose() {
+    for text in ["", "\n", "---\n# nothing here\n---\n"] {
+        let e = load_str(text).unwrap_err();
+        assert!(e.to_string().contains("no objects"), "{text:?}: {e}");
+    }
+    let (desired, _) = load_str("apiVersion: v1\nkind: List\nitems: []\n").unwrap();
+    assert!(desired.services.is_empty());
+    // What `kubectl get svc,endpointslices -o yaml` writes: a List of the objects.
+    let list = format!(
+        "apiVersion: v1\nkind: List\nmetadata: {{resourceVersion: \"\"}}\nitems:\n{}",
+        GOOD.split("---\n")
+            .filter(|d| !d.trim().is_empty())
+            .map(|d| {
+                let mut lines = d.lines();
+                let first = lines.next().unwrap();
+                let rest: String = lines.map(|l| format!("  {l}\n")).collect();
+                format!("- {first}\n{rest}")
+            })
+            .collect::<String>()
+    );
+    let (from_list, _) = load_str(&list).unwrap();
+    let (from_docs, _) = load_str(GOOD).unwrap();
+    assert_eq!(from_list, from_docs);
+    let e = load_str("apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: x}\n  spec: {ports: [{port: 0}]}\n").unwrap_err();
+    assert!(e.to_string().contains("spec.ports[0].port"), "{e}");
+}
