@@ -42,6 +42,11 @@ impl Status {
     pub fn read(dir: &Path) -> Result<Self> {
         crate::state::read(dir, STATUS_FILE)
     }
+
+    /// The status of an earlier run, None on a first run; a corrupt file is an error.
+    pub fn read_if_present(dir: &Path) -> Result<Option<Self>> {
+        crate::state::read_if_present(dir, STATUS_FILE)
+    }
 }
 
 /// Which LoadBalancer addresses each Service had, from the status of an earlier run.

@@ -664,10 +664,15 @@ async fn main() -> Result<()> {
             .trim()
             .to_string(),
     };
-    // Earlier allocations stay where they were (a missing file just means a first run).
-    let lb_hints = Status::read(&args.state_dir)
-        .map(|s| status::hints(&s))
-        .unwrap_or_default();
+    // Earlier allocations stay where they were (a missing file just means a first run; a
+    // corrupt one is said, and the allocation starts over from the objects).
+    let lb_hints = match Status::read_if_present(&args.state_dir) {
+        Ok(s) => s.map(|s| status::hints(&s)).unwrap_or_default(),
+        Err(e) => {
+            error!("{e:#}: earlier LoadBalancer allocations lost; allocating afresh");
+            Default::default()
+        }
+    };
     info!(
         "earlier LoadBalancer allocations ({}): {lb_hints:?}",
         args.state_dir.display()
