@@ -200,6 +200,8 @@ struct Agent {
     synced: bool,
     /// What was last written to status.json.
     status: Status,
+    /// status.json was written by this run.
+    status_written: bool,
     state_dir: PathBuf,
     reconciler: Reconciler,
     maps: PinnedMaps,
@@ -385,9 +387,15 @@ impl Agent {
         }
     }
 
+    /// Writes status.json when it changed (it is fsynced: an endpoint change must not pay for
+    /// a disk flush of an unchanged file).
     fn write_status(&mut self, desired: &DesiredState) {
-        self.status = Status::new(desired, &self.announcer);
-        self.save_status();
+        let status = Status::new(desired, &self.announcer);
+        if status != self.status || !self.status_written {
+            self.status = status;
+            self.save_status();
+            self.status_written = true;
+        }
     }
 
     fn save_status(&self) {
@@ -732,6 +740,7 @@ async fn main() -> Result<()> {
         health_checks: HealthChecks::default(),
         synced: false,
         status: Status::default(),
+        status_written: false,
         state_dir: args.state_dir.clone(),
         reconciler,
         maps,
