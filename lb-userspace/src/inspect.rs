@@ -168,3 +168,70 @@ pub fn stats(maps: &PinnedMaps) -> Result<Stats> {
         sock_revnat_capacity: maps.capacity(map_names::SOCK_REVNAT)?,
     })
 }
+
+/// One pinned map: kind, capacity and (where the entries can be counted) how full it is.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MapFill {
+    pub name: &'static str,
+    pub kind: String,
+    pub capacity: u32,
+    /// Entries in use (None for arrays of fixed slots, where every slot exists).
+    pub entries: Option<u64>,
+}
+
+/// Every pinned map of the node with its fill level.
+pub fn fill(maps: &PinnedMaps) -> Result<Vec<MapFill>> {
+    let count = |name: &str| -> Option<u64> {
+        Some(match name {
+            map_names::FRONTENDS => maps.frontends.keys().count() as u64,
+            map_names::BACKENDS => backends_in_use(maps).ok()?.len() as u64,
+            map_names::CONNTRACK => maps.conntrack.keys().count() as u64,
+            map_names::ARP => maps.arp.keys().count() as u64,
+            map_names::AFFINITY => maps.affinity.keys().count() as u64,
+            map_names::SOURCE_RANGES => maps.source_ranges.keys().count() as u64,
+            map_names::SOCK_REVNAT => maps.sock_revnat.keys().count() as u64,
+            map_names::SERVICE_NAMES => maps.service_names.keys().count() as u64,
+            _ => return None,
+        })
+    };
+    let mut out = Vec::new();
+    for name in map_names::ALL {
+        let data = aya::maps::MapData::from_pin(maps.dir.join(name))
+            .with_context(|| format!("opening pinned map {name}"))?;
+        let info = data.info()?;
+        out.push(MapFill {
+            name,
+            kind: format!("{:?}", info.map_type()?)
+                .trim_start_matches("BPF_MAP_TYPE_")
+                .to_ascii_lowercase(),
+            capacity: info.max_entries(),
+            entries: count(name),
+        });
+    }
+    Ok(out)
+}
+
+/// Ids of the loaded programs that use this node's pinned maps (lb, lb_tc and the socket
+/// hooks), told apart from other agents' (another bpffs) by those maps' ids.
+pub fn programs(maps: &PinnedMaps) -> Result<Vec<(String, u32)>> {
+    let mut ours = std::collections::BTreeSet::new();
+    for name in map_names::ALL {
+        ours.insert(
+            aya::maps::MapData::from_pin(maps.dir.join(name))?
+                .info()?
+                .id(),
+        );
+    }
+    let mut out = Vec::new();
+    for p in aya::programs::loaded_programs().flatten() {
+        if p.map_ids()
+            .ok()
+            .flatten()
+            .is_some_and(|ids| ids.iter().any(|id| ours.contains(id)))
+        {
+            out.push((p.name_as_str().unwrap_or("?").to_string(), p.id()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}

@@ -4,6 +4,7 @@
 //! state, the model) → reconcile (diff against what the maps hold, safe write order) → maps
 //! (pinned BPF maps).
 
+pub mod agentstate;
 pub mod attach;
 pub mod blocks;
 pub mod config;

@@ -35,12 +35,12 @@ fn each_address_has_one_announcer_and_moves_within_the_targets() {
     let owners: Vec<usize> = (0..SERVICES).map(|i| owner(address(i), &[0, 1])).collect();
     println!("owners: {owners:?}");
     // Traffic to each address reaches the owner's own pod (externalTrafficPolicy: Local).
-    for i in 0..SERVICES {
+    for (i, owner) in owners.iter().enumerate() {
         let to = format!("{}:80", address(i)).parse().unwrap();
         let name = lb_tests::in_netns(&cluster.client, move || {
             Conversation::open(to).and_then(|mut c| c.ask()).unwrap()
         });
-        assert_eq!(name, format!("pod-{}", owners[i] + 1), "{}", address(i));
+        assert_eq!(name, format!("pod-{}", owner + 1), "{}", address(i));
     }
     // Node Leases: writes grow with nodes, not Services.
     let writes_before = api.lock().count(

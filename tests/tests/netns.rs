@@ -146,6 +146,14 @@ fn bad_config_is_rejected_and_last_good_state_keeps_forwarding() {
         log.contains("Service default/echo: spec.ports[0].port: 99999 is not a port"),
         "{log}"
     );
+    let status: serde_json::Value =
+        serde_json::from_str(&topo.lbctl(&["status", "-o", "json"]).unwrap()).unwrap();
+    let reload = &status["agent"]["state"]["last_reload"];
+    assert_eq!(reload["result"], "rejected", "{status}");
+    assert!(
+        reload["detail"].as_str().unwrap().contains("99999"),
+        "{status}"
+    );
     let names = topo.client(|| {
         let mut names = std::collections::BTreeSet::new();
         for _ in 0..60 {
@@ -176,7 +184,37 @@ fn agent_restart_keeps_forwarding_and_lbctl_works_while_it_is_down() {
     topo.start_agent(&[]).unwrap();
     let mut held = topo.client(|| Conversation::open(vip(TCP_PORT)).unwrap());
     let first = held.ask().unwrap();
+    let status = |topo: &Topology| -> serde_json::Value {
+        serde_json::from_str(&topo.lbctl(&["status", "-o", "json"]).unwrap()).unwrap()
+    };
+    let up = status(&topo);
+    assert_eq!(up["agent"]["running"], true, "{up}");
+    assert_eq!(
+        up["agent"]["state"]["last_reload"]["result"], "applied",
+        "{up}"
+    );
+    assert_eq!(up["agent"]["state"]["last_reload"]["frontends"], 2, "{up}");
+    let programs: Vec<&str> = up["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(programs.contains(&"lb_tc"), "{up}");
+    let frontends = up["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "LB_FRONTENDS")
+        .unwrap();
+    assert_eq!(frontends["entries"], 2, "{up}");
+    let table = topo.lbctl(&["status"]).unwrap();
+    assert!(
+        table.contains("agent: running") && table.contains("LB_CONNTRACK"),
+        "{table}"
+    );
     topo.stop_agent().unwrap();
+    assert_eq!(status(&topo)["agent"]["running"], false);
     // Agent down: pinned program and maps keep forwarding; lbctl reads the pins.
     let services = topo.lbctl(&["services"]).unwrap();
     assert!(services.contains("10.96.0.10:80/TCP"), "{services}");

@@ -16,6 +16,7 @@ use lb_common::{
     DEFAULT_MAX_SERVICES, DEFAULT_SOCK_REVNAT_SIZE,
 };
 use lb_userspace::{
+    agentstate,
     attach::{self, AttachMode},
     config::BuildContext,
     datapath::{self, Datapath, Options},
@@ -202,6 +203,8 @@ struct Agent {
     status: Status,
     /// status.json was written by this run.
     status_written: bool,
+    /// What agent.json says.
+    agent_state: agentstate::AgentState,
     state_dir: PathBuf,
     reconciler: Reconciler,
     maps: PinnedMaps,
@@ -246,6 +249,16 @@ impl Agent {
                 self.metrics.rejected.inc();
                 // Nothing more to program for this change.
                 self.metrics.health.programmed();
+                let first = errors
+                    .0
+                    .first()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                self.record_reload(
+                    started,
+                    "rejected",
+                    format!("{} errors, first: {first}", errors.0.len()),
+                );
                 return;
             }
         };
@@ -272,6 +285,7 @@ impl Agent {
             Err(e) => {
                 error!("{path} not applied: {e:#}; keeping the last good state");
                 self.metrics.map_write_errors.inc();
+                self.record_reload(started, "not applied", format!("{e:#}"));
                 return;
             }
         };
@@ -337,6 +351,7 @@ impl Agent {
             "reload done in {:.1} ms (cleanup, announcements and status included)",
             started.elapsed().as_secs_f64() * 1e3
         );
+        self.record_reload(started, "applied", String::new());
         self.metrics
             .reconcile_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -346,6 +361,27 @@ impl Agent {
                 .observe(seen.elapsed().as_secs_f64());
         }
         self.update_ready();
+    }
+
+    /// agent.json: the reload just done and its result, for `lbctl status`.
+    fn record_reload(&mut self, started: std::time::Instant, result: &str, detail: String) {
+        self.agent_state.synced = self.synced;
+        self.agent_state.ipam_leader = match &self.source {
+            Source::Kubernetes(k) => Some(k.ipam_leader()),
+            Source::File(_) => None,
+        };
+        self.agent_state.last_reload = Some(agentstate::Reload {
+            at_unix: agentstate::now_unix(),
+            result: result.to_string(),
+            detail,
+            duration_ms: started.elapsed().as_secs_f64() * 1e3,
+            services: self.reconciler.service_count(),
+            frontends: self.reconciler.frontend_count(),
+            backends: self.reconciler.backend_count(),
+        });
+        if let Err(e) = self.agent_state.write(&self.state_dir) {
+            warn!("{}: {e:#}", self.state_dir.display());
+        }
     }
 
     /// Ready once the first sync is applied and the datapath is attached somewhere.
@@ -733,6 +769,7 @@ async fn main() -> Result<()> {
             ))
         }
     };
+    let source_name = source.describe();
     let mut agent = Agent {
         source,
         l2: DesiredState::default(),
@@ -741,6 +778,13 @@ async fn main() -> Result<()> {
         synced: false,
         status: Status::default(),
         status_written: false,
+        agent_state: agentstate::AgentState {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            source: source_name.clone(),
+            started_unix: agentstate::now_unix(),
+            ..Default::default()
+        },
         state_dir: args.state_dir.clone(),
         reconciler,
         maps,
@@ -759,6 +803,9 @@ async fn main() -> Result<()> {
         fixed_node_ips: !args.node_ips.is_empty(),
         ct_timeouts: opts.ct_timeouts,
     };
+    if let Err(e) = agent.agent_state.write(&args.state_dir) {
+        warn!("{}: {e:#}", args.state_dir.display());
+    }
     agent.reload();
     // Subscribed before the first attach: nothing that appears meanwhile is missed.
     let mut changes = Changes::watch()?;

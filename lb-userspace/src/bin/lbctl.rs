@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::{CT_DIR_FORWARD, backend_state, frontend_type};
 use lb_userspace::{
-    attach,
+    agentstate, attach,
     inspect::{
         self, addr, backend_name, backends_in_use, frontend_name, frontends, hostport,
         parse_frontend, proto_name, service_names, table_shares,
@@ -58,6 +58,9 @@ enum Command {
     /// Interfaces the agent attached to: hooks (xdp+tc or tc), why, and whether the pinned links
     /// are still there.
     Interfaces,
+    /// Is the agent up, what does it read, how did its last reload end; the programs on this
+    /// node's maps, how the interfaces are hooked, and how full every map is.
+    Status,
 }
 
 /// Prints rows as aligned columns.
@@ -87,6 +90,7 @@ fn main() -> Result<()> {
     match args.command {
         Command::Pools => return pools(&args),
         Command::Interfaces => return interfaces(&args),
+        Command::Status => return status(&args),
         _ => {}
     }
     let maps = PinnedMaps::open(&args.bpffs, false)?;
@@ -98,7 +102,7 @@ fn main() -> Result<()> {
         Command::Stats => stats(&maps, json_out),
         Command::Maglev { frontend } => maglev(&maps, json_out, frontend),
         Command::Arp => arp(&maps, &args, json_out),
-        Command::Pools | Command::Interfaces => {
+        Command::Pools | Command::Interfaces | Command::Status => {
             unreachable!("handled before the maps are opened")
         }
     }
@@ -524,4 +528,125 @@ fn monotonic_ns() -> u64 {
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The agent (agent.json and whether its process lives), the programs, hooks and map fill.
+fn status(args: &Args) -> Result<()> {
+    let agent = agentstate::AgentState::read(&args.state_dir).ok();
+    let running = agent.as_ref().is_some_and(|a| a.running());
+    let hooked = attach::read_interfaces(&args.state_dir).ok();
+    let maps = PinnedMaps::open(&args.bpffs, false);
+    let (programs, fill) = match &maps {
+        Ok(m) => (inspect::programs(m)?, inspect::fill(m)?),
+        Err(_) => (Vec::new(), Vec::new()),
+    };
+    if args.output == Output::Json {
+        let out = json!({
+            "agent": agent.as_ref().map(|a| json!({"running": running, "state": a})),
+            "programs": programs.iter().map(|(n, id)| json!({"name": n, "id": id})).collect::<Vec<_>>(),
+            "interfaces": hooked.as_ref().map(|h| h.interfaces.iter()
+                .map(|a| json!({"interface": a.interface, "hooks": a.hooks, "driver": a.driver}))
+                .collect::<Vec<_>>()),
+            "cgroup": hooked.as_ref().map(|h| &h.cgroup),
+            "maps": fill,
+            "maps_error": maps.as_ref().err().map(|e| format!("{e:#}")),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    match &agent {
+        Some(a) => {
+            println!(
+                "agent: {} (pid {}, version {}), {}; {}{}",
+                if running { "running" } else { "NOT running" },
+                a.pid,
+                a.version,
+                a.source,
+                if a.synced {
+                    "synced"
+                } else {
+                    "waiting for its first complete view"
+                },
+                match a.ipam_leader {
+                    Some(true) => "; IPAM leader (writes Service status)",
+                    Some(false) => "; not the IPAM leader",
+                    None => "",
+                }
+            );
+            match &a.last_reload {
+                Some(r) => println!(
+                    "last reload: {} {} s ago in {:.1} ms: {} services, {} frontends, {} backends{}",
+                    r.result,
+                    agentstate::now_unix().saturating_sub(r.at_unix),
+                    r.duration_ms,
+                    r.services,
+                    r.frontends,
+                    r.backends,
+                    if r.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", r.detail)
+                    }
+                ),
+                None => println!("last reload: none yet"),
+            }
+        }
+        None => println!(
+            "agent: no {}/{} (has lb-agent run with this --state-dir?)",
+            args.state_dir.display(),
+            agentstate::AGENT_FILE
+        ),
+    }
+    if let Some(h) = &hooked {
+        let hooks: Vec<String> = h
+            .interfaces
+            .iter()
+            .map(|a| format!("{} {}", a.interface, a.hooks))
+            .collect();
+        println!(
+            "interfaces: {}; sockets: {}",
+            if hooks.is_empty() {
+                "none".to_string()
+            } else {
+                hooks.join(", ")
+            },
+            h.cgroup
+                .as_ref()
+                .map_or("off".to_string(), |c| format!("cgroup {}", c.display()))
+        );
+    }
+    match maps {
+        Err(e) => println!("maps: {e:#}"),
+        Ok(_) => {
+            let names: Vec<String> = programs
+                .iter()
+                .map(|(n, id)| format!("{n} #{id}"))
+                .collect();
+            println!(
+                "programs: {}",
+                if names.is_empty() {
+                    "none loaded".into()
+                } else {
+                    names.join(", ")
+                }
+            );
+            println!();
+            let rows: Vec<Vec<String>> = fill
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.name.to_string(),
+                        m.kind.clone(),
+                        m.entries.map_or("-".into(), |e| e.to_string()),
+                        m.capacity.to_string(),
+                        m.entries.map_or(String::new(), |e| {
+                            format!("{:.1}%", 100.0 * e as f64 / f64::from(m.capacity.max(1)))
+                        }),
+                    ]
+                })
+                .collect();
+            print_table(&["MAP", "KIND", "ENTRIES", "CAPACITY", "FILL"], &rows);
+        }
+    }
+    Ok(())
 }

@@ -24,6 +24,8 @@ pub struct Built {
     pub set_aside: Vec<ConfigError>,
 }
 
+// One per agent: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Source {
     File(file::FileSource),
     Kubernetes(Box<kubernetes::KubeSource>),

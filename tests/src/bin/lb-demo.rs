@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: a veth topology (client, node, 3 backends) with every veth as the kernel
 //! makes it, lb-agent from the shipped example config, traffic to the ClusterIP through the
 //! packet path (tc on the node's veths) and through the socket hooks (a client process in the
-//! agent's --cgroup), then `lbctl interfaces`, `services` and `stats`. Cleans up on exit.
+//! agent's --cgroup), then `lbctl interfaces`, `services`, `stats` and `status`. Cleans up on
+//! exit.
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
@@ -57,5 +58,6 @@ fn main() -> anyhow::Result<()> {
     println!("\n$ lbctl interfaces\n{}", topo.lbctl(&["interfaces"])?);
     println!("$ lbctl services\n{}", topo.lbctl(&["services"])?);
     println!("$ lbctl stats\n{}", topo.lbctl(&["stats"])?);
+    println!("$ lbctl status\n{}", topo.lbctl(&["status"])?);
     Ok(())
 }

@@ -1,0 +1,66 @@
+//! `--state-dir`/agent.json: the running agent as `lbctl status` shows it (process, source,
+//! sync, IPAM leadership, the last reload and its result). Rewritten after every reload; it is
+//! runtime information, so it is renamed into place without an fsync.
+
+use std::{
+    path::Path,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub const AGENT_FILE: &str = "agent.json";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentState {
+    pub pid: u32,
+    pub version: String,
+    /// "config /etc/lb/services.yaml" or "kubernetes https://…".
+    pub source: String,
+    pub started_unix: u64,
+    /// The first complete view was applied.
+    pub synced: bool,
+    /// With --kubernetes: whether this agent writes Service status.
+    pub ipam_leader: Option<bool>,
+    pub last_reload: Option<Reload>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reload {
+    pub at_unix: u64,
+    /// "applied", "rejected" (the objects had errors) or "not applied" (the maps refused).
+    pub result: String,
+    pub detail: String,
+    pub duration_ms: f64,
+    pub services: usize,
+    pub frontends: usize,
+    pub backends: usize,
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl AgentState {
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = dir.join(format!(".{AGENT_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, dir.join(AGENT_FILE))?;
+        Ok(())
+    }
+
+    pub fn read(dir: &Path) -> Result<Self> {
+        crate::state::read(dir, AGENT_FILE)
+    }
+
+    /// Is the process that wrote this still an lb-agent?
+    pub fn running(&self) -> bool {
+        std::fs::read(format!("/proc/{}/cmdline", self.pid))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("lb-agent"))
+    }
+}
