@@ -12,11 +12,11 @@
 //! - announcement hand-over on the two-node cluster: graceful stop, link down, kill -9.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, TcpListener},
+    net::{Ipv4Addr, TcpListener},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use lb_tests::{
     Topology,
     apiserver::{ApiServer, fixture},
@@ -129,18 +129,8 @@ fn kubeconfig(topo: &Topology, api: &ApiServer) -> Result<String> {
     Ok(path.display().to_string())
 }
 
-/// The agent's metrics address, from its log.
-fn metrics_addr(topo: &Topology) -> Result<SocketAddr> {
-    let log = topo.agent_log();
-    log.split("metrics, /healthz and /readyz on http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .ok_or_else(|| anyhow!("no metrics address in the agent log"))
-}
-
 fn scrape(topo: &Topology, name: &str) -> Result<f64> {
-    let addr = metrics_addr(topo)?;
+    let addr = topo.metrics_addr()?;
     let text = in_netns(&topo.node, move || http_get(addr, "/metrics"))?.1;
     text.lines()
         .find(|l| l.split(' ').next() == Some(name))

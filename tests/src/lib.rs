@@ -253,6 +253,16 @@ impl Topology {
         self.wait_agent_log("lb-agent ready", Duration::from_secs(20))
     }
 
+    /// The address the agent serves `--metrics-addr` on (read from its log, so port 0 works).
+    pub fn metrics_addr(&self) -> Result<SocketAddr> {
+        let log = self.agent_log();
+        log.split("metrics, /healthz and /readyz on http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("no metrics address in the agent log:\n{log}"))
+    }
+
     /// Waits until the agent's log holds `text`; fails if the agent exits first.
     pub fn wait_agent_log(&mut self, text: &str, timeout: Duration) -> Result<()> {
         let start = Instant::now();

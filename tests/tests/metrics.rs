@@ -56,13 +56,7 @@ fn metrics_health_and_health_check_node_port() {
         .unwrap();
     topo.start_agent(&["--node-name", "node-a", "--metrics-addr", "127.0.0.1:0"])
         .unwrap();
-    let log = topo.agent_log();
-    let addr: SocketAddr = log
-        .split("metrics, /healthz and /readyz on http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"));
+    let addr = topo.metrics_addr().unwrap();
     let get = |path: &'static str| in_netns(&topo.node, move || http_get(addr, path).unwrap());
 
     assert_eq!(get("/readyz").0, 200);
@@ -197,13 +191,7 @@ fn healthz_fails_while_a_change_cannot_be_programmed() {
         "127.0.0.1:0",
     ])
     .unwrap();
-    let log = topo.agent_log();
-    let addr: SocketAddr = log
-        .split("metrics, /healthz and /readyz on http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap();
+    let addr = topo.metrics_addr().unwrap();
     let get = |topo: &Topology, path: &'static str| {
         in_netns(&topo.node, move || http_get(addr, path).unwrap())
     };
