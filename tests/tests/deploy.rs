@@ -144,3 +144,35 @@ fn the_daemonset_runs_the_agent_as_documented() {
         ]
     );
 }
+
+#[test]
+fn lbctl_completions_cover_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = std::process::Command::new(sibling_binary("lbctl"))
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{shell}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let script = String::from_utf8(out.stdout).unwrap();
+        for command in [
+            "services",
+            "backends",
+            "conntrack",
+            "stats",
+            "maglev",
+            "arp",
+            "pools",
+            "interfaces",
+            "status",
+        ] {
+            assert!(
+                script.contains(command),
+                "{shell} completions lack {command}"
+            );
+        }
+    }
+}

@@ -61,6 +61,8 @@ enum Command {
     /// Is the agent up, what does it read, how did its last reload end; the programs on this
     /// node's maps, how the interfaces are hooked, and how full every map is.
     Status,
+    /// Shell completions: `lbctl completions bash > /etc/bash_completion.d/lbctl`.
+    Completions { shell: clap_complete::Shell },
 }
 
 /// Prints rows as aligned columns.
@@ -91,6 +93,15 @@ fn main() -> Result<()> {
         Command::Pools => return pools(&args),
         Command::Interfaces => return interfaces(&args),
         Command::Status => return status(&args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Args::command(), "lbctl", &mut script);
+            return match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                other => Ok(other?),
+            };
+        }
         _ => {}
     }
     let maps = PinnedMaps::open(&args.bpffs, false)?;
@@ -102,7 +113,7 @@ fn main() -> Result<()> {
         Command::Stats => stats(&maps, json_out),
         Command::Maglev { frontend } => maglev(&maps, json_out, frontend),
         Command::Arp => arp(&maps, &args, json_out),
-        Command::Pools | Command::Interfaces | Command::Status => {
+        Command::Pools | Command::Interfaces | Command::Status | Command::Completions { .. } => {
             unreachable!("handled before the maps are opened")
         }
     }
