@@ -64,3 +64,46 @@ impl AgentState {
             .is_ok_and(|c| String::from_utf8_lossy(&c).contains("lb-agent"))
     }
 }
+
+/// `--state-dir`/maglev.json: the last Maglev table rewrites of each Service port, with slots
+/// moved against the ideal of that change, for `lbctl maglev`.
+pub const MAGLEV_FILE: &str = "maglev.json";
+/// Rewrites kept per Service port.
+pub const MAGLEV_KEPT: usize = 10;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableRewrite {
+    pub at_unix: u64,
+    pub slots: u32,
+    pub slots_moved: usize,
+    /// What a perfect consistent hash would move (the share of backends removed or added).
+    pub ideal_fraction: f64,
+}
+
+/// Service port ("namespace/name:port") → its last rewrites, oldest first.
+pub type TableRewrites = std::collections::BTreeMap<String, Vec<TableRewrite>>;
+
+/// Adds `changes` to `kept` (at most [`MAGLEV_KEPT`] a Service port) and writes the file.
+pub fn record_rewrites(
+    dir: &Path,
+    kept: &mut TableRewrites,
+    changes: &[crate::reconcile::TableChange],
+) -> Result<()> {
+    for c in changes {
+        let list = kept.entry(c.service.clone()).or_default();
+        list.push(TableRewrite {
+            at_unix: now_unix(),
+            slots: c.slots,
+            slots_moved: c.slots_moved,
+            ideal_fraction: c.ideal_fraction,
+        });
+        if list.len() > MAGLEV_KEPT {
+            list.remove(0);
+        }
+    }
+    let tmp = dir.join(format!(".{MAGLEV_FILE}.tmp"));
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(&tmp, serde_json::to_vec_pretty(kept)?)?;
+    std::fs::rename(&tmp, dir.join(MAGLEV_FILE))?;
+    Ok(())
+}

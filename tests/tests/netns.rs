@@ -107,6 +107,28 @@ fn removed_backend_gets_no_new_flows_but_keeps_its_open_connection() {
         log.contains("slots moved"),
         "agent did not report the table change:\n{log}"
     );
+    // lbctl maglev shows the rewrite: a third of the slots moved, the ideal for 1 of 3 removed.
+    let report: serde_json::Value = serde_json::from_str(
+        &topo
+            .lbctl(&["maglev", "10.96.0.10:80/TCP", "-o", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let last = report["rewrites"]
+        .as_array()
+        .unwrap()
+        .last()
+        .cloned()
+        .unwrap();
+    let moved = last["slots_moved"].as_f64().unwrap() / last["slots"].as_f64().unwrap();
+    let ideal = last["ideal_fraction"].as_f64().unwrap();
+    assert!((ideal - 1.0 / 3.0).abs() < 1e-9, "{report}");
+    assert!(moved <= ideal * 1.05, "{report}");
+    let table = topo.lbctl(&["maglev", "10.96.0.10:80/TCP"]).unwrap();
+    assert!(
+        table.contains("last table rewrites of default/echo:tcp"),
+        "{table}"
+    );
 
     let (counts, still_open) = topo.client(move || {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();

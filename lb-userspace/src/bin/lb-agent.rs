@@ -205,6 +205,8 @@ struct Agent {
     status_written: bool,
     /// What agent.json says.
     agent_state: agentstate::AgentState,
+    /// maglev.json: the last table rewrites of each Service port.
+    rewrites: agentstate::TableRewrites,
     state_dir: PathBuf,
     reconciler: Reconciler,
     maps: PinnedMaps,
@@ -289,6 +291,12 @@ impl Agent {
                 return;
             }
         };
+        if !report.tables.is_empty()
+            && let Err(e) =
+                agentstate::record_rewrites(&self.state_dir, &mut self.rewrites, &report.tables)
+        {
+            warn!("{}: {e:#}", self.state_dir.display());
+        }
         if report.tables_rebuilt > 0 || report.services_removed > 0 {
             let reconciler = &self.reconciler;
             match self
@@ -778,6 +786,10 @@ async fn main() -> Result<()> {
         synced: false,
         status: Status::default(),
         status_written: false,
+        rewrites: lb_userspace::state::read_if_present(&args.state_dir, agentstate::MAGLEV_FILE)
+            .ok()
+            .flatten()
+            .unwrap_or_default(),
         agent_state: agentstate::AgentState {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),

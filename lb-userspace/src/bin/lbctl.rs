@@ -111,7 +111,7 @@ fn main() -> Result<()> {
         Command::Backends => backends(&maps, json_out),
         Command::Conntrack => conntrack(&maps, json_out),
         Command::Stats => stats(&maps, json_out),
-        Command::Maglev { frontend } => maglev(&maps, json_out, frontend),
+        Command::Maglev { frontend } => maglev(&maps, &args, json_out, frontend),
         Command::Arp => arp(&maps, &args, json_out),
         Command::Pools | Command::Interfaces | Command::Status | Command::Completions { .. } => {
             unreachable!("handled before the maps are opened")
@@ -321,7 +321,7 @@ fn stats(maps: &PinnedMaps, json_out: bool) -> Result<()> {
 }
 
 /// Slot shares of one frontend's Maglev table.
-fn maglev(maps: &PinnedMaps, json_out: bool, frontend: &str) -> Result<()> {
+fn maglev(maps: &PinnedMaps, args: &Args, json_out: bool, frontend: &str) -> Result<()> {
     let key = parse_frontend(frontend)?;
     let fe = maps
         .frontends
@@ -341,16 +341,50 @@ fn maglev(maps: &PinnedMaps, json_out: bool, frontend: &str) -> Result<()> {
         ]);
         out.push(json!({"backend": name, "id": id, "slots": slots, "share": share}));
     }
+    // The table's last rewrites, as the agent recorded them (maglev.json).
+    let service = service_names(maps)?
+        .get(&fe.service_id)
+        .cloned()
+        .unwrap_or_default();
+    let rewrites: Vec<agentstate::TableRewrite> = lb_userspace::state::read_if_present::<
+        agentstate::TableRewrites,
+    >(&args.state_dir, agentstate::MAGLEV_FILE)?
+    .and_then(|mut all| all.remove(&service))
+    .unwrap_or_default();
     if json_out {
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &json!({"frontend": frontend_name(&key), "table_size": m, "backends": out})
-            )?
+            serde_json::to_string_pretty(&json!({"frontend": frontend_name(&key),
+                "service": service, "table_size": m, "backends": out, "rewrites": rewrites}))?
         );
     } else {
         println!("frontend {} (M = {m})", frontend_name(&key));
         print_table(&["BACKEND", "ID", "SLOTS", "SHARE"], &rows);
+        if !rewrites.is_empty() {
+            println!(
+                "\nlast table rewrites of {service} (slots moved vs the ideal of each change):"
+            );
+            let now = agentstate::now_unix();
+            let rows: Vec<Vec<String>> = rewrites
+                .iter()
+                .rev()
+                .map(|r| {
+                    let moved = r.slots_moved as f64 / f64::from(r.slots.max(1));
+                    vec![
+                        format!("{} s ago", now.saturating_sub(r.at_unix)),
+                        format!("{}/{}", r.slots_moved, r.slots),
+                        format!("{:.2}%", 100.0 * moved),
+                        format!("{:.2}%", 100.0 * r.ideal_fraction),
+                        if r.ideal_fraction > 0.0 {
+                            format!("{:.2}×", moved / r.ideal_fraction)
+                        } else {
+                            "-".into()
+                        },
+                    ]
+                })
+                .collect();
+            print_table(&["WHEN", "SLOTS MOVED", "MOVED", "IDEAL", "× IDEAL"], &rows);
+        }
     }
     Ok(())
 }
