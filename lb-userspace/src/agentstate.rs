@@ -24,6 +24,18 @@ pub struct AgentState {
     /// With --kubernetes: whether this agent writes Service status.
     pub ipam_leader: Option<bool>,
     pub last_reload: Option<Reload>,
+    /// What the agent builds with besides the objects, so `lbctl diff` builds the same.
+    #[serde(default)]
+    pub context: Option<BuildInputs>,
+}
+
+/// The parts of the agent's build context a diff needs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BuildInputs {
+    pub node_ips: Vec<std::net::Ipv4Addr>,
+    pub node_name: Option<String>,
+    /// "30000-32767".
+    pub node_port_range: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -288,3 +288,69 @@ fn own_manifest_without_cluster_ip_or_node_port_gets_a_node_port() {
     let name = topo.client(move || Conversation::open(to).and_then(|mut c| c.ask()));
     assert!(name.unwrap().starts_with("backend-"));
 }
+
+/// `lbctl diff --config FILE`: what applying a file would change, touching nothing; exit 0 when
+/// nothing would, 1 when something would, 2 when the file would be rejected.
+#[test]
+fn diff_shows_what_a_file_would_change_and_touches_nothing() {
+    let mut topo = Topology::new(3).unwrap();
+    topo.write_config(&Topology::service_yaml(&[1, 2])).unwrap();
+    topo.start_agent(&[]).unwrap();
+    let diff = |topo: &Topology, text: &str| -> (i32, serde_json::Value) {
+        let path = topo.dir.join("candidate.yaml");
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(lb_tests::sibling_binary("lbctl"))
+            .arg("--bpffs")
+            .arg(topo.bpffs())
+            .arg("--state-dir")
+            .arg(topo.state_dir())
+            .args(["-o", "json", "diff", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        (out.status.code().unwrap(), json)
+    };
+    let before = topo.lbctl(&["services", "-o", "json"]).unwrap();
+
+    let (code, same) = diff(&topo, &Topology::service_yaml(&[1, 2]));
+    assert_eq!(
+        (code, &same["changes"]),
+        (0, &serde_json::json!(false)),
+        "{same}"
+    );
+
+    let (code, more) = diff(&topo, &Topology::service_yaml(&[1, 2, 3]));
+    assert_eq!(code, 1, "{more}");
+    let changed = more["frontends"]["changed"].as_array().unwrap();
+    assert_eq!(changed.len(), 2, "TCP and UDP frontends: {more}");
+    assert!(
+        changed
+            .iter()
+            .any(|c| c["backends_added"] == serde_json::json!(["10.0.3.2:8080"])),
+        "{more}"
+    );
+
+    let extra = format!(
+        "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: other, namespace: default}}\nspec:\n  clusterIP: 10.96.0.99\n  ports: [{{port: 8443}}]\n",
+        Topology::service_yaml(&[1, 2])
+    );
+    let (code, added) = diff(&topo, &extra);
+    assert_eq!(code, 1);
+    assert_eq!(
+        added["frontends"]["added"][0]["frontend"], "10.96.0.99:8443/TCP",
+        "{added}"
+    );
+
+    let (code, _) = diff(
+        &topo,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: [{port: 0}]}\n",
+    );
+    assert_eq!(code, 2);
+
+    assert_eq!(
+        topo.lbctl(&["services", "-o", "json"]).unwrap(),
+        before,
+        "diff touched the maps"
+    );
+}

@@ -374,6 +374,14 @@ impl Agent {
     /// agent.json: the reload just done and its result, for `lbctl status`.
     fn record_reload(&mut self, started: std::time::Instant, result: &str, detail: String) {
         self.agent_state.synced = self.synced;
+        self.agent_state.context = Some(agentstate::BuildInputs {
+            node_ips: self.ctx.node_ips.clone(),
+            node_name: self.ctx.node_name.clone(),
+            node_port_range: format!(
+                "{}-{}",
+                self.ctx.node_port_range.first, self.ctx.node_port_range.last
+            ),
+        });
         self.agent_state.ipam_leader = match &self.source {
             Source::Kubernetes(k) => Some(k.ipam_leader()),
             Source::File(_) => None,

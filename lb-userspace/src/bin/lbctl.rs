@@ -61,6 +61,12 @@ enum Command {
     /// Is the agent up, what does it read, how did its last reload end; the programs on this
     /// node's maps, how the interfaces are hooked, and how full every map is.
     Status,
+    /// What applying FILE would change on this node (frontends, their backends, ARP
+    /// announcements), touching nothing: exit 0 when nothing, 1 when something, 2 on error.
+    Diff {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Shell completions: `lbctl completions bash > /etc/bash_completion.d/lbctl`.
     Completions { shell: clap_complete::Shell },
 }
@@ -89,14 +95,21 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    match args.command {
+    match &args.command {
         Command::Pools => return pools(&args),
         Command::Interfaces => return interfaces(&args),
         Command::Status => return status(&args),
+        Command::Diff { config } => match diff(&args, config) {
+            Ok(changed) => std::process::exit(i32::from(changed)),
+            Err(e) => {
+                eprintln!("lbctl diff: {e:#}");
+                std::process::exit(2);
+            }
+        },
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Args::command(), "lbctl", &mut script);
+            clap_complete::generate(*shell, &mut Args::command(), "lbctl", &mut script);
             return match std::io::Write::write_all(&mut std::io::stdout(), &script) {
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
                 other => Ok(other?),
@@ -113,7 +126,11 @@ fn main() -> Result<()> {
         Command::Stats => stats(&maps, json_out),
         Command::Maglev { frontend } => maglev(&maps, &args, json_out, frontend),
         Command::Arp => arp(&maps, &args, json_out),
-        Command::Pools | Command::Interfaces | Command::Status | Command::Completions { .. } => {
+        Command::Pools
+        | Command::Interfaces
+        | Command::Status
+        | Command::Diff { .. }
+        | Command::Completions { .. } => {
             unreachable!("handled before the maps are opened")
         }
     }
@@ -694,4 +711,152 @@ fn status(args: &Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Frontend → (service port, active backends), as the maps hold it now or as `desired` wants it.
+type View = std::collections::BTreeMap<String, (String, std::collections::BTreeSet<String>)>;
+
+fn live_view(maps: &PinnedMaps) -> Result<View> {
+    let names = service_names(maps)?;
+    let mut view = View::new();
+    for (key, fe) in frontends(maps)? {
+        let mut backends = std::collections::BTreeSet::new();
+        for id in table_shares(maps, &fe)?.keys() {
+            backends.insert(backend_name(maps, *id)?);
+        }
+        let service = names.get(&fe.service_id).cloned().unwrap_or_default();
+        view.insert(frontend_name(&key), (service, backends));
+    }
+    Ok(view)
+}
+
+fn desired_view(desired: &lb_userspace::model::DesiredState) -> View {
+    let mut view = View::new();
+    for (name, service) in &desired.services {
+        let backends: std::collections::BTreeSet<String> = service
+            .backends
+            .iter()
+            .filter(|b| b.condition == lb_userspace::model::BackendCondition::Active)
+            .map(|b| format!("{}:{}", b.endpoint.addr, b.endpoint.port))
+            .collect();
+        for f in &service.frontends {
+            let key = lb_userspace::reconcile::frontend_key(&f.endpoint);
+            view.insert(frontend_name(&key), (name.clone(), backends.clone()));
+        }
+    }
+    view
+}
+
+/// Prints what applying `file` would change; Ok(true) when something would.
+fn diff(args: &Args, file: &std::path::Path) -> Result<bool> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("--config {}", file.display()))?;
+    // Build as the agent does: its node addresses, node name, NodePort range and allocations.
+    let agent = agentstate::AgentState::read(&args.state_dir).ok();
+    let inputs = agent.and_then(|a| a.context).unwrap_or_default();
+    let ctx = lb_userspace::config::BuildContext {
+        node_ips: inputs.node_ips,
+        node_name: inputs.node_name,
+        lb_hints: Status::read(&args.state_dir)
+            .map(|s| lb_userspace::status::hints(&s))
+            .unwrap_or_default(),
+        node_port_range: inputs.node_port_range.parse().unwrap_or_default(),
+    };
+    let (desired, _) = lb_userspace::config::load_str_with(&text, &ctx)
+        .map_err(|e| anyhow::anyhow!("{} would be rejected: {e}", file.display()))?;
+    let maps = PinnedMaps::open(&args.bpffs, false)?;
+    let (live, want) = (live_view(&maps)?, desired_view(&desired));
+    let mut added = Vec::new();
+    let mut removed = Vec::new();
+    let mut changed = Vec::new();
+    for (fe, (service, backends)) in &want {
+        match live.get(fe) {
+            None => added.push(json!({"frontend": fe, "service": service, "backends": backends})),
+            Some((old_service, old)) if old_service != service || old != backends => {
+                changed.push(json!({"frontend": fe, "service": service,
+                    "service_before": old_service,
+                    "backends_added": backends.difference(old).collect::<Vec<_>>(),
+                    "backends_removed": old.difference(backends).collect::<Vec<_>>()}));
+            }
+            Some(_) => {}
+        }
+    }
+    for (fe, (service, _)) in &live {
+        if !want.contains_key(fe) {
+            removed.push(json!({"frontend": fe, "service": service}));
+        }
+    }
+    let live_arp: std::collections::BTreeSet<String> = maps
+        .arp
+        .keys()
+        .flatten()
+        .map(|k| addr(k.addr).to_string())
+        .collect();
+    let want_arp: std::collections::BTreeSet<String> = desired
+        .announcements
+        .keys()
+        .map(|a| a.to_string())
+        .collect();
+    let arp_added: Vec<&String> = want_arp.difference(&live_arp).collect();
+    let arp_removed: Vec<&String> = live_arp.difference(&want_arp).collect();
+    let any = !(added.is_empty()
+        && removed.is_empty()
+        && changed.is_empty()
+        && arp_added.is_empty()
+        && arp_removed.is_empty());
+    if args.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "changes": any,
+                "frontends": {"added": added, "removed": removed, "changed": changed},
+                "announcements": {"added": arp_added, "removed": arp_removed},
+            }))?
+        );
+        return Ok(any);
+    }
+    let list = |v: &Value| -> String {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default()
+    };
+    for a in &added {
+        println!(
+            "+ frontend {} ({}) → {}",
+            a["frontend"].as_str().unwrap_or(""),
+            a["service"].as_str().unwrap_or(""),
+            list(&a["backends"])
+        );
+    }
+    for r in &removed {
+        println!(
+            "- frontend {} ({})",
+            r["frontend"].as_str().unwrap_or(""),
+            r["service"].as_str().unwrap_or("")
+        );
+    }
+    for c in &changed {
+        println!(
+            "~ frontend {} ({}): backends +[{}] -[{}]",
+            c["frontend"].as_str().unwrap_or(""),
+            c["service"].as_str().unwrap_or(""),
+            list(&c["backends_added"]),
+            list(&c["backends_removed"])
+        );
+    }
+    for a in &arp_added {
+        println!("+ ARP {a}");
+    }
+    for a in &arp_removed {
+        println!("- ARP {a}");
+    }
+    if !any {
+        println!("no changes");
+    }
+    Ok(any)
 }
