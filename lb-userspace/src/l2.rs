@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::{model::DesiredState, status::Announced};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use aya::maps::{HashMap, MapData};
 use lb_common::{ArpEntry, ArpKey, ipv4_from_wire, ipv4_to_wire};
 use pnet::{
@@ -65,6 +65,8 @@ pub struct Announcer {
     interfaces: Vec<Interface>,
     /// Current pairs → (service, last GARP time).
     current: BTreeMap<ArpKey, (String, Option<u64>)>,
+    /// Entries LB_ARP holds (`--max-announcements`).
+    capacity: usize,
     /// One send-only packet socket, kept: a take-over of 10k addresses sends 10k gratuitous
     /// ARPs in milliseconds, not one socket setup each.
     socket: Option<GarpSocket>,
@@ -75,6 +77,7 @@ impl Announcer {
     pub fn new(
         interfaces: Vec<Interface>,
         map: &HashMap<MapData, ArpKey, ArpEntry>,
+        capacity: u32,
     ) -> Result<Self> {
         let mut current = BTreeMap::new();
         for item in map.iter() {
@@ -84,6 +87,7 @@ impl Announcer {
         Ok(Self {
             interfaces,
             current,
+            capacity: capacity as usize,
             socket: None,
         })
     }
@@ -121,6 +125,14 @@ impl Announcer {
         map: &mut HashMap<MapData, ArpKey, ArpEntry>,
     ) -> Result<(usize, usize)> {
         let want = self.wanted(desired);
+        // Checked before the first write: a set that does not fit changes nothing.
+        let capacity = self.capacity;
+        if want.len() > capacity {
+            bail!(
+                "{} (interface, address) pairs to announce exceed the capacity of {capacity} (--max-announcements)",
+                want.len()
+            );
+        }
         let stale: Vec<ArpKey> = self
             .current
             .keys()

@@ -485,6 +485,23 @@ impl Reconciler {
                 l.max_backends - 1
             );
         }
+        // loadBalancerSourceRanges: new ranges go in before old ones leave.
+        let ranges = desired
+            .services
+            .values()
+            .map(|s| s.source_ranges.len())
+            .sum::<usize>()
+            + self
+                .services
+                .values()
+                .map(|s| s.source_ranges.len())
+                .sum::<usize>();
+        if ranges > lb_common::DEFAULT_MAX_SOURCE_RANGES as usize {
+            bail!(
+                "{ranges} loadBalancerSourceRanges entries (old and new during the update) exceed the capacity of {}",
+                lb_common::DEFAULT_MAX_SOURCE_RANGES
+            );
+        }
         let sizes: Vec<u32> = plan.iter().filter(|p| p.rebuild).map(|p| p.size).collect();
         if !self.blocks.fits(&sizes) {
             bail!(
@@ -1043,6 +1060,16 @@ mod tests {
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         let e = r.apply(&desired(&many), &mut store).unwrap_err();
         assert!(e.to_string().contains("exceed the capacity of 15"), "{e}");
+        assert!(store.log.is_empty());
+        // loadBalancerSourceRanges count too (their LPM trie is a map like the others).
+        let mut ranged = desired(&["10.0.1.1"]);
+        for s in ranged.services.values_mut() {
+            s.source_ranges = (0..=lb_common::DEFAULT_MAX_SOURCE_RANGES)
+                .map(|i| (std::net::Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24))
+                .collect();
+        }
+        let e = r.apply(&ranged, &mut store).unwrap_err();
+        assert!(e.to_string().contains("loadBalancerSourceRanges"), "{e}");
         assert!(store.log.is_empty());
     }
 

@@ -213,3 +213,29 @@ fn allocation_is_stable_across_restarts_and_garp_repeats() {
     assert_eq!(by["default/web"], "192.168.30.60", "{pools}");
     assert_eq!(by["default/aaa"], "192.168.30.61", "{pools}");
 }
+
+/// More (interface, address) pairs than LB_ARP holds: refused before any write, said in the log;
+/// nothing is half-announced.
+#[test]
+fn announcements_that_do_not_fit_change_nothing() {
+    let mut topo = Topology::new(1).unwrap();
+    let second = lb_service(&[1])
+        .replace("name: web,", "name: web2,")
+        .replace("clusterIP: 10.96.0.30", "clusterIP: 10.96.0.31")
+        .replace("nodePort: 30080", "nodePort: 30081")
+        .replace("name: web-1", "name: web2-1")
+        .replace(
+            "kubernetes.io/service-name: web}",
+            "kubernetes.io/service-name: web2}",
+        );
+    let second = second.split_once(POOL_AND_POLICY).unwrap().1.to_string();
+    topo.write_config(&format!("{}---\n{second}", lb_service(&[1])))
+        .unwrap();
+    topo.start_agent(&["--max-announcements", "1"]).unwrap();
+    topo.wait_until(Duration::from_secs(5), "the capacity error", |t| {
+        t.agent_log()
+            .contains("2 (interface, address) pairs to announce exceed the capacity of 1")
+    })
+    .unwrap();
+    assert_eq!(topo.lbctl(&["arp", "-o", "json"]).unwrap().trim(), "[]");
+}

@@ -741,7 +741,11 @@ async fn main() -> Result<()> {
     let mut datapath = Datapath::load(&opts)?;
     let maps = PinnedMaps::open(&opts.bpffs, true)?;
     let reconciler = Reconciler::adopt(opts.limits()?, &maps.snapshot()?);
-    let announcer = Announcer::new(Vec::new(), &maps.arp)?;
+    let announcer = Announcer::new(
+        Vec::new(),
+        &maps.arp,
+        maps.capacity(lb_common::map_names::ARP)?,
+    )?;
     // Links an earlier run left on interfaces that are gone or no longer selected.
     let names: Vec<String> = interfaces.iter().map(|i| i.name.clone()).collect();
     datapath.forget_others(&names)?;
