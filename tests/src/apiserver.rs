@@ -251,6 +251,12 @@ fn key_of(resource: Resource, object: &Value) -> String {
     }
 }
 
+/// The store's lock; a test that failed an assertion while holding it must not turn the
+/// double's own cleanup into an abort, so a poisoned lock is taken as it is.
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct Inner {
     state: Mutex<State>,
     changed: Condvar,
@@ -392,7 +398,7 @@ impl ApiServer {
     }
 
     pub fn lock(&self) -> MutexGuard<'_, State> {
-        self.inner.state.lock().expect("api double lock")
+        lock(&self.inner.state)
     }
 
     /// Waits until `f` holds for the store (requests seen, say).
@@ -548,7 +554,7 @@ fn handle(inner: &Inner, stop: &std::sync::atomic::AtomicBool, conn: TcpStream) 
         format!("{} {}?{}", req.method, req.path, q.join("&"))
     };
     {
-        let mut state = inner.state.lock().expect("lock");
+        let mut state = lock(&inner.state);
         if state.down {
             drop(state);
             let _ = conn.shutdown(Shutdown::Both);
@@ -556,8 +562,7 @@ fn handle(inner: &Inner, stop: &std::sync::atomic::AtomicBool, conn: TcpStream) 
         }
         state.requests.push(line);
     }
-    let routed =
-        route(&req.path).filter(|(r, ..)| !inner.state.lock().expect("lock").missing.contains(r));
+    let routed = route(&req.path).filter(|(r, ..)| !lock(&inner.state).missing.contains(r));
     let Some((resource, namespace, name, subresource)) = routed else {
         return respond(
             &mut conn,
@@ -580,7 +585,7 @@ fn handle(inner: &Inner, stop: &std::sync::atomic::AtomicBool, conn: TcpStream) 
         }
         ("GET", None) => list(inner, &mut conn, resource, namespace, &req),
         ("GET", Some(name)) => {
-            let state = inner.state.lock().expect("lock");
+            let state = lock(&inner.state);
             let key = match namespace {
                 Some(ns) => format!("{ns}/{name}"),
                 None => name.to_string(),
@@ -619,7 +624,7 @@ fn handle(inner: &Inner, stop: &std::sync::atomic::AtomicBool, conn: TcpStream) 
         ("DELETE", Some(name)) => {
             let kind = resource.info().2;
             let deleted = {
-                let mut state = inner.state.lock().expect("lock");
+                let mut state = lock(&inner.state);
                 let stored = state.get(kind, namespace, name).cloned();
                 if stored.is_some() {
                     state.delete(kind, namespace, name);
@@ -774,7 +779,7 @@ fn create(
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let state = inner.state.lock().expect("lock");
+    let state = lock(&inner.state);
     if state
         .objects
         .contains_key(&(resource, object_key(namespace, &name)))
@@ -816,7 +821,7 @@ fn replace(
     let (_, plural, kind, api_version, _) = resource.info();
     object["kind"] = json!(kind);
     object["apiVersion"] = json!(api_version);
-    let state = inner.state.lock().expect("lock");
+    let state = lock(&inner.state);
     let Some(current) = state.objects.get(&(resource, object_key(namespace, name))) else {
         drop(state);
         return respond(
@@ -863,7 +868,7 @@ fn patch(
     }
     let patch = body_object(req)?;
     let plural = resource.info().1;
-    let mut state = inner.state.lock().expect("lock");
+    let mut state = lock(&inner.state);
     let Some(current) = state
         .objects
         .get(&(resource, object_key(namespace, name)))
@@ -918,7 +923,7 @@ fn list(
     namespace: Option<&str>,
     req: &Request,
 ) -> Result<()> {
-    let state = inner.state.lock().expect("lock");
+    let state = lock(&inner.state);
     let (_, _, kind, api_version, _) = resource.info();
     if state.failing_lists.contains(&resource) {
         drop(state);
@@ -1012,7 +1017,7 @@ fn watch(
         conn.flush()?;
         Ok(())
     };
-    let mut state = inner.state.lock().expect("lock");
+    let mut state = lock(&inner.state);
     if from < state.compacted {
         state.gone_sent += 1;
         drop(state);
@@ -1064,7 +1069,7 @@ fn watch(
             for e in &out {
                 send(conn, e)?;
             }
-            state = inner.state.lock().expect("lock");
+            state = lock(&inner.state);
             continue;
         }
         let left = timeout.saturating_sub(start.elapsed());
@@ -1076,7 +1081,7 @@ fn watch(
         state = inner
             .changed
             .wait_timeout(state, left.min(Duration::from_millis(200)))
-            .expect("lock")
+            .unwrap_or_else(|e| e.into_inner())
             .0;
     }
 }

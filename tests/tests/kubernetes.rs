@@ -467,19 +467,18 @@ fn ipam_leader_writes_service_and_pool_status() {
         allocation(&api, "metal"),
         (None, vec!["192.0.2.50".to_string()])
     );
-    {
-        let s = api.lock();
-        let lease = s
-            .get("Lease", Some("kube-system"), "lb-agent-ipam")
-            .expect("IPAM Lease");
-        assert_eq!(lease["spec"]["holderIdentity"], NODE);
-        let pool = s.get("LoadBalancerIPPool", None, "lan").unwrap();
-        assert_eq!(
-            pool["status"],
-            json!({"total": 2, "used": 2, "available": 0}),
-            "{pool}"
-        );
-    }
+    // The pool's counts follow the Services' statuses (the same write, a moment later).
+    api.wait_for(Duration::from_secs(10), "the pool's status", |s| {
+        s.get("LoadBalancerIPPool", None, "lan")
+            .is_some_and(|p| p["status"] == json!({"total": 2, "used": 2, "available": 0}))
+    })
+    .unwrap();
+    let lease = api
+        .lock()
+        .get("Lease", Some("kube-system"), "lb-agent-ipam")
+        .cloned()
+        .expect("IPAM Lease");
+    assert_eq!(lease["spec"]["holderIdentity"], NODE);
 
     // The allocated address and the other controller's both forward.
     for net in ["192.168.30.0/24", "192.0.2.0/24"] {
