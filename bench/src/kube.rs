@@ -123,10 +123,19 @@ fn spread(v: &[f64]) -> String {
     format!("{} ({}–{})", num(percentile(v, 0.5)), num(min), num(max))
 }
 
-fn kubeconfig(topo: &Topology, api: &ApiServer) -> Result<String> {
+/// A one-backend topology with the API server double on 127.0.0.1 in its node namespace
+/// (pages of 500, as a real server answers kube-rs), holding `objects`; and a kubeconfig path
+/// for it.
+fn node_with_api(
+    objects: impl FnOnce(&mut lb_tests::apiserver::State),
+) -> Result<(Topology, ApiServer, String)> {
+    let topo = Topology::new(1)?;
+    let listener = in_netns(&topo.node, || TcpListener::bind("127.0.0.1:0"))?;
+    let api = ApiServer::serve_paged(listener, 500)?;
+    api.with(objects);
     let path = topo.dir.join("kubeconfig");
     std::fs::write(&path, api.kubeconfig())?;
-    Ok(path.display().to_string())
+    Ok((topo, api, path.display().to_string()))
 }
 
 fn scrape(topo: &Topology, name: &str) -> Result<f64> {
@@ -149,17 +158,13 @@ struct Sync {
 
 fn sync_and_events(s: &Settings) -> Result<Sync> {
     let (n, per) = (s.services, s.endpoints);
-    let mut topo = Topology::new(1)?;
-    let listener = in_netns(&topo.node, || TcpListener::bind("127.0.0.1:0"))?;
-    let api = ApiServer::serve_paged(listener, 500)?;
-    api.with(|st| {
+    let (mut topo, api, kubeconfig) = node_with_api(|st| {
         st.put(node());
         for i in 0..n {
             st.put(service(i));
             st.put(slice(i, per, None));
         }
-    });
-    let kubeconfig = kubeconfig(&topo, &api)?;
+    })?;
     let (services, frontends, backends) = (
         (n + 64).to_string(),
         (n + 64).to_string(),
@@ -260,13 +265,12 @@ fn sync_and_events(s: &Settings) -> Result<Sync> {
 /// API writes a minute by one agent with `n` announced LoadBalancer Services, in a steady
 /// state (after the IPAM leader wrote every status).
 fn writes_per_minute(n: u32, window: Duration) -> Result<f64> {
-    let mut topo = Topology::new(1)?;
-    let listener = in_netns(&topo.node, || TcpListener::bind("127.0.0.1:0"))?;
-    let api = ApiServer::serve_paged(listener, 500)?;
-    api.with(|st| {
+    let (mut topo, api, kubeconfig) = node_with_api(|st| {
         st.put(node());
-        st.put(json!({"apiVersion": "lb.xdp.rs/v1alpha1", "kind": "LoadBalancerIPPool",
-            "metadata": {"name": "bench"}, "spec": {"blocks": [{"cidr": "10.64.0.0/16"}]}}));
+        st.put(
+            json!({"apiVersion": "lb.xdp.rs/v1alpha1", "kind": "LoadBalancerIPPool",
+            "metadata": {"name": "bench"}, "spec": {"blocks": [{"cidr": "10.64.0.0/16"}]}}),
+        );
         st.put(json!({"apiVersion": "lb.xdp.rs/v1alpha1", "kind": "L2AnnouncementPolicy",
             "metadata": {"name": "bench"}, "spec": {"interfaces": ["^c0$"], "loadBalancerIPs": true}}));
         for i in 0..n {
@@ -274,8 +278,7 @@ fn writes_per_minute(n: u32, window: Duration) -> Result<f64> {
             s["spec"]["type"] = json!("LoadBalancer");
             st.put(s);
         }
-    });
-    let kubeconfig = kubeconfig(&topo, &api)?;
+    })?;
     let size = (n + 64).to_string();
     let arp = (2 * n + 64).to_string();
     topo.start_agent(&[

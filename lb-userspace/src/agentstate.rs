@@ -7,7 +7,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 pub const AGENT_FILE: &str = "agent.json";
@@ -59,11 +59,7 @@ pub fn now_unix() -> u64 {
 
 impl AgentState {
     pub fn write(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let tmp = dir.join(format!(".{AGENT_FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(&tmp, dir.join(AGENT_FILE))?;
-        Ok(())
+        crate::state::write_volatile(dir, AGENT_FILE, self)
     }
 
     pub fn read(dir: &Path) -> Result<Self> {
@@ -113,9 +109,5 @@ pub fn record_rewrites(
             list.remove(0);
         }
     }
-    let tmp = dir.join(format!(".{MAGLEV_FILE}.tmp"));
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(&tmp, serde_json::to_vec_pretty(kept)?)?;
-    std::fs::rename(&tmp, dir.join(MAGLEV_FILE))?;
-    Ok(())
+    crate::state::write_volatile(dir, MAGLEV_FILE, kept)
 }

@@ -177,6 +177,8 @@ pub struct MapFill {
     pub capacity: u32,
     /// Entries in use (None for arrays of fixed slots, where every slot exists).
     pub entries: Option<u64>,
+    /// The kernel's id of the map.
+    pub id: u32,
 }
 
 /// Every pinned map of the node with its fill level.
@@ -206,22 +208,16 @@ pub fn fill(maps: &PinnedMaps) -> Result<Vec<MapFill>> {
                 .to_ascii_lowercase(),
             capacity: info.max_entries(),
             entries: count(name),
+            id: info.id(),
         });
     }
     Ok(out)
 }
 
 /// Ids of the loaded programs that use this node's pinned maps (lb, lb_tc and the socket
-/// hooks), told apart from other agents' (another bpffs) by those maps' ids.
-pub fn programs(maps: &PinnedMaps) -> Result<Vec<(String, u32)>> {
-    let mut ours = std::collections::BTreeSet::new();
-    for name in map_names::ALL {
-        ours.insert(
-            aya::maps::MapData::from_pin(maps.dir.join(name))?
-                .info()?
-                .id(),
-        );
-    }
+/// hooks), told apart from other agents' (another bpffs) by the ids of the maps in `fill`.
+pub fn programs(fill: &[MapFill]) -> Vec<(String, u32)> {
+    let ours: std::collections::BTreeSet<u32> = fill.iter().map(|m| m.id).collect();
     let mut out = Vec::new();
     for p in aya::programs::loaded_programs().flatten() {
         if p.map_ids()
@@ -233,5 +229,5 @@ pub fn programs(maps: &PinnedMaps) -> Result<Vec<(String, u32)>> {
         }
     }
     out.sort();
-    Ok(out)
+    out
 }

@@ -1,6 +1,7 @@
 //! The JSON files the agent keeps in `--state-dir` for lbctl and its own next run, each written
-//! atomically and durably: a temporary file, fsynced, renamed over it, and the directory fsynced,
-//! so a crash or power cut leaves the old file or the new one, never a torn one.
+//! atomically (a temporary file renamed over it); those its next run relies on also durably (the
+//! file and the directory fsynced), so a crash or power cut leaves the old file or the new one,
+//! never a torn one.
 
 use std::path::Path;
 
@@ -8,6 +9,17 @@ use anyhow::{Context, Result};
 use serde::{Serialize, de::DeserializeOwned};
 
 pub fn write(dir: &Path, name: &str, value: &impl Serialize) -> Result<()> {
+    replace(dir, name, value, true)
+}
+
+/// As [`write`], without the fsyncs: for runtime information rewritten after every reload
+/// (agent.json, maglev.json), where losing the last version to a power cut costs nothing.
+pub fn write_volatile(dir: &Path, name: &str, value: &impl Serialize) -> Result<()> {
+    replace(dir, name, value, false)
+}
+
+/// A temporary file renamed over `name`; with `durable`, the file and the directory fsynced.
+fn replace(dir: &Path, name: &str, value: &impl Serialize, durable: bool) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(".{name}.tmp"));
     {
@@ -15,10 +27,14 @@ pub fn write(dir: &Path, name: &str, value: &impl Serialize) -> Result<()> {
         let mut f =
             std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(&serde_json::to_vec_pretty(value)?)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
     }
     std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()?;
+    if durable {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
     Ok(())
 }
 

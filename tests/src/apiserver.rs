@@ -536,6 +536,12 @@ fn respond(conn: &mut TcpStream, code: u16, body: &Value) -> Result<()> {
     Ok(())
 }
 
+/// 404 for an object `name` of `resource` that is not stored.
+fn not_found(conn: &mut TcpStream, resource: Resource, name: &str) -> Result<()> {
+    let message = format!("{} \"{name}\" not found", resource.info().1);
+    respond(conn, 404, &status(404, "NotFound", &message))
+}
+
 fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
         "message": message, "reason": reason, "code": code})
@@ -598,15 +604,7 @@ fn handle(inner: &Inner, stop: &std::sync::atomic::AtomicBool, conn: TcpStream) 
                 }
                 None => {
                     drop(state);
-                    respond(
-                        &mut conn,
-                        404,
-                        &status(
-                            404,
-                            "NotFound",
-                            &format!("{} \"{name}\" not found", resource.info().1),
-                        ),
-                    )
+                    not_found(&mut conn, resource, name)
                 }
             }
         }
@@ -636,15 +634,7 @@ fn handle(inner: &Inner, stop: &std::sync::atomic::AtomicBool, conn: TcpStream) 
                     inner.changed.notify_all();
                     respond(&mut conn, 200, &o)
                 }
-                None => respond(
-                    &mut conn,
-                    404,
-                    &status(
-                        404,
-                        "NotFound",
-                        &format!("{} \"{name}\" not found", resource.info().1),
-                    ),
-                ),
+                None => not_found(&mut conn, resource, name),
             }
         }
         (method, _) => respond(
@@ -824,11 +814,7 @@ fn replace(
     let state = lock(&inner.state);
     let Some(current) = state.objects.get(&(resource, object_key(namespace, name))) else {
         drop(state);
-        return respond(
-            conn,
-            404,
-            &status(404, "NotFound", &format!("{plural} \"{name}\" not found")),
-        );
+        return not_found(conn, resource, name);
     };
     let sent = object["metadata"]["resourceVersion"]
         .as_str()
@@ -867,7 +853,6 @@ fn patch(
         );
     }
     let patch = body_object(req)?;
-    let plural = resource.info().1;
     let mut state = lock(&inner.state);
     let Some(current) = state
         .objects
@@ -875,11 +860,7 @@ fn patch(
         .cloned()
     else {
         drop(state);
-        return respond(
-            conn,
-            404,
-            &status(404, "NotFound", &format!("{plural} \"{name}\" not found")),
-        );
+        return not_found(conn, resource, name);
     };
     let mut next = current.clone();
     match subresource {

@@ -599,7 +599,10 @@ fn status(args: &Args) -> Result<()> {
     let hooked = attach::read_interfaces(&args.state_dir).ok();
     let maps = PinnedMaps::open(&args.bpffs, false);
     let (programs, fill) = match &maps {
-        Ok(m) => (inspect::programs(m)?, inspect::fill(m)?),
+        Ok(m) => {
+            let fill = inspect::fill(m)?;
+            (inspect::programs(&fill), fill)
+        }
         Err(_) => (Vec::new(), Vec::new()),
     };
     if args.output == Output::Json {
