@@ -26,6 +26,8 @@ pub fn lab_options(maglev_size: u32, services: u32, frontends: u32, backends: u3
         sock_revnat_size: lb_common::DEFAULT_SOCK_REVNAT_SIZE,
         max_announcements: lb_common::DEFAULT_MAX_ANNOUNCEMENTS,
         ct_timeouts: lb_common::CtTimeouts::DEFAULT,
+        nat: lb_common::NatConfig::DEFAULT,
+        nat_size: lb_common::DEFAULT_NAT_SIZE,
     }
 }
 

@@ -42,11 +42,17 @@ pub mod map_names {
     /// forward while its node Lease is renewed, so a node whose agent died stops answering
     /// when the other nodes take its addresses over. 0: no limit (no Lease, a file source).
     pub const ANNOUNCE: &str = "LB_ANNOUNCE";
+    /// Source NAT: the reply tuple of each flow this node SNATs (backend → node address and
+    /// port) → what to restore. A plain hash (not LRU): a live flow's port is never evicted, so
+    /// no new flow can be handed it; new flows are refused when it is full.
+    pub const NAT: &str = "LB_NAT";
+    /// The node's uplinks by ifindex → the address flows leaving by them are SNATed to.
+    pub const UPLINKS: &str = "LB_UPLINKS";
     /// Created by the agent, never read by the datapath: service names for `lbctl`.
     pub const SERVICE_NAMES: &str = "LB_SERVICE_NAMES";
 
     /// Every map a node pins, the agent's own last.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 19] = [
         FRONTENDS,
         BACKENDS,
         MAGLEV,
@@ -63,6 +69,8 @@ pub mod map_names {
         CT_STATS,
         FRAGMENTS,
         ANNOUNCE,
+        NAT,
+        UPLINKS,
         SERVICE_NAMES,
     ];
 
@@ -94,6 +102,33 @@ pub const DEFAULT_MAX_ANNOUNCEMENTS: u32 = 4_096;
 pub const DEFAULT_SOCK_REVNAT_SIZE: u32 = 262_144;
 /// Interfaces the XDP fast path may redirect to.
 pub const DEFAULT_MAX_INTERFACES: u32 = 1_024;
+/// Flows SNATed at once (LB_NAT entries, one per flow).
+pub const DEFAULT_NAT_SIZE: u32 = 65_536;
+
+/// Source NAT settings, a read-only global of the programs set at load (`NAT_CONFIG`).
+/// A flow leaving by an uplink after arriving on one (external traffic to a backend elsewhere)
+/// gets the uplink's address as source; a backend calling its own Service (hairpin) gets
+/// `loopback_addr`. Ports come from `port_min..=port_max` (host byte order), which must lie
+/// outside the node's ephemeral range so no local socket ever holds the same tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatConfig {
+    /// Network byte order (as on the wire); 0: hairpin SNAT off.
+    pub loopback_addr: u32,
+    pub port_min: u16,
+    pub port_max: u16,
+}
+const _: () = assert!(size_of::<NatConfig>() == 8);
+
+impl NatConfig {
+    /// Cilium's service loopback address 169.254.42.1, ports above Linux's default
+    /// ip_local_port_range (32768-60999).
+    pub const DEFAULT: Self = Self {
+        loopback_addr: u32::from_ne_bytes([169, 254, 42, 1]),
+        port_min: 61_000,
+        port_max: 65_535,
+    };
+}
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -297,11 +332,14 @@ pub struct CtEntry {
     /// `bpf_ktime_get_coarse_ns` when last refreshed (refreshed at most once a second).
     pub last_seen_ns: u64,
     /// A flow whose tuple toward the backend would clash with another flow's (the same client
-    /// address and port to two frontends that share a backend) gets another source port.
-    /// Forward: that port on the wire (0: the client's own); reply: the client's own port to
-    /// restore (0: unchanged). Network byte order.
+    /// address and port to two frontends that share a backend) gets another source port, and
+    /// a SNATed flow its NAT port. Forward: that port on the wire (0: the client's own); reply:
+    /// the client's own port to restore (0: unchanged). Network byte order.
     pub client_port: u16,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// SNAT. Forward: the source address on the wire toward the backend (0: the client's own);
+    /// reply (in LB_NAT): the client's address to restore (0: unchanged).
+    pub client_addr: u32,
     /// Next hop of this direction (the backend's for forward entries, the client's for reply
     /// entries).
     pub nexthop: NextHop,
@@ -378,7 +416,13 @@ pub mod ct_stats {
     /// Entries the agent removed (expired ones its sweeper found, UDP flows of removed
     /// endpoints); written by the agent into CPU 0's slot.
     pub const AGENT_REMOVED: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// SNAT ports handed to new flows (LB_NAT entries made).
+    pub const NAT_ALLOCATED: u32 = 5;
+    /// New flows refused: every SNAT port tried was held by a live flow.
+    pub const NAT_EXHAUSTED: u32 = 6;
+    /// New flows refused: the NAT table (LB_NAT) is full.
+    pub const NAT_FULL: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// A next hop as bpf_fib_lookup last resolved it for destination `addr`: egress ifindex, then
@@ -512,6 +556,7 @@ const _: () = assert!(size_of::<ArpEntry>() == 16);
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for ArpKey {}
+    unsafe impl aya::Pod for NatConfig {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentPorts {}
     unsafe impl aya::Pod for CtTimeouts {}

@@ -7,6 +7,8 @@
 //! reclaims entries no packet comes back for). Two flows from one client address and port to two
 //! frontends that share a backend would meet the backend with the same tuple: the second gets
 //! another source port. A reply entry the LRU evicted is restored from its forward entry.
+//! A SNATed flow's reply entry lives in LB_NAT instead (see [`crate::snat`]), where no LRU
+//! evicts it.
 
 use lb_common::{
     CT_DIR_FORWARD, CT_DIR_REPLY, CtEntry, CtKey, CtTimeouts, NextHop, ct_flags, ct_stats,
@@ -16,6 +18,7 @@ use crate::{
     maps::{LB_CONNTRACK, LB_CT_STATS},
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     service::{Pick, backend_is},
+    snat,
 };
 
 /// Conntrack timestamps are refreshed at most this often, to keep hot entries' cache lines clean.
@@ -31,7 +34,7 @@ const CLASH_TRIES: u32 = 4;
 static CT_TIMEOUTS: CtTimeouts = CtTimeouts::DEFAULT;
 
 #[inline(always)]
-fn timeouts() -> CtTimeouts {
+pub(crate) fn timeouts() -> CtTimeouts {
     unsafe { core::ptr::read_volatile(&CT_TIMEOUTS) }
 }
 
@@ -66,24 +69,33 @@ pub fn key(flow: &Flow) -> CtKey {
 }
 
 #[inline(always)]
-fn count(slot: u32, n: u64) {
+pub(crate) fn count(slot: u32, n: u64) {
     if let Some(c) = LB_CT_STATS.get_ptr_mut(slot) {
         unsafe { *c += n };
     }
 }
 
-/// Looks the 5-tuple up. An expired entry is deleted and missed. A fresh SYN on a tuple whose
-/// flow ended, or whose backend left, is a miss (it picks again through the frontend);
-/// everything else sticks to the backend it had, even one no longer configured.
+/// Looks the 5-tuple up (in LB_NAT too, for replies to SNATed flows). An expired entry is
+/// deleted and missed. A fresh SYN on a tuple whose flow ended, or whose backend left, is a
+/// miss (it picks again through the frontend); everything else sticks to the backend it had,
+/// even one no longer configured.
 #[inline(always)]
 pub fn lookup(flow: &Flow, now: u64) -> Hit {
     let key = key(flow);
-    let Some(entry) = LB_CONNTRACK.get_ptr_mut(&key) else {
-        return Hit::Miss;
+    let (entry, nat) = match LB_CONNTRACK.get_ptr_mut(&key) {
+        Some(e) => (e, false),
+        None => match snat::lookup(flow, &key) {
+            Some(e) => (e, true),
+            None => return Hit::Miss,
+        },
     };
     let e = unsafe { &mut *entry };
     if timeouts().expired(flow.proto, e.flags, e.last_seen_ns, now) {
-        let _ = LB_CONNTRACK.remove(&key);
+        if nat {
+            snat::remove(&key);
+        } else {
+            let _ = LB_CONNTRACK.remove(&key);
+        }
         count(ct_stats::EXPIRED, 1);
         return Hit::Miss;
     }
@@ -108,10 +120,18 @@ pub fn lookup(flow: &Flow, now: u64) -> Hit {
     }
     if closing && e.flags & ct_flags::CLOSING == 0 {
         e.flags |= ct_flags::CLOSING;
+        // The NAT entry ages as closing now too (its port is free 10 s later).
+        if e.client_addr != 0 {
+            snat::refresh(flow, e, now);
+        }
     }
     if now.wrapping_sub(e.last_seen_ns) > REFRESH_NS {
         e.last_seen_ns = now;
-        restore_reply(flow, e, now);
+        if e.client_addr != 0 {
+            snat::refresh(flow, e, now);
+        } else {
+            restore_reply(flow, e, now);
+        }
     }
     Hit::Forward(entry)
 }
@@ -127,7 +147,11 @@ fn refresh(entry: &mut CtEntry, now: u64) {
 #[inline(always)]
 fn forward_key(reply: &Flow, entry: &CtEntry) -> CtKey {
     CtKey {
-        src_addr: reply.dst_addr,
+        src_addr: if entry.client_addr != 0 {
+            entry.client_addr
+        } else {
+            reply.dst_addr
+        },
         dst_addr: entry.nat_addr,
         src_port: if entry.client_port != 0 {
             entry.client_port
@@ -188,10 +212,17 @@ fn restore_reply(flow: &Flow, forward: &CtEntry, now: u64) {
 }
 
 /// Records a new flow to `pick`: the reply entry first, since replies can arrive as soon as the
-/// forward entry exists. Returns the source port the flow uses toward the backend if it had to
-/// change (0: the client's own), or Err when no free port was found.
+/// forward entry exists. With `snat_addr` (non-zero) the flow is SNATed to it and a NAT port.
+/// Returns the source address and port the flow uses toward the backend if they change (0:
+/// the client's own), or Err when no free port was found.
 #[inline(always)]
-pub fn insert(flow: &Flow, pick: &Pick, now: u64, nexthop: &NextHop) -> Result<u16, ()> {
+pub fn insert(
+    flow: &Flow,
+    pick: &Pick,
+    now: u64,
+    nexthop: &NextHop,
+    snat_addr: u32,
+) -> Result<(u32, u16), ()> {
     let backend = (pick.backend.addr, pick.backend.port);
     let mut forward = CtEntry {
         nat_addr: pick.backend.addr,
@@ -202,9 +233,17 @@ pub fn insert(flow: &Flow, pick: &Pick, now: u64, nexthop: &NextHop) -> Result<u
         frontend_id: pick.frontend_id,
         last_seen_ns: now,
         client_port: 0,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        client_addr: 0,
         nexthop: *nexthop,
     };
+    if snat_addr != 0 {
+        forward.client_addr = snat_addr;
+        forward.client_port = snat::allocate(flow, backend, snat_addr, &forward, now)?;
+        let _ = LB_CONNTRACK.insert(&key(flow), &forward, 0);
+        count(ct_stats::INSERTED, 1);
+        return Ok((snat_addr, forward.client_port));
+    }
     let own = reply_key(flow, backend, flow.src_port);
     let clash = match unsafe { LB_CONNTRACK.get(&own) } {
         Some(r) => {
@@ -241,5 +280,5 @@ pub fn insert(flow: &Flow, pick: &Pick, now: u64, nexthop: &NextHop) -> Result<u
     }
     let _ = LB_CONNTRACK.insert(&key(flow), &forward, 0);
     count(ct_stats::INSERTED, 2);
-    Ok(forward.client_port)
+    Ok((0, forward.client_port))
 }

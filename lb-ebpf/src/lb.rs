@@ -3,10 +3,14 @@
 //! Ethernet → ARP request for an announced address? answer it.
 //! IPv4 → TCP/UDP (a later fragment takes its first fragment's ports) → TTL ≤ 1? the kernel's
 //! (it answers Time Exceeded) →
-//!   conntrack hit on the 5-tuple (one lookup serves both directions):
-//!     forward entry (client → frontend) → DNAT to the backend it holds;
-//!     reply entry (backend → client) → rewrite the source back to the frontend;
-//!   else frontend hit (vip, port, proto) → policies → Maglev → backend; conntrack insert; DNAT;
+//!   conntrack hit on the 5-tuple (one lookup serves both directions; replies to SNATed flows
+//!   are in LB_NAT):
+//!     forward entry (client → frontend) → DNAT to the backend it holds (and SNAT);
+//!     reply entry (backend → client) → rewrite the source back to the frontend (and the
+//!     destination back to the client);
+//!   else frontend hit (vip, port, proto) → policies → Maglev → backend → next hop → SNAT
+//!   needed? (external traffic leaving by an uplink, or a hairpin: [`snat`]) → conntrack insert
+//!   (and a NAT port; none free: refused) → DNAT (and SNAT);
 //!   else untouched.
 //! ICMP errors about a translated flow → translated back (tc).
 //! A frontend without endpoints answers TCP with a RST and UDP with ICMP port unreachable;
@@ -25,6 +29,7 @@ use crate::{
     parse::{self, Parsed},
     reject,
     service::{self, NoPick},
+    snat,
 };
 
 #[inline(always)]
@@ -52,7 +57,7 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
                 &flow,
                 Side::Source,
                 frontend,
-                entry.client_port,
+                (entry.client_addr, entry.client_port),
                 now,
                 Some(&mut entry.nexthop),
             ));
@@ -66,7 +71,7 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
                 &flow,
                 Side::Destination,
                 backend,
-                entry.client_port,
+                (entry.client_addr, entry.client_port),
                 now,
                 Some(&mut entry.nexthop),
             );
@@ -94,30 +99,36 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
         Err(NoPick::NoEndpoint) => return reject::no_endpoint(ctx, &flow),
         Err(NoPick::Unavailable) => return Ok(P::PASS),
     };
-    // The flow's entry starts from the backend's next hop as last resolved (checked again
-    // before use, like any cache).
-    let nexthop = LB_NEXTHOPS
+    // The flow's entry starts from the backend's next hop (as last resolved, while fresh).
+    let backend = (pick.backend.addr, pick.backend.port);
+    let mut nexthop = LB_NEXTHOPS
         .get_ptr_mut(pick.backend_id)
         .map(|n| unsafe { &mut *n });
-    let Ok(port_on_wire) = conntrack::insert(
+    let hop = nat::next_hop(
+        ctx,
+        &flow,
+        (flow.src_addr, flow.src_port),
+        backend,
+        now,
+        nexthop.as_deref_mut(),
+    );
+    if P::IS_XDP && !hop.sendable(ctx) {
+        // tc on this interface takes the whole decision, SNAT included.
+        return Ok(P::PASS);
+    }
+    let snat_addr = snat::source_for(ctx, &flow, backend.0, &hop);
+    let Ok(other) = conntrack::insert(
         &flow,
         &pick,
         now,
         nexthop.as_ref().map_or(&NO_NEXTHOP, |n| &**n),
+        snat_addr,
     ) else {
-        // Every source port tried clashes: rare enough to leave to the kernel.
-        return Ok(P::PASS);
+        // No NAT port free: the new flow is refused (counted), open ones keep theirs. No
+        // source port free without SNAT (every one tried clashes): left to the kernel.
+        return Ok(if snat_addr != 0 { P::DROP } else { P::PASS });
     };
-    let backend = (pick.backend.addr, pick.backend.port);
-    let verdict = nat::translate(
-        ctx,
-        &flow,
-        Side::Destination,
-        backend,
-        port_on_wire,
-        now,
-        nexthop,
-    );
+    let verdict = nat::send_translated(ctx, &flow, Side::Destination, backend, other, hop);
     count::<P>(verdict, pick.frontend_id, pick.backend_id, len);
     Ok(verdict)
 }

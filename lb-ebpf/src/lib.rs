@@ -6,6 +6,7 @@
 //! - [`conntrack`]: flows in both directions;
 //! - [`service`]: frontend, policies, Maglev → backend;
 //! - [`nat`]: DNAT / rev-NAT, next hop, send;
+//! - [`snat`]: source NAT of external flows to backends elsewhere, and hairpin;
 //! - [`arp`]: the ARP responder;
 //! - [`reject`]: answers for services without endpoints;
 //! - [`icmp`]: ICMP errors sent (fragmentation needed, port unreachable) and translated back;
@@ -24,4 +25,5 @@ pub mod packet;
 pub mod parse;
 pub mod reject;
 pub mod service;
+pub mod snat;
 pub mod sock;

@@ -8,7 +8,8 @@ use lb_common::{
     AffinityEntry, AffinityKey, ArpEntry, ArpKey, Backend, Config, Counters, CtEntry, CtKey,
     DEFAULT_AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAGLEV_SIZE,
     DEFAULT_MAX_ANNOUNCEMENTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_INTERFACES,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES, DEFAULT_SOCK_REVNAT_SIZE, FragmentKey,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES, DEFAULT_NAT_SIZE, DEFAULT_SOCK_REVNAT_SIZE,
+    FragmentKey,
     FragmentPorts, Frontend, FrontendKey, MAGLEV_SPARE_BLOCKS, NextHop, SockRevEntry, SockRevKey,
     SourceRange, ct_stats,
 };
@@ -74,6 +75,15 @@ pub static LB_CT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(ct_stats::COUNT, 
 #[map]
 pub static LB_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevEntry> =
     LruHashMap::pinned(DEFAULT_SOCK_REVNAT_SIZE, 0);
+
+/// Source NAT: reply tuple (backend → node address and NAT port) of each SNATed flow → the
+/// client and frontend to restore. Not LRU: a live flow's port is never given to another.
+#[map]
+pub static LB_NAT: HashMap<CtKey, CtEntry> = HashMap::pinned(DEFAULT_NAT_SIZE, 0);
+
+/// The node's uplinks (ifindex → the address flows leaving by them are SNATed to).
+#[map]
+pub static LB_UPLINKS: HashMap<u32, u32> = HashMap::pinned(DEFAULT_MAX_INTERFACES, 0);
 
 /// Ports of fragmented datagrams by (source, destination, IP id, protocol), written by the first
 /// fragment and read by the later ones, which carry no L4 header.

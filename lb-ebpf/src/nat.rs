@@ -20,6 +20,7 @@ use crate::{
 
 const AF_INET: u8 = 2;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 
 /// Which side of the flow a translation replaces.
@@ -31,135 +32,213 @@ pub enum Side {
     Source,
 }
 
-/// Why the FIB gave no next hop.
-#[derive(Clone, Copy)]
-pub enum NoRoute {
-    /// No route, no neighbour entry yet, forwarding off: the kernel's to handle.
+/// What the FIB says about the way to a destination.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Out of `ifindex` to `macs`.
+    Ready,
+    /// No route, forwarding off, a local destination: the kernel's to handle.
     Unresolved,
-    /// Longer than the egress MTU (given).
-    TooBig(u16),
+    /// Out of `ifindex`, but no neighbour entry yet: the kernel resolves it.
+    NoNeighbour,
+    /// Longer than the egress MTU (`mtu`).
+    TooBig,
 }
 
-/// Translates `side` of `flow` to `addr:port` (and the other side's port to `other_port`,
-/// unless 0: a flow moved off a clashing client port) and sends the packet toward its (new)
-/// destination, with the next hop from `cache` while it is fresh for that destination, else from
-/// the FIB (and cached there).
+/// The next hop. A plain struct, every field always set: the BPF verifier refuses to copy the
+/// uninitialised bytes an enum with payloads would leave.
+#[derive(Clone, Copy)]
+pub struct Hop {
+    pub route: Route,
+    pub mtu: u16,
+    pub ifindex: u32,
+    /// Destination then source MAC.
+    pub macs: [u8; 12],
+}
+
+impl Hop {
+    const fn without(route: Route, ifindex: u32, mtu: u16) -> Self {
+        Self {
+            route,
+            mtu,
+            ifindex,
+            macs: [0; 12],
+        }
+    }
+
+    /// The interface the packet leaves by, when the FIB knows it.
+    #[inline(always)]
+    pub fn egress(&self) -> Option<u32> {
+        match self.route {
+            Route::Ready | Route::NoNeighbour => Some(self.ifindex),
+            _ => None,
+        }
+    }
+
+    /// Can this hook send the packet there itself?
+    #[inline(always)]
+    pub fn sendable<P: Packet>(&self, ctx: &P) -> bool {
+        self.route == Route::Ready && ctx.can_send(self.ifindex)
+    }
+}
+
+/// Translates `side` of `flow` to `addr:port`, and the other side's address and port to
+/// `other` where non-zero (a SNATed flow, or one moved off a clashing client port), and sends
+/// the packet toward its (new) destination, with the next hop from `cache` while it is fresh for
+/// that destination, else from the FIB (and cached there).
 #[inline(always)]
 pub fn translate<P: Packet>(
     ctx: &P,
     flow: &Flow,
     side: Side,
-    (addr, port): (u32, u16),
-    other_port: u16,
+    to: (u32, u16),
+    other: (u32, u16),
     now: u64,
     cache: Option<&mut NextHop>,
 ) -> u32 {
-    let dst = side == Side::Destination;
-    let (src_addr, dst_addr) = if dst {
-        (flow.src_addr, addr)
+    let (src, dst) = translated(flow, side, to, other);
+    let hop = next_hop(ctx, flow, src, dst, now, cache);
+    send_translated(ctx, flow, side, to, other, hop)
+}
+
+/// The (source, destination) of `flow` once translated as [`translate`] does.
+#[inline(always)]
+pub fn translated(
+    flow: &Flow,
+    side: Side,
+    (addr, port): (u32, u16),
+    (other_addr, other_port): (u32, u16),
+) -> ((u32, u16), (u32, u16)) {
+    let pick = |new: u32, old: u32| if new != 0 { new } else { old };
+    let pick_port = |new: u16, old: u16| if new != 0 { new } else { old };
+    if side == Side::Destination {
+        (
+            (
+                pick(other_addr, flow.src_addr),
+                pick_port(other_port, flow.src_port),
+            ),
+            (addr, port),
+        )
     } else {
-        (addr, flow.dst_addr)
-    };
-    let (mut src_port, mut dst_port) = if dst {
-        (flow.src_port, port)
-    } else {
-        (port, flow.dst_port)
-    };
-    if other_port != 0 {
-        if dst {
-            src_port = other_port;
-        } else {
-            dst_port = other_port;
-        }
+        (
+            (addr, port),
+            (
+                pick(other_addr, flow.dst_addr),
+                pick_port(other_port, flow.dst_port),
+            ),
+        )
     }
-    let hop = next_hop(
-        ctx,
-        flow,
-        (src_addr, src_port),
-        (dst_addr, dst_port),
-        now,
-        cache,
-    );
-    let hop = match hop {
-        Ok((ifindex, macs)) if ctx.can_send(ifindex) => Some((ifindex, macs)),
+}
+
+/// [`translate`] with the next hop already looked up.
+#[inline(always)]
+pub fn send_translated<P: Packet>(
+    ctx: &P,
+    flow: &Flow,
+    side: Side,
+    (addr, port): (u32, u16),
+    (other_addr, other_port): (u32, u16),
+    hop: Hop,
+) -> u32 {
+    let dst = side == Side::Destination;
+    let send = hop.sendable(ctx);
+    if !send {
         // tc on this interface finishes it.
-        _ if P::IS_XDP => return P::PASS,
-        Err(NoRoute::TooBig(mtu)) if flow.dont_fragment => {
-            return icmp::reply_error(ctx, flow, icmp::DEST_UNREACH, icmp::FRAG_NEEDED, mtu)
+        if P::IS_XDP {
+            return P::PASS;
+        }
+        if hop.route == Route::TooBig && flow.dont_fragment {
+            return icmp::reply_error(ctx, flow, icmp::DEST_UNREACH, icmp::FRAG_NEEDED, hop.mtu)
                 .unwrap_or(P::DROP);
         }
-        _ => None,
-    };
+    }
     if ctx.rewrite(flow, dst, addr, port).is_err() {
         return P::DROP;
     }
-    if other_port != 0 {
-        let old = if dst { flow.src_port } else { flow.dst_port };
-        if ctx.rewrite_port(flow, !dst, old, other_port).is_err() {
+    let old_port = if dst { flow.src_port } else { flow.dst_port };
+    if other_addr != 0 {
+        let port = if other_port != 0 { other_port } else { old_port };
+        if ctx.rewrite(flow, !dst, other_addr, port).is_err() {
             return P::DROP;
         }
-    }
-    let Some((ifindex, macs)) = hop else {
-        return P::PASS;
-    };
-    if set_l2(ctx, flow.l3, &macs).is_err() {
+    } else if other_port != 0 && ctx.rewrite_port(flow, !dst, old_port, other_port).is_err() {
         return P::DROP;
     }
-    ctx.send(ifindex)
+    if !send {
+        if hop.route == Route::NoNeighbour {
+            // tc (XDP returned above): the kernel resolves the neighbour on the way out.
+            if set_l2(ctx, flow.l3, None).is_err() {
+                return P::DROP;
+            }
+            return ctx.send_resolving(hop.ifindex);
+        }
+        return P::PASS;
+    }
+    if set_l2(ctx, flow.l3, Some(&hop.macs)).is_err() {
+        return P::DROP;
+    }
+    ctx.send(hop.ifindex)
 }
 
 /// Sends a packet whose addresses are already final (an ICMP error translated in place) toward
 /// its destination, or to the kernel when the FIB cannot tell the way.
 #[inline(always)]
 pub fn deliver<P: Packet>(ctx: &P, flow: &Flow) -> u32 {
-    match fib(ctx, flow, (flow.src_addr, 0), (flow.dst_addr, 0)) {
-        Ok((ifindex, macs)) if ctx.can_send(ifindex) => {
-            if set_l2(ctx, flow.l3, &macs).is_err() {
-                return P::DROP;
-            }
-            ctx.send(ifindex)
-        }
-        _ => P::PASS,
+    let mut mtu = 0;
+    let hop = fib(ctx, flow, (flow.src_addr, 0), (flow.dst_addr, 0), &mut mtu);
+    if !hop.sendable(ctx) {
+        return P::PASS;
     }
+    if set_l2(ctx, flow.l3, Some(&hop.macs)).is_err() {
+        return P::DROP;
+    }
+    ctx.send(hop.ifindex)
 }
 
 /// The next hop toward `dst`: the cached one while fresh for that destination and the packet
 /// fits its MTU, else the FIB's (cached for next time).
 #[inline(always)]
-fn next_hop<P: Packet>(
+pub fn next_hop<P: Packet>(
     ctx: &P,
     flow: &Flow,
     src: (u32, u16),
     dst: (u32, u16),
     now: u64,
     cache: Option<&mut NextHop>,
-) -> Result<(u32, [u8; 12]), NoRoute> {
+) -> Hop {
     if let Some(n) = &cache {
         if n.ifindex != 0
             && n.addr == dst.0
             && now.wrapping_sub(n.checked_ns) < NEXTHOP_CACHE_NS
             && (n.mtu == 0 || ctx.len() <= n.mtu as u64 + EthHdr::LEN as u64)
         {
-            return Ok((n.ifindex, n.macs));
+            return Hop {
+                route: Route::Ready,
+                mtu: 0,
+                ifindex: n.ifindex,
+                macs: n.macs,
+            };
         }
     }
     let mut mtu = 0;
-    let hop = fib_with_mtu(ctx, flow, src, dst, &mut mtu)?;
-    if let Some(n) = cache {
-        *n = NextHop {
-            addr: dst.0,
-            ifindex: hop.0,
-            macs: hop.1,
-            mtu,
-            checked_ns: now,
-        };
+    let hop = fib(ctx, flow, src, dst, &mut mtu);
+    if hop.route == Route::Ready {
+        if let Some(n) = cache {
+            *n = NextHop {
+                addr: dst.0,
+                ifindex: hop.ifindex,
+                macs: hop.macs,
+                mtu,
+                checked_ns: now,
+            };
+        }
     }
-    Ok(hop)
+    hop
 }
 
-/// Decrements TTL (we forward instead of the kernel) and sets the next hop's MACs.
+/// Decrements TTL (we forward instead of the kernel) and sets the next hop's MACs (if known).
 #[inline(always)]
-fn set_l2<P: Packet>(ctx: &P, l3: usize, macs: &[u8; 12]) -> Result<(), ()> {
+fn set_l2<P: Packet>(ctx: &P, l3: usize, macs: Option<&[u8; 12]>) -> Result<(), ()> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     let ip: *mut Ipv4Hdr = ptr_at(ctx, l3)?;
     unsafe {
@@ -170,34 +249,27 @@ fn set_l2<P: Packet>(ctx: &P, l3: usize, macs: &[u8; 12]) -> Result<(), ()> {
         (*ip).ttl = ttl - 1;
         (*ip).check =
             csum::csum_replace2(u16::from_ne_bytes((*ip).check), old_word, new_word).to_ne_bytes();
-        (*eth).dst_addr.copy_from_slice(&macs[..6]);
-        (*eth).src_addr.copy_from_slice(&macs[6..]);
+        if let Some(macs) = macs {
+            (*eth).dst_addr.copy_from_slice(&macs[..6]);
+            (*eth).src_addr.copy_from_slice(&macs[6..]);
+        }
     }
     Ok(())
-}
-
-#[inline(always)]
-fn fib<P: Packet>(
-    ctx: &P,
-    flow: &Flow,
-    src: (u32, u16),
-    dst: (u32, u16),
-) -> Result<(u32, [u8; 12]), NoRoute> {
-    let mut mtu = 0;
-    fib_with_mtu(ctx, flow, src, dst, &mut mtu)
 }
 
 /// The egress interface and (destination, source) MACs toward `dst`, from the FIB; `mtu` gets
 /// the egress MTU when the kernel reports it (tc).
 #[inline(always)]
-fn fib_with_mtu<P: Packet>(
+fn fib<P: Packet>(
     ctx: &P,
     flow: &Flow,
     (src_addr, src_port): (u32, u16),
     (dst_addr, dst_port): (u32, u16),
     mtu: &mut u32,
-) -> Result<(u32, [u8; 12]), NoRoute> {
-    let ip: *const Ipv4Hdr = ptr_at(ctx, flow.l3).map_err(|_| NoRoute::Unresolved)?;
+) -> Hop {
+    let Ok(ip) = ptr_at::<P, Ipv4Hdr>(ctx, flow.l3) else {
+        return Hop::without(Route::Unresolved, 0, 0);
+    };
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     unsafe {
         params.family = AF_INET;
@@ -219,11 +291,11 @@ fn fib_with_mtu<P: Packet>(
     match ctx.fib(&mut params) {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
-            return Err(NoRoute::TooBig(unsafe {
-                params.__bindgen_anon_1.mtu_result
-            }));
+            let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+            return Hop::without(Route::TooBig, 0, mtu);
         }
-        _ => return Err(NoRoute::Unresolved),
+        BPF_FIB_LKUP_RET_NO_NEIGH => return Hop::without(Route::NoNeighbour, params.ifindex, 0),
+        _ => return Hop::without(Route::Unresolved, 0, 0),
     }
     if !P::IS_XDP {
         *mtu = unsafe { params.__bindgen_anon_1.mtu_result } as u32;
@@ -231,5 +303,10 @@ fn fib_with_mtu<P: Packet>(
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&params.dmac);
     macs[6..].copy_from_slice(&params.smac);
-    Ok((params.ifindex, macs))
+    Hop {
+        route: Route::Ready,
+        mtu: 0,
+        ifindex: params.ifindex,
+        macs,
+    }
 }

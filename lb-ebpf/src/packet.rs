@@ -17,7 +17,7 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_csum_level, bpf_fib_lookup as fib_lookup, bpf_l3_csum_replace, bpf_l4_csum_replace,
-        bpf_redirect, bpf_skb_change_tail, bpf_skb_pull_data, bpf_skb_store_bytes,
+        bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_pull_data, bpf_skb_store_bytes,
         bpf_xdp_adjust_tail,
     },
     programs::{TcContext, XdpContext},
@@ -60,6 +60,13 @@ pub trait Packet: EbpfContext {
     /// Can [`Packet::send`] deliver to `ifindex`? XDP frames only reach interfaces that take
     /// them (a veth whose peer has no NAPI drops them); an skb goes anywhere.
     fn can_send(&self, ifindex: u32) -> bool;
+
+    /// Sends the packet out of `ifindex` to a next hop the kernel has yet to resolve (tc:
+    /// bpf_redirect_neigh fills in the MACs, resolving the neighbour if needed). A packet the
+    /// node SNATed to its own address cannot go back through the kernel's forwarding: that
+    /// sees its own address as source and drops it as a martian. XDP: never called (it leaves
+    /// such packets to tc).
+    fn send_resolving(&self, ifindex: u32) -> u32;
 
     /// Sets the packet to `len` bytes (trims or extends the tail). Invalidates earlier pointers.
     fn resize(&self, len: usize) -> Result<(), ()>;
@@ -196,6 +203,11 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
+    fn send_resolving(&self, _ifindex: u32) -> u32 {
+        xdp_action::XDP_PASS
+    }
+
+    #[inline(always)]
     fn resize(&self, len: usize) -> Result<(), ()> {
         let delta = len as i32 - self.len() as i32;
         if delta != 0 && unsafe { bpf_xdp_adjust_tail(self.as_ptr() as *mut _, delta) } != 0 {
@@ -314,6 +326,11 @@ impl Packet for TcContext {
     #[inline(always)]
     fn can_send(&self, _ifindex: u32) -> bool {
         true
+    }
+
+    #[inline(always)]
+    fn send_resolving(&self, ifindex: u32) -> u32 {
+        unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as u32 }
     }
 
     #[inline(always)]

@@ -19,7 +19,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{Config, CtTimeouts, MAGLEV_SPARE_BLOCKS, ServiceName, map_names};
+use lb_common::{Config, CtTimeouts, MAGLEV_SPARE_BLOCKS, NatConfig, ServiceName, map_names};
 use log::{info, warn};
 
 use crate::{
@@ -48,6 +48,10 @@ pub struct Options {
     pub max_announcements: u32,
     /// Conntrack lifetimes by state (a read-only global of the programs, set at load).
     pub ct_timeouts: CtTimeouts,
+    /// SNAT ports and the hairpin address (a read-only global of the programs, set at load).
+    pub nat: NatConfig,
+    /// Flows SNATed at once (LB_NAT entries).
+    pub nat_size: u32,
 }
 
 impl Options {
@@ -100,6 +104,7 @@ impl Options {
             (map_names::NEXTHOPS, self.max_backends),
             (map_names::SOCK_REVNAT, self.sock_revnat_size),
             (map_names::ARP, self.max_announcements),
+            (map_names::NAT, self.nat_size),
             (map_names::SERVICE_NAMES, self.max_services),
         ])
     }
@@ -212,6 +217,7 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&opts.bpffs);
         loader.override_global("CT_TIMEOUTS", &opts.ct_timeouts, true);
+        loader.override_global("NAT_CONFIG", &opts.nat, true);
         for (name, size) in &sizes {
             if *name != map_names::SERVICE_NAMES {
                 loader.map_max_entries(name, *size);
@@ -273,6 +279,7 @@ impl Datapath {
                 let mut loader = EbpfLoader::new();
                 loader.default_map_pin_directory(&self.opts.bpffs);
                 loader.override_global("CT_TIMEOUTS", &self.opts.ct_timeouts, true);
+                loader.override_global("NAT_CONFIG", &self.opts.nat, false);
                 self.bench = Some(
                     loader
                         .load(LB_BENCH_EBPF)

@@ -128,6 +128,9 @@ pub struct Stats {
     pub ct: CtCounters,
     /// Entries the LRU evicted: inserted, and neither live, expired nor removed.
     pub conntrack_evicted: u64,
+    /// SNATed flows (LB_NAT entries) and the table's size.
+    pub nat_entries: u64,
+    pub nat_capacity: u32,
     pub sock_revnat_entries: u64,
     pub sock_revnat_capacity: u32,
 }
@@ -154,6 +157,7 @@ pub fn stats(maps: &PinnedMaps) -> Result<Stats> {
         })
         .collect();
     let entries = maps.conntrack.keys().count() as u64;
+    let nat_entries = maps.nat.keys().count() as u64;
     let ct = maps.ct_counters()?;
     Ok(Stats {
         frontends: frontends_out,
@@ -162,7 +166,9 @@ pub fn stats(maps: &PinnedMaps) -> Result<Stats> {
         conntrack_capacity: maps.capacity(map_names::CONNTRACK)?,
         conntrack_evicted: ct
             .inserted
-            .saturating_sub(entries + ct.expired + ct.agent_removed),
+            .saturating_sub(entries + nat_entries + ct.expired + ct.agent_removed),
+        nat_entries,
+        nat_capacity: maps.capacity(map_names::NAT)?,
         ct,
         sock_revnat_entries: maps.sock_revnat.keys().count() as u64,
         sock_revnat_capacity: maps.capacity(map_names::SOCK_REVNAT)?,
@@ -188,6 +194,8 @@ pub fn fill(maps: &PinnedMaps) -> Result<Vec<MapFill>> {
             map_names::FRONTENDS => maps.frontends.keys().count() as u64,
             map_names::BACKENDS => backends_in_use(maps).ok()?.len() as u64,
             map_names::CONNTRACK => maps.conntrack.keys().count() as u64,
+            map_names::NAT => maps.nat.keys().count() as u64,
+            map_names::UPLINKS => maps.uplinks.keys().count() as u64,
             map_names::ARP => maps.arp.keys().count() as u64,
             map_names::AFFINITY => maps.affinity.keys().count() as u64,
             map_names::SOURCE_RANGES => maps.source_ranges.keys().count() as u64,

@@ -25,6 +25,7 @@ pub mod sockets;
 pub mod source;
 pub mod state;
 pub mod status;
+pub mod uplinks;
 
 /// The node's eBPF object (XDP and tc programs) built from `lb-ebpf` by `build.rs`.
 pub static LB_EBPF: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

@@ -143,6 +143,10 @@ pub struct PinnedMaps {
     pub ct_stats: PerCpuArray<MapData, u64>,
     /// Until when the ARP responder answers (see [`lb_common::map_names::ANNOUNCE`]).
     pub announce: Array<MapData, u64>,
+    /// SNATed flows by reply tuple (see [`lb_common::map_names::NAT`]).
+    pub nat: HashMap<MapData, CtKey, CtEntry>,
+    /// Uplink ifindex → its SNAT address (wire order).
+    pub uplinks: HashMap<MapData, u32, u32>,
 }
 
 /// The LPM key of one source range of a service.
@@ -184,6 +188,8 @@ impl PinnedMaps {
             sock_revnat: HashMap::try_from(open_map(dir, map_names::SOCK_REVNAT)?)?,
             ct_stats: PerCpuArray::try_from(open_map(dir, map_names::CT_STATS)?)?,
             announce: Array::try_from(open_map(dir, map_names::ANNOUNCE)?)?,
+            nat: HashMap::try_from(open_map(dir, map_names::NAT)?)?,
+            uplinks: HashMap::try_from(open_map(dir, map_names::UPLINKS)?)?,
         })
     }
 
@@ -331,25 +337,29 @@ impl PinnedMaps {
         &mut self,
         live: &std::collections::BTreeSet<(u32, u16)>,
     ) -> Result<usize> {
-        let mut dead = Vec::new();
-        for item in self.conntrack.iter() {
-            let (k, e) = item?;
-            if k.proto != lb_common::IPPROTO_UDP {
-                continue;
+        let mut removed = 0;
+        for map in [&mut self.conntrack, &mut self.nat] {
+            let mut dead = Vec::new();
+            for item in map.iter() {
+                let (k, e) = item?;
+                if k.proto != lb_common::IPPROTO_UDP {
+                    continue;
+                }
+                let backend = if e.dir == lb_common::CT_DIR_FORWARD {
+                    (e.nat_addr, e.nat_port)
+                } else {
+                    (k.src_addr, k.src_port)
+                };
+                if !live.contains(&backend) {
+                    dead.push(k);
+                }
             }
-            let backend = if e.dir == lb_common::CT_DIR_FORWARD {
-                (e.nat_addr, e.nat_port)
-            } else {
-                (k.src_addr, k.src_port)
-            };
-            if !live.contains(&backend) {
-                dead.push(k);
+            for k in &dead {
+                let _ = map.remove(k);
             }
+            removed += dead.len();
         }
-        for k in &dead {
-            let _ = self.conntrack.remove(k);
-        }
-        Ok(dead.len())
+        Ok(removed)
     }
 }
 
@@ -387,26 +397,54 @@ pub struct CtCounters {
     pub clash_ports: u64,
     pub reply_restored: u64,
     pub agent_removed: u64,
+    /// SNAT ports handed to new flows.
+    pub nat_allocated: u64,
+    /// New flows refused: no free SNAT port among those tried.
+    pub nat_exhausted: u64,
+    /// New flows refused: the NAT table was full.
+    pub nat_full: u64,
 }
 
 impl PinnedMaps {
-    /// Deletes the conntrack entries that have expired by `timeouts` (the datapath's own rule).
+    /// Deletes the conntrack and NAT entries that have expired by `timeouts` (the datapath's
+    /// own rule): an expired NAT entry's port is free for new flows.
     pub fn sweep_conntrack(&mut self, timeouts: &lb_common::CtTimeouts) -> Result<usize> {
         let now = monotonic_coarse_ns();
-        let mut dead = Vec::new();
-        for item in self.conntrack.iter() {
-            let (k, e) = item?;
-            if timeouts.expired(k.proto, e.flags, e.last_seen_ns, now) {
-                dead.push(k);
-            }
-        }
         let mut removed = 0;
-        for k in &dead {
-            if self.conntrack.remove(k).is_ok() {
-                removed += 1;
+        for map in [&mut self.conntrack, &mut self.nat] {
+            let mut dead = Vec::new();
+            for item in map.iter() {
+                let (k, e) = item?;
+                if timeouts.expired(k.proto, e.flags, e.last_seen_ns, now) {
+                    dead.push(k);
+                }
+            }
+            for k in &dead {
+                if map.remove(k).is_ok() {
+                    removed += 1;
+                }
             }
         }
         Ok(removed)
+    }
+
+    /// Makes LB_UPLINKS exactly `uplinks` (ifindex → SNAT address).
+    pub fn set_uplinks(&mut self, uplinks: &std::collections::BTreeMap<u32, Ipv4Addr>) -> Result<()> {
+        let stale: Vec<u32> = self
+            .uplinks
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !uplinks.contains_key(k))
+            .collect();
+        for (ifindex, addr) in uplinks {
+            self.uplinks
+                .insert(ifindex, ipv4_to_wire(addr.octets()), 0)
+                .with_context(|| format!("LB_UPLINKS: ifindex {ifindex}"))?;
+        }
+        for k in stale {
+            let _ = self.uplinks.remove(&k);
+        }
+        Ok(())
     }
 
     /// Adds `n` to the entries the agent removed (CPU 0's slot; the datapath never writes it).
@@ -425,12 +463,17 @@ impl PinnedMaps {
     pub fn ct_counters(&self) -> Result<CtCounters> {
         use lb_common::ct_stats as s;
         let sum = |slot: u32| -> Result<u64> { Ok(self.ct_stats.get(&slot, 0)?.iter().sum()) };
+        // Slots a map pinned by an older release does not have read as 0.
+        let newer = |slot: u32| sum(slot).unwrap_or(0);
         Ok(CtCounters {
             inserted: sum(s::INSERTED)?,
             expired: sum(s::EXPIRED)?,
             clash_ports: sum(s::CLASH_PORTS)?,
             reply_restored: sum(s::REPLY_RESTORED)?,
             agent_removed: sum(s::AGENT_REMOVED)?,
+            nat_allocated: newer(s::NAT_ALLOCATED),
+            nat_exhausted: newer(s::NAT_EXHAUSTED),
+            nat_full: newer(s::NAT_FULL),
         })
     }
 }

@@ -324,6 +324,16 @@ impl Collector for Datapath {
                 "Sockets with a reverse translation",
                 stats.sock_revnat_entries as i64,
             ),
+            (
+                "nat_entries",
+                "Flows SNATed now (LB_NAT entries)",
+                stats.nat_entries as i64,
+            ),
+            (
+                "nat_capacity",
+                "Flows the NAT table can hold",
+                i64::from(stats.nat_capacity),
+            ),
         ];
         for (name, help, v) in gauges {
             let g = ConstGauge::new(v);
@@ -349,6 +359,21 @@ impl Collector for Datapath {
                 "conntrack_clash_ports",
                 "New flows moved to another source port to avoid a clash",
                 stats.ct.clash_ports,
+            ),
+            (
+                "nat_allocated",
+                "SNAT ports handed to new flows",
+                stats.ct.nat_allocated,
+            ),
+            (
+                "nat_refused_no_port",
+                "New flows refused: no free SNAT port among those tried",
+                stats.ct.nat_exhausted,
+            ),
+            (
+                "nat_refused_table_full",
+                "New flows refused: the NAT table was full",
+                stats.ct.nat_full,
             ),
         ];
         for (name, help, v) in counters {

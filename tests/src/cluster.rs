@@ -156,14 +156,45 @@ impl Cluster {
     /// Starts node i's agent against `kubeconfig` on eth1 and the pod link, and waits for its
     /// ready line.
     pub fn start_agent(&mut self, i: usize, kubeconfig: &str) -> Result<()> {
-        let bpffs = self.dir.join(format!("bpffs-{i}"));
+        self.start_agent_with(i, &["--kubernetes", "--kubeconfig", kubeconfig])
+    }
+
+    /// Starts node i's agent reading the YAML file `config` (both nodes may share it: endpoints
+    /// carry their `nodeName`), and waits for its ready line.
+    pub fn start_agent_on_file(&mut self, i: usize, config: &std::path::Path) -> Result<()> {
+        let config = config.display().to_string();
+        self.start_agent_with(i, &["--config", &config, "--reload-interval-ms", "100"])
+    }
+
+    /// The bpffs directory of node i's agent.
+    pub fn bpffs(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("bpffs-{i}"))
+    }
+
+    /// `lbctl ARGS` against node i's maps.
+    pub fn lbctl(&self, i: usize, args: &[&str]) -> Result<String> {
+        let out = Command::new(sibling_binary("lbctl"))
+            .arg("--bpffs")
+            .arg(self.bpffs(i))
+            .arg("--state-dir")
+            .arg(self.dir.join(format!("state-{i}")))
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!("lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    fn start_agent_with(&mut self, i: usize, source: &[&str]) -> Result<()> {
+        let bpffs = self.bpffs(i);
         lb_userspace::datapath::ensure_bpffs(&bpffs)?;
         let log = fs::File::create(self.dir.join(format!("agent-{i}.log")))?;
         let n = &mut self.nodes[i];
         let child = Command::new("ip")
             .args(["netns", "exec", &n.ns])
             .arg(sibling_binary("lb-agent"))
-            .args(["--kubernetes", "--kubeconfig", kubeconfig])
+            .args(source)
             .args(["--node-name", &n.name, "--node-ip", &n.lan_ip.to_string()])
             .args([
                 "--interface",

@@ -545,7 +545,20 @@ impl Conversation {
     }
 
     pub fn ask(&mut self) -> Result<String> {
-        self.stream.write_all(b"who\n")?;
+        self.request("who")
+    }
+
+    /// The backend's name and the address it sees this connection come from.
+    pub fn ask_peer(&mut self) -> Result<(String, SocketAddr)> {
+        let line = self.request("peer")?;
+        let (name, peer) = line
+            .split_once(' ')
+            .with_context(|| format!("no peer in {line:?}"))?;
+        Ok((name.to_string(), peer.parse()?))
+    }
+
+    fn request(&mut self, what: &str) -> Result<String> {
+        self.stream.write_all(format!("{what}\n").as_bytes())?;
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
         if line.is_empty() {
@@ -553,6 +566,21 @@ impl Conversation {
         }
         Ok(line.trim().to_string())
     }
+}
+
+/// One UDP exchange asking for the backend's name and what it sees as the source: returns
+/// (reply source, backend name, source the backend saw).
+pub fn udp_ask_peer(to: SocketAddr) -> Result<(SocketAddr, String, SocketAddr)> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    socket.send_to(b"peer", to)?;
+    let mut buf = [0u8; 256];
+    let (n, from) = socket.recv_from(&mut buf).context("no UDP reply")?;
+    let text = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+    let (name, peer) = text
+        .split_once(' ')
+        .with_context(|| format!("no peer in {text:?}"))?;
+    Ok((from, name.to_string(), peer.parse()?))
 }
 
 /// One UDP exchange from an unconnected socket: returns (reply source, backend name).

@@ -161,5 +161,7 @@ pub fn lab_options(ct_timeouts: lb_common::CtTimeouts) -> lb_userspace::datapath
         sock_revnat_size: lb_common::DEFAULT_SOCK_REVNAT_SIZE,
         max_announcements: lb_common::DEFAULT_MAX_ANNOUNCEMENTS,
         ct_timeouts,
+        nat: lb_common::NatConfig::DEFAULT,
+        nat_size: lb_common::DEFAULT_NAT_SIZE,
     }
 }

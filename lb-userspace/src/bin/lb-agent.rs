@@ -180,6 +180,31 @@ struct Args {
     /// an address starts being announced). Switches age their MAC tables.
     #[arg(long, default_value_t = 0)]
     garp_interval: u64,
+    /// How traffic from outside reaches a backend on another node: snat (the request leaves
+    /// with this node's address as source, so the reply comes back here), as Cilium's
+    /// loadBalancer.mode. dsr and hybrid are not available yet (see the README).
+    #[arg(long, value_enum, default_value = "snat")]
+    lb_mode: LbMode,
+    /// Source ports of SNATed flows (one port per flow and backend); must lie outside the
+    /// node's ephemeral ports (net.ipv4.ip_local_port_range, unless reserved with
+    /// ip_local_reserved_ports).
+    #[arg(long, default_value = "61000-65535")]
+    snat_port_range: lb_userspace::nodeports::NodePortRange,
+    /// Source address of a backend's request to its own Service when it picks itself (hairpin),
+    /// as Cilium's 169.254.42.1; the backend's reply comes back to this node.
+    #[arg(long, default_value = "169.254.42.1")]
+    service_loopback_address: Ipv4Addr,
+    /// Flows SNATed at once (LB_NAT entries; a full table refuses new flows, counted in
+    /// `lbctl stats`).
+    #[arg(long, default_value_t = lb_common::DEFAULT_NAT_SIZE)]
+    nat_size: u32,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LbMode {
+    Snat,
+    Dsr,
+    Hybrid,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -220,6 +245,8 @@ struct Agent {
     cgroup: Option<PathBuf>,
     /// `--node-ip` given: NodePort addresses do not follow the interfaces.
     fixed_node_ips: bool,
+    /// What LB_UPLINKS holds (ifindex → SNAT address), once written by this run.
+    uplinks: Option<BTreeMap<u32, Ipv4Addr>>,
     ct_timeouts: CtTimeouts,
 }
 
@@ -503,6 +530,7 @@ impl Agent {
             self.ctx.node_ips = node_ips;
             changed = true;
         }
+        self.sync_uplinks(&interfaces);
         if !changed {
             // A link went down or came up: only who announces what may change.
             let state = |list: &[Interface]| -> Vec<(String, bool)> {
@@ -520,6 +548,36 @@ impl Agent {
         self.announcer.set_interfaces(interfaces);
         self.write_interfaces();
         self.reload();
+    }
+
+    /// LB_UPLINKS follows the attached interfaces (see [`lb_userspace::uplinks::uplinks`]).
+    fn sync_uplinks(&mut self, interfaces: &[Interface]) {
+        let fixed = self.fixed_node_ips.then_some(self.ctx.node_ips.as_slice());
+        let uplinks = lb_userspace::uplinks::uplinks(
+            interfaces,
+            fixed,
+            &lb_userspace::uplinks::default_route_interfaces(),
+        );
+        if self.uplinks.as_ref() == Some(&uplinks) {
+            return;
+        }
+        match self.maps.set_uplinks(&uplinks) {
+            Ok(()) => {
+                let names: Vec<String> = uplinks
+                    .iter()
+                    .map(|(index, addr)| {
+                        let name = interfaces
+                            .iter()
+                            .find(|i| i.index == *index)
+                            .map_or("?", |i| i.name.as_str());
+                        format!("{name} (SNAT to {addr})")
+                    })
+                    .collect();
+                info!("uplinks: {}", if names.is_empty() { "none".to_string() } else { names.join(", ") });
+                self.uplinks = Some(uplinks);
+            }
+            Err(e) => error!("uplinks not written: {e:#}"),
+        }
     }
 
     fn write_interfaces(&self) {
@@ -683,7 +741,23 @@ async fn main() -> Result<()> {
         print!("{}", lb_userspace::crd::crds_yaml()?);
         return Ok(());
     }
+    if args.lb_mode != LbMode::Snat {
+        anyhow::bail!(
+            "--lb-mode {:?}: direct server return is not available in this release; use --lb-mode snat \
+             (the default). DSR needs the backend's node to learn the frontend from the request \
+             (an IPv4 option or an encapsulation our programs strip), which is not built yet",
+            args.lb_mode
+        );
+    }
+    let (local_range, reserved) = lb_userspace::uplinks::local_ports()?;
+    lb_userspace::uplinks::check_port_range(args.snat_port_range, local_range, &reserved)?;
     let opts = Options {
+        nat: lb_common::NatConfig {
+            loopback_addr: lb_common::ipv4_to_wire(args.service_loopback_address.octets()),
+            port_min: args.snat_port_range.first,
+            port_max: args.snat_port_range.last,
+        },
+        nat_size: args.nat_size,
         maglev_capacity: args.maglev_capacity,
         bpffs: args.bpffs.clone(),
         maglev_size: args.maglev_table_size,
@@ -825,6 +899,7 @@ async fn main() -> Result<()> {
         attached: Vec::new(),
         cgroup: cgroup.clone(),
         fixed_node_ips: !args.node_ips.is_empty(),
+        uplinks: None,
         ct_timeouts: opts.ct_timeouts,
     };
     if let Err(e) = agent.agent_state.write(&args.state_dir) {

@@ -287,11 +287,15 @@ fn stats(maps: &PinnedMaps, json_out: bool) -> Result<()> {
         s.conntrack_evicted,
     );
     let (sockets, sockets_capacity) = (s.sock_revnat_entries, s.sock_revnat_capacity);
+    let (nat_entries, nat_capacity) = (s.nat_entries, s.nat_capacity);
     let out = json!({"frontends": fe_out, "backends": be_out,
         "conntrack": {"entries": entries, "capacity": capacity, "inserted": ct.inserted,
             "expired": ct.expired, "removed_by_agent": ct.agent_removed,
             "evicted": evicted, "clash_ports": ct.clash_ports,
             "reply_restored": ct.reply_restored},
+        "nat": {"entries": nat_entries, "capacity": nat_capacity,
+            "allocated": ct.nat_allocated, "refused_no_port": ct.nat_exhausted,
+            "refused_table_full": ct.nat_full},
         "socket_revnat": {"entries": sockets, "capacity": sockets_capacity}});
     if json_out {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -328,6 +332,13 @@ fn stats(maps: &PinnedMaps, json_out: bool) -> Result<()> {
             ct.agent_removed,
             ct.clash_ports,
             ct.reply_restored
+        );
+        println!(
+            "SNAT: {nat_entries}/{nat_capacity} flows ({:.1}%); ports allocated {}, new flows refused: no free port {}, table full {}",
+            100.0 * nat_entries as f64 / nat_capacity.max(1) as f64,
+            ct.nat_allocated,
+            ct.nat_exhausted,
+            ct.nat_full
         );
         println!(
             "socket reverse translations: {sockets}/{sockets_capacity} entries ({:.1}%)",

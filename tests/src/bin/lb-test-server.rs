@@ -1,4 +1,5 @@
-//! Test backend: answers every TCP line and every UDP datagram with its name.
+//! Test backend: answers every TCP line and every UDP datagram with its name; a line or
+//! datagram "peer" gets its name and the address it came from ("pod-1 10.1.0.11:61234").
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -26,8 +27,13 @@ fn main() -> anyhow::Result<()> {
         let name = name.clone();
         thread::spawn(move || {
             let mut buf = [0u8; 2048];
-            while let Ok((_, from)) = socket.recv_from(&mut buf) {
-                let _ = socket.send_to(format!("{name}\n").as_bytes(), from);
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let answer = if buf[..n].trim_ascii() == b"peer" {
+                    format!("{name} {from}\n")
+                } else {
+                    format!("{name}\n")
+                };
+                let _ = socket.send_to(answer.as_bytes(), from);
             }
         });
     }
@@ -37,8 +43,17 @@ fn main() -> anyhow::Result<()> {
         let name = name.clone();
         thread::spawn(move || {
             let Ok(read) = stream.try_clone() else { return };
+            let peer = stream
+                .peer_addr()
+                .map_or_else(|_| "?".to_string(), |a| a.to_string());
             for line in BufReader::new(read).lines() {
-                if line.is_err() || stream.write_all(format!("{name}\n").as_bytes()).is_err() {
+                let Ok(line) = line else { break };
+                let answer = if line.trim() == "peer" {
+                    format!("{name} {peer}\n")
+                } else {
+                    format!("{name}\n")
+                };
+                if stream.write_all(answer.as_bytes()).is_err() {
                     break;
                 }
             }

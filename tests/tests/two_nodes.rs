@@ -1,0 +1,296 @@
+//! Backends on other nodes, on a two-node cluster of namespaces (see `lb_tests::cluster`): both
+//! agents read the same YAML (endpoints carry their `nodeName`), each serves its own
+//! `--node-ip`. External traffic to a backend on the other node is SNATed to the node's address
+//! (the reply comes back through it and is translated back); a local backend sees the client;
+//! externalTrafficPolicy Local never leaves the node; a pod calling its own Service is always
+//! answered (hairpin SNAT to 169.254.42.1); open flows survive kill -9 of the agent. Every
+//! interface at kernel defaults.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use lb_tests::{
+    BACKEND_TCP_PORT, BACKEND_UDP_PORT, Conversation, Topology, cluster::Cluster, in_netns, sh,
+    udp_ask_peer,
+};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 200);
+const LOCAL_LB_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 201);
+const NODE_PORT_TCP: u16 = 30080;
+const NODE_PORT_UDP: u16 = 30053;
+const LOCAL_NODE_PORT: u16 = 30081;
+const LOOPBACK: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+
+/// `web` (externalTrafficPolicy Cluster: TCP 80, UDP 53) over both pods; `local`
+/// (externalTrafficPolicy Local, TCP 80) over pod-1 on node-a only, announced by ARP.
+fn objects() -> String {
+    format!(
+        "apiVersion: lb.xdp.rs/v1alpha1\nkind: LoadBalancerIPPool\nmetadata: {{name: lan}}\n\
+         spec: {{blocks: [{{start: {LB_IP}, stop: {LOCAL_LB_IP}}}]}}\n---\n\
+         apiVersion: lb.xdp.rs/v1alpha1\nkind: L2AnnouncementPolicy\nmetadata: {{name: local}}\n\
+         spec: {{loadBalancerIPs: true, serviceSelector: {{matchLabels: {{l2: \"yes\"}}}}}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  \
+         type: LoadBalancer\n  clusterIP: {CLUSTER_IP}\n  loadBalancerIP: {LB_IP}\n  ports:\n  \
+         - {{name: tcp, port: 80, targetPort: {BACKEND_TCP_PORT}, nodePort: {NODE_PORT_TCP}, protocol: TCP}}\n  \
+         - {{name: udp, port: 53, targetPort: {BACKEND_UDP_PORT}, nodePort: {NODE_PORT_UDP}, protocol: UDP}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  \
+         labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n\
+         - {{name: tcp, port: {BACKEND_TCP_PORT}, protocol: TCP}}\n- {{name: udp, port: {BACKEND_UDP_PORT}, protocol: UDP}}\n\
+         endpoints:\n\
+         - {{addresses: [\"10.2.1.2\"], conditions: {{ready: true}}, nodeName: node-a}}\n\
+         - {{addresses: [\"10.2.2.2\"], conditions: {{ready: true}}, nodeName: node-b}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: local, namespace: default, labels: {{l2: \"yes\"}}}}\nspec:\n  \
+         type: LoadBalancer\n  clusterIP: 10.96.0.11\n  loadBalancerIP: {LOCAL_LB_IP}\n  externalTrafficPolicy: Local\n  ports:\n  \
+         - {{name: tcp, port: 80, targetPort: {BACKEND_TCP_PORT}, nodePort: {LOCAL_NODE_PORT}, protocol: TCP}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: local-1\n  namespace: default\n  \
+         labels: {{kubernetes.io/service-name: local}}\naddressType: IPv4\nports:\n\
+         - {{name: tcp, port: {BACKEND_TCP_PORT}, protocol: TCP}}\n\
+         endpoints:\n\
+         - {{addresses: [\"10.2.1.2\"], conditions: {{ready: true}}, nodeName: node-a}}\n"
+    )
+}
+
+fn cluster() -> (Cluster, PathBuf) {
+    let mut cluster = Cluster::new().unwrap();
+    let config = cluster.dir.join("services.yaml");
+    std::fs::write(&config, objects()).unwrap();
+    cluster.start_agent_on_file(0, &config).unwrap();
+    cluster.start_agent_on_file(1, &config).unwrap();
+    (cluster, config)
+}
+
+/// The client reaches the LoadBalancer IP and the ClusterIP through node `i`.
+fn route_via(cluster: &Cluster, i: usize) {
+    let via = cluster.nodes[i].lan_ip;
+    for dst in [format!("{LB_IP}/32"), "10.96.0.0/16".to_string()] {
+        sh(&format!(
+            "ip -n {} route replace {dst} via {via}",
+            cluster.client
+        ))
+        .unwrap();
+    }
+}
+
+/// What `n` TCP connections from the client to `to` see: connections answered per pod, and the
+/// source each pod saw (pod → set of addresses).
+fn tcp_from_client(cluster: &Cluster, to: SocketAddr, n: usize) -> Seen {
+    in_netns(&cluster.client, move || {
+        let mut seen = Seen::default();
+        for _ in 0..n {
+            match Conversation::open(to).and_then(|mut c| {
+                let peer = c.peer()?;
+                let answer = c.ask_peer()?;
+                Ok((peer, answer))
+            }) {
+                Ok((peer, (pod, source))) => {
+                    assert_eq!(peer, to, "the reply came from {peer}, not the frontend");
+                    seen.record(pod, source.ip());
+                }
+                Err(e) => seen.failed.push(format!("{e:#}")),
+            }
+        }
+        seen
+    })
+}
+
+fn udp_from_client(cluster: &Cluster, to: SocketAddr, n: usize) -> Seen {
+    in_netns(&cluster.client, move || {
+        let mut seen = Seen::default();
+        for _ in 0..n {
+            match udp_ask_peer(to) {
+                Ok((from, pod, source)) => {
+                    assert_eq!(from, to, "the UDP reply came from {from}, not the frontend");
+                    seen.record(pod, source.ip());
+                }
+                Err(e) => seen.failed.push(format!("{e:#}")),
+            }
+        }
+        seen
+    })
+}
+
+#[derive(Default, Debug)]
+struct Seen {
+    /// Answers per pod.
+    answers: BTreeMap<String, usize>,
+    /// Source addresses each pod saw.
+    sources: BTreeMap<String, std::collections::BTreeSet<Ipv4Addr>>,
+    failed: Vec<String>,
+}
+
+impl Seen {
+    fn record(&mut self, pod: String, source: std::net::IpAddr) {
+        let std::net::IpAddr::V4(source) = source else {
+            panic!("IPv6 source {source}");
+        };
+        *self.answers.entry(pod.clone()).or_default() += 1;
+        self.sources.entry(pod).or_default().insert(source);
+    }
+
+    fn total(&self) -> usize {
+        self.answers.values().sum()
+    }
+
+    fn sources_of(&self, pod: &str) -> Vec<Ipv4Addr> {
+        self.sources
+            .get(pod)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Through node `i` (0: node-a hosts pod-1, 1: node-b hosts pod-2): every connection and
+/// exchange answered from the frontend, both pods used, the local pod sees the client, the
+/// other node's pod sees node `i`'s address.
+fn external_through(cluster: &Cluster, i: usize) {
+    route_via(cluster, i);
+    let node_ip = cluster.nodes[i].lan_ip;
+    let (local_pod, remote_pod) = (format!("pod-{}", i + 1), format!("pod-{}", 2 - i));
+    let frontends = [
+        ("NodePort", SocketAddr::from((node_ip, NODE_PORT_TCP))),
+        ("LoadBalancer", SocketAddr::from((LB_IP, 80))),
+        ("ClusterIP from outside", SocketAddr::from((CLUSTER_IP, 80))),
+    ];
+    for (kind, to) in frontends {
+        let n = if kind == "NodePort" { 300 } else { 100 };
+        let seen = tcp_from_client(cluster, to, n);
+        println!("node {i}, {kind} {to} TCP: {seen:?}");
+        assert_eq!(seen.total(), n, "{kind} {to} via node {i}: {seen:?}");
+        assert_eq!(seen.answers.len(), 2, "both pods used: {seen:?}");
+        assert_eq!(seen.sources_of(&local_pod), [CLIENT], "{kind}: {seen:?}");
+        assert_eq!(seen.sources_of(&remote_pod), [node_ip], "{kind}: {seen:?}");
+    }
+    for to in [
+        SocketAddr::from((node_ip, NODE_PORT_UDP)),
+        SocketAddr::from((LB_IP, 53)),
+    ] {
+        let n = if to.port() == NODE_PORT_UDP { 300 } else { 100 };
+        let seen = udp_from_client(cluster, to, n);
+        println!("node {i}, {to} UDP: {seen:?}");
+        assert_eq!(seen.total(), n, "{to} via node {i}: {seen:?}");
+        assert_eq!(seen.answers.len(), 2, "both pods used: {seen:?}");
+        assert_eq!(seen.sources_of(&local_pod), [CLIENT], "{seen:?}");
+        assert_eq!(seen.sources_of(&remote_pod), [node_ip], "{seen:?}");
+    }
+}
+
+#[test]
+fn external_traffic_reaches_both_nodes_pods_through_either_node() {
+    let (cluster, _) = cluster();
+    external_through(&cluster, 0);
+    external_through(&cluster, 1);
+    // The SNATed flows hold NAT entries, counted in lbctl stats.
+    let stats = cluster.lbctl(0, &["stats", "-o", "json"]).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    let allocated = stats["nat"]["allocated"].as_u64().unwrap();
+    println!("node-a: {allocated} SNAT ports allocated; {}", stats["nat"]);
+    assert!(allocated >= 200, "{stats}");
+    assert_eq!(stats["nat"]["refused_no_port"], 0, "{stats}");
+    assert_eq!(stats["nat"]["refused_table_full"], 0, "{stats}");
+}
+
+#[test]
+fn local_policy_never_leaves_the_node_and_keeps_the_client_address() {
+    let (cluster, _) = cluster();
+    // Node A: only its own pod, the client's address preserved.
+    let to = SocketAddr::from((cluster.nodes[0].lan_ip, LOCAL_NODE_PORT));
+    let seen = tcp_from_client(&cluster, to, 100);
+    println!("Local NodePort on node-a: {seen:?}");
+    assert_eq!(seen.total(), 100, "{seen:?}");
+    assert_eq!(seen.answers.keys().collect::<Vec<_>>(), ["pod-1"]);
+    assert_eq!(seen.sources_of("pod-1"), [CLIENT]);
+    // The LoadBalancer IP is answered (ARP) by node A alone: B has no ready local endpoint.
+    let (sent, macs) = Topology::arping(&cluster.client, &LOCAL_LB_IP.to_string()).unwrap();
+    let mac_a = Topology::mac_of(&cluster.nodes[0].ns, "eth1").unwrap();
+    println!("ARP {LOCAL_LB_IP}: {sent} sent, replies {macs:?} (node-a {mac_a})");
+    assert!(!macs.is_empty() && macs.iter().all(|m| *m == mac_a), "{macs:?}");
+    let seen = tcp_from_client(&cluster, SocketAddr::from((LOCAL_LB_IP, 80)), 50);
+    assert_eq!(seen.total(), 50, "{seen:?}");
+    assert_eq!(seen.sources_of("pod-1"), [CLIENT]);
+    // Node B has no local endpoint: its NodePort of the Service reaches no pod (it does not
+    // send the client to node A's pod).
+    let to = SocketAddr::from((cluster.nodes[1].lan_ip, LOCAL_NODE_PORT));
+    let seen = tcp_from_client(&cluster, to, 5);
+    println!("Local NodePort on node-b: {seen:?}");
+    assert_eq!(seen.total(), 0, "{seen:?}");
+    let stats = cluster.lbctl(0, &["stats", "-o", "json"]).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["nat"]["allocated"], 0, "Local never SNATs: {stats}");
+}
+
+#[test]
+fn a_pod_calling_its_own_service_is_always_answered() {
+    let (cluster, _) = cluster();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let me = format!("pod-{}", i + 1);
+        let pod_ip = node.pod_ip;
+        let seen = in_netns(&node.pod_ns, move || {
+            let mut seen = Seen::default();
+            let to = SocketAddr::from((CLUSTER_IP, 80));
+            for _ in 0..200 {
+                match Conversation::open(to).and_then(|mut c| c.ask_peer()) {
+                    Ok((pod, source)) => seen.record(pod, source.ip()),
+                    Err(e) => seen.failed.push(format!("{e:#}")),
+                }
+            }
+            for _ in 0..50 {
+                match udp_ask_peer(SocketAddr::from((CLUSTER_IP, 53))) {
+                    Ok((_, pod, source)) => seen.record(pod, source.ip()),
+                    Err(e) => seen.failed.push(format!("{e:#}")),
+                }
+            }
+            seen
+        });
+        println!("{me} → its Service: {seen:?}");
+        assert_eq!(seen.total(), 250, "{seen:?}");
+        assert_eq!(seen.answers.len(), 2, "both pods picked: {seen:?}");
+        // Picked itself: the request came from the service loopback address. The other pod
+        // sees the caller's own address (pod to pod: no SNAT).
+        assert_eq!(seen.sources_of(&me), [LOOPBACK], "{seen:?}");
+        let other = format!("pod-{}", 2 - i);
+        assert_eq!(seen.sources_of(&other), [pod_ip], "{seen:?}");
+    }
+}
+
+#[test]
+fn open_flows_survive_kill_9_of_the_agent_and_its_restart() {
+    let (mut cluster, config) = cluster();
+    route_via(&cluster, 0);
+    let to = SocketAddr::from((cluster.nodes[0].lan_ip, NODE_PORT_TCP));
+    let ns = cluster.client.clone();
+    let ask_all = move |conversations: Vec<Conversation>| -> (Vec<Conversation>, Vec<String>) {
+        in_netns(&ns, move || {
+            let mut conversations = conversations;
+            let answers = conversations
+                .iter_mut()
+                .map(|c| c.ask().unwrap_or_else(|e| format!("failed: {e:#}")))
+                .collect();
+            (conversations, answers)
+        })
+    };
+    let conversations: Vec<Conversation> = in_netns(&cluster.client, move || {
+        (0..50).map(|_| Conversation::open(to).unwrap()).collect()
+    });
+    let (conversations, before) = ask_all(conversations);
+    let pods: std::collections::BTreeSet<&String> = before.iter().collect();
+    println!("50 connections through node-a: {pods:?}");
+    assert_eq!(pods.len(), 2, "{before:?}");
+
+    cluster.signal_agent(0, libc::SIGKILL).unwrap();
+    let (conversations, during) = ask_all(conversations);
+    assert_eq!(during, before, "with node-a's agent killed");
+    cluster.start_agent_on_file(0, &config).unwrap();
+    let (conversations, after) = ask_all(conversations);
+    assert_eq!(after, before, "after node-a's agent restarted");
+    // New connections go on too.
+    let seen = tcp_from_client(&cluster, to, 50);
+    assert_eq!(seen.total(), 50, "{seen:?}");
+    drop(conversations);
+    std::thread::sleep(Duration::from_millis(100));
+}
