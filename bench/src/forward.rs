@@ -105,7 +105,7 @@ pub fn peer_mac(ns: &str, iface: &str) -> Result<MacAddr> {
 }
 
 /// The 64-byte UDP template: 10.1.0.1:1024 → 10.96.0.1:80, checksum 0.
-fn template(src_mac: MacAddr) -> Vec<u8> {
+pub fn template(src_mac: MacAddr) -> Vec<u8> {
     let mut f = lb_tests::frames::Frame::udp(
         (Ipv4Addr::new(10, 1, 0, 1), 1024),
         (Ipv4Addr::new(10, 96, 0, 1), 80),
@@ -222,7 +222,7 @@ fn measure(s: &Settings, n: u32, modes: &[Mode]) -> Result<Vec<Sample>> {
     Ok(samples)
 }
 
-fn load(ns: &str, cmd: &str, rules: &str) -> Result<()> {
+pub fn load(ns: &str, cmd: &str, rules: &str) -> Result<()> {
     let path = std::env::temp_dir().join(format!("{ns}.rules"));
     std::fs::write(&path, rules)?;
     let r = sh(&format!("ip netns exec {ns} {cmd} < {}", path.display()));

@@ -10,6 +10,7 @@ mod maglev;
 mod memory;
 mod report;
 mod services;
+mod snat;
 mod tcp;
 mod xdp;
 
@@ -21,12 +22,15 @@ use clap::Parser;
 type Benchmark = fn(bool, &std::path::Path) -> Result<(report::Table, Vec<report::Target>)>;
 
 /// Every benchmark in run order: name (for --only) and how to run it (quick or full).
-const BENCHMARKS: [(&str, Benchmark); 8] = [
+const BENCHMARKS: [(&str, Benchmark); 9] = [
     ("xdp", |quick, out| {
         xdp::run(&xdp::Settings::new(quick), out)
     }),
     ("forward", |quick, out| {
         forward::run(&forward::Settings::new(quick), out)
+    }),
+    ("snat", |quick, out| {
+        snat::run(&snat::Settings::new(quick), out)
     }),
     ("tcp", |quick, out| {
         tcp::run(&tcp::Settings::new(quick), out)

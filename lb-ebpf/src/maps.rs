@@ -9,9 +9,8 @@ use lb_common::{
     DEFAULT_AFFINITY_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAGLEV_SIZE,
     DEFAULT_MAX_ANNOUNCEMENTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_INTERFACES,
     DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES, DEFAULT_NAT_SIZE, DEFAULT_SOCK_REVNAT_SIZE,
-    FragmentKey,
-    FragmentPorts, Frontend, FrontendKey, MAGLEV_SPARE_BLOCKS, NextHop, SockRevEntry, SockRevKey,
-    SourceRange, ct_stats,
+    FragmentKey, FragmentPorts, Frontend, FrontendKey, MAGLEV_SPARE_BLOCKS, NextHop, SockRevEntry,
+    SockRevKey, SourceRange, ct_stats,
 };
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;

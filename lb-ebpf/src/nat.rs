@@ -157,7 +157,11 @@ pub fn send_translated<P: Packet>(
     }
     let old_port = if dst { flow.src_port } else { flow.dst_port };
     if other_addr != 0 {
-        let port = if other_port != 0 { other_port } else { old_port };
+        let port = if other_port != 0 {
+            other_port
+        } else {
+            old_port
+        };
         if ctx.rewrite(flow, !dst, other_addr, port).is_err() {
             return P::DROP;
         }

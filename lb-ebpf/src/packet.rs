@@ -17,8 +17,8 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_csum_level, bpf_fib_lookup as fib_lookup, bpf_l3_csum_replace, bpf_l4_csum_replace,
-        bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_pull_data, bpf_skb_store_bytes,
-        bpf_xdp_adjust_tail,
+        bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_pull_data,
+        bpf_skb_store_bytes, bpf_xdp_adjust_tail,
     },
     programs::{TcContext, XdpContext},
 };

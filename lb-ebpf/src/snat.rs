@@ -54,12 +54,7 @@ pub fn lookup(flow: &Flow, key: &CtKey) -> Option<*mut CtEntry> {
 /// service loopback address for a hairpin, the egress uplink's address for external traffic
 /// leaving by an uplink, else 0 (the client's own).
 #[inline(always)]
-pub fn source_for<P: Packet>(
-    ctx: &P,
-    flow: &Flow,
-    backend_addr: u32,
-    hop: &Hop,
-) -> u32 {
+pub fn source_for<P: Packet>(ctx: &P, flow: &Flow, backend_addr: u32, hop: &Hop) -> u32 {
     if backend_addr == flow.src_addr {
         return config().loopback_addr;
     }
@@ -127,8 +122,8 @@ pub fn allocate(
     };
     let mut i = 0;
     while i < TRIES {
-        let port = ((c.port_min as u32 + start.wrapping_add(i.wrapping_mul(7919)) % span) as u16)
-            .to_be();
+        let port =
+            ((c.port_min as u32 + start.wrapping_add(i.wrapping_mul(7919)) % span) as u16).to_be();
         i += 1;
         let key = key(flow.proto, backend, addr, port);
         if let Some(e) = LB_NAT.get_ptr_mut(&key) {

@@ -429,7 +429,10 @@ impl PinnedMaps {
     }
 
     /// Makes LB_UPLINKS exactly `uplinks` (ifindex → SNAT address).
-    pub fn set_uplinks(&mut self, uplinks: &std::collections::BTreeMap<u32, Ipv4Addr>) -> Result<()> {
+    pub fn set_uplinks(
+        &mut self,
+        uplinks: &std::collections::BTreeMap<u32, Ipv4Addr>,
+    ) -> Result<()> {
         let stale: Vec<u32> = self
             .uplinks
             .keys()

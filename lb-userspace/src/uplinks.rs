@@ -148,6 +148,8 @@ mod tests {
         assert!(e.contains("port 60000") && e.contains("32768 60999"), "{e}");
         // Reserved ports are never picked by local sockets.
         assert!(check_port_range(range(50000, 65535), (32768, 60999), "50000-60999\n").is_ok());
-        assert!(check_port_range(range(50000, 65535), (32768, 60999), "50000-59999,60999").is_err());
+        assert!(
+            check_port_range(range(50000, 65535), (32768, 60999), "50000-59999,60999").is_err()
+        );
     }
 }

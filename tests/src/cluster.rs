@@ -160,10 +160,17 @@ impl Cluster {
     }
 
     /// Starts node i's agent reading the YAML file `config` (both nodes may share it: endpoints
-    /// carry their `nodeName`), and waits for its ready line.
-    pub fn start_agent_on_file(&mut self, i: usize, config: &std::path::Path) -> Result<()> {
+    /// carry their `nodeName`) with `extra` flags, and waits for its ready line.
+    pub fn start_agent_on_file(
+        &mut self,
+        i: usize,
+        config: &std::path::Path,
+        extra: &[&str],
+    ) -> Result<()> {
         let config = config.display().to_string();
-        self.start_agent_with(i, &["--config", &config, "--reload-interval-ms", "100"])
+        let mut args = vec!["--config", &config, "--reload-interval-ms", "100"];
+        args.extend_from_slice(extra);
+        self.start_agent_with(i, &args)
     }
 
     /// The bpffs directory of node i's agent.

@@ -56,13 +56,17 @@ fn objects() -> String {
     )
 }
 
-fn cluster() -> (Cluster, PathBuf) {
+fn cluster_with(extra: &[&str]) -> (Cluster, PathBuf) {
     let mut cluster = Cluster::new().unwrap();
     let config = cluster.dir.join("services.yaml");
     std::fs::write(&config, objects()).unwrap();
-    cluster.start_agent_on_file(0, &config).unwrap();
-    cluster.start_agent_on_file(1, &config).unwrap();
+    cluster.start_agent_on_file(0, &config, extra).unwrap();
+    cluster.start_agent_on_file(1, &config, extra).unwrap();
     (cluster, config)
+}
+
+fn cluster() -> (Cluster, PathBuf) {
+    cluster_with(&[])
 }
 
 /// The client reaches the LoadBalancer IP and the ClusterIP through node `i`.
@@ -209,7 +213,10 @@ fn local_policy_never_leaves_the_node_and_keeps_the_client_address() {
     let (sent, macs) = Topology::arping(&cluster.client, &LOCAL_LB_IP.to_string()).unwrap();
     let mac_a = Topology::mac_of(&cluster.nodes[0].ns, "eth1").unwrap();
     println!("ARP {LOCAL_LB_IP}: {sent} sent, replies {macs:?} (node-a {mac_a})");
-    assert!(!macs.is_empty() && macs.iter().all(|m| *m == mac_a), "{macs:?}");
+    assert!(
+        !macs.is_empty() && macs.iter().all(|m| *m == mac_a),
+        "{macs:?}"
+    );
     let seen = tcp_from_client(&cluster, SocketAddr::from((LOCAL_LB_IP, 80)), 50);
     assert_eq!(seen.total(), 50, "{seen:?}");
     assert_eq!(seen.sources_of("pod-1"), [CLIENT]);
@@ -285,7 +292,7 @@ fn open_flows_survive_kill_9_of_the_agent_and_its_restart() {
     cluster.signal_agent(0, libc::SIGKILL).unwrap();
     let (conversations, during) = ask_all(conversations);
     assert_eq!(during, before, "with node-a's agent killed");
-    cluster.start_agent_on_file(0, &config).unwrap();
+    cluster.start_agent_on_file(0, &config, &[]).unwrap();
     let (conversations, after) = ask_all(conversations);
     assert_eq!(after, before, "after node-a's agent restarted");
     // New connections go on too.
@@ -293,4 +300,65 @@ fn open_flows_survive_kill_9_of_the_agent_and_its_restart() {
     assert_eq!(seen.total(), 50, "{seen:?}");
     drop(conversations);
     std::thread::sleep(Duration::from_millis(100));
+}
+
+/// Out of SNAT ports or NAT table room: new flows are refused and counted, open ones keep
+/// working.
+#[test]
+fn new_flows_are_refused_when_snat_ports_or_the_nat_table_run_out() {
+    for (flags, limit, refused) in [
+        (
+            ["--snat-port-range", "61000-61003", "--nat-size", "1024"],
+            4,
+            "refused_no_port",
+        ),
+        (
+            ["--snat-port-range", "61000-65535", "--nat-size", "3"],
+            3,
+            "refused_table_full",
+        ),
+    ] {
+        let (cluster, _) = cluster_with(&flags);
+        route_via(&cluster, 0);
+        let to = SocketAddr::from((cluster.nodes[0].lan_ip, NODE_PORT_TCP));
+        // Connections until node-a's pod-2 holds `limit` SNATed ones (pod-1's are local).
+        let (open, remote, refused_seen) = in_netns(&cluster.client, move || {
+            let mut open = Vec::new();
+            let (mut remote, mut refused) = (0, 0);
+            for _ in 0..60 {
+                match Conversation::open(to).and_then(|mut c| c.ask().map(|name| (c, name))) {
+                    Ok((c, name)) => {
+                        remote += usize::from(name == "pod-2");
+                        open.push(c);
+                    }
+                    Err(_) => refused += 1,
+                }
+                if refused >= 3 {
+                    break;
+                }
+            }
+            (open, remote, refused)
+        });
+        println!(
+            "{flags:?}: {} open ({remote} SNATed), {refused_seen} refused",
+            open.len()
+        );
+        assert_eq!(remote, limit, "{flags:?}");
+        assert!(refused_seen >= 1, "{flags:?}");
+        let stats = cluster.lbctl(0, &["stats", "-o", "json"]).unwrap();
+        let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+        println!("{}", stats["nat"]);
+        assert!(stats["nat"][refused].as_u64().unwrap() >= 1, "{stats}");
+        assert_eq!(stats["nat"]["entries"], limit as u64, "{stats}");
+        // The open flows, SNATed ones included, still work.
+        let ns = cluster.client.clone();
+        let failed = in_netns(&ns, move || {
+            let mut open = open;
+            open.iter_mut()
+                .map(|c| c.ask())
+                .filter(Result::is_err)
+                .count()
+        });
+        assert_eq!(failed, 0, "{flags:?}: open flows broken");
+    }
 }

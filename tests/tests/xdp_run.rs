@@ -192,14 +192,17 @@ fn test_run_cases(hook: Hook) {
                 Pass,
                 None,
             ),
-            // tc gives it to the kernel translated; the kernel resolves the neighbour.
+            // tc sends it translated with bpf_redirect_neigh: the kernel resolves the neighbour
+            // and fills the MACs on the way out (the kernel's forwarding would drop a packet
+            // SNATed to the node's own address as a martian).
             Hook::Tc => case(
-                "next hop without neighbour entry: translated, left to the kernel",
+                "next hop without neighbour entry: translated, out via redirect_neigh",
                 &lonely,
-                Pass,
+                Redirect,
                 Some(&Frame {
                     dst: UNRESOLVED_BACKEND,
                     dport: 8080,
+                    ttl: lonely.ttl - 1,
                     ..lonely.clone()
                 }),
             ),

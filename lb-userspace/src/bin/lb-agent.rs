@@ -573,7 +573,14 @@ impl Agent {
                         format!("{name} (SNAT to {addr})")
                     })
                     .collect();
-                info!("uplinks: {}", if names.is_empty() { "none".to_string() } else { names.join(", ") });
+                info!(
+                    "uplinks: {}",
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                );
                 self.uplinks = Some(uplinks);
             }
             Err(e) => error!("uplinks not written: {e:#}"),
