@@ -117,18 +117,43 @@ pub struct NatConfig {
     pub loopback_addr: u32,
     pub port_min: u16,
     pub port_max: u16,
+    /// `--lb-mode`: which external flows to a backend elsewhere use direct server return
+    /// instead of SNAT ([`lb_mode`]).
+    pub mode: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<NatConfig>() == 8);
+const _: () = assert!(size_of::<NatConfig>() == 12);
 
 impl NatConfig {
     /// Cilium's service loopback address 169.254.42.1, ports above Linux's default
-    /// ip_local_port_range (32768-60999).
+    /// ip_local_port_range (32768-60999), SNAT.
     pub const DEFAULT: Self = Self {
         loopback_addr: u32::from_ne_bytes([169, 254, 42, 1]),
         port_min: 61_000,
         port_max: 65_535,
+        mode: lb_mode::SNAT,
+        _pad: [0; 3],
     };
 }
+
+/// How external traffic reaches a backend on another node (`--lb-mode`).
+pub mod lb_mode {
+    /// Source NAT to this node's address: the reply comes back through it.
+    pub const SNAT: u8 = 0;
+    /// Direct server return: the request carries the frontend to the backend's node in an IPv4
+    /// option ([`super::DSR_OPTION_TYPE`]), whose datapath answers the client directly with the
+    /// frontend as source.
+    pub const DSR: u8 = 1;
+    /// DSR for TCP, SNAT for UDP.
+    pub const HYBRID: u8 = 2;
+}
+
+/// The IPv4 option a DSR request carries: type (copied into fragments, class 0, number 30: the
+/// experimental option of RFC 4727), length 8, frontend port, frontend address (both as on the
+/// wire). The frontend node inserts it right after the 20-byte header; the backend's node reads
+/// and removes it.
+pub const DSR_OPTION_TYPE: u8 = 0x9e;
+pub const DSR_OPTION_LEN: usize = 8;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -312,6 +337,10 @@ pub mod ct_flags {
     pub const CLOSING: u8 = 1;
     /// A reply was seen (TCP: the connection is open; UDP: a stream, not a single datagram).
     pub const REPLIED: u8 = 2;
+    /// Direct server return. Forward entry (frontend node): packets carry the frontend in an
+    /// IPv4 option, replies never come back here. Reply entry (backend's node): learned from
+    /// that option.
+    pub const DSR: u8 = 4;
 }
 
 /// Conntrack entry. Forward entries (client → frontend) hold the backend chosen; reply entries

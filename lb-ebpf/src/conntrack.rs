@@ -129,7 +129,7 @@ pub fn lookup(flow: &Flow, now: u64) -> Hit {
         e.last_seen_ns = now;
         if e.client_addr != 0 {
             snat::refresh(flow, e, now);
-        } else {
+        } else if e.flags & ct_flags::DSR == 0 {
             restore_reply(flow, e, now);
         }
     }
@@ -212,7 +212,8 @@ fn restore_reply(flow: &Flow, forward: &CtEntry, now: u64) {
 }
 
 /// Records a new flow to `pick`: the reply entry first, since replies can arrive as soon as the
-/// forward entry exists. With `snat_addr` (non-zero) the flow is SNATed to it and a NAT port.
+/// forward entry exists. With `snat_addr` (non-zero) the flow is SNATed to it and a NAT port;
+/// with `dsr` it goes by direct server return (no reply entry: replies never come here).
 /// Returns the source address and port the flow uses toward the backend if they change (0:
 /// the client's own), or Err when no free port was found.
 #[inline(always)]
@@ -222,6 +223,7 @@ pub fn insert(
     now: u64,
     nexthop: &NextHop,
     snat_addr: u32,
+    dsr: bool,
 ) -> Result<(u32, u16), ()> {
     let backend = (pick.backend.addr, pick.backend.port);
     let mut forward = CtEntry {
@@ -237,6 +239,12 @@ pub fn insert(
         client_addr: 0,
         nexthop: *nexthop,
     };
+    if dsr {
+        forward.flags = ct_flags::DSR;
+        let _ = LB_CONNTRACK.insert(&key(flow), &forward, 0);
+        count(ct_stats::INSERTED, 1);
+        return Ok((0, 0));
+    }
     if snat_addr != 0 {
         forward.client_addr = snat_addr;
         forward.client_port = snat::allocate(flow, backend, snat_addr, &forward, now)?;

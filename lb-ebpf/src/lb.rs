@@ -10,19 +10,21 @@
 //!     destination back to the client);
 //!   else frontend hit (vip, port, proto) → policies → Maglev → backend → next hop → SNAT
 //!   needed? (external traffic leaving by an uplink, or a hairpin: [`snat`]) → conntrack insert
-//!   (and a NAT port; none free: refused) → DNAT (and SNAT);
+//!   (and a NAT port; none free: refused) → DNAT (and SNAT, or the DSR option: [`dsr`]);
 //!   else untouched.
+//! A request another node sent by DSR (it carries our IPv4 option) → its frontend remembered
+//! for the replies, option removed, on to the pod.
 //! ICMP errors about a translated flow → translated back (tc).
 //! A frontend without endpoints answers TCP with a RST and UDP with ICMP port unreachable;
 //! loadBalancerSourceRanges drop others.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use lb_common::{Counters, hash::flow_hash};
+use lb_common::{Counters, ct_flags, hash::flow_hash};
 
 use crate::{
     arp,
     conntrack::{self, Hit, NO_NEXTHOP},
-    icmp,
+    dsr, icmp,
     maps::{LB_BACKEND_STATS, LB_FRONTEND_STATS, LB_NEXTHOPS},
     nat::{self, Side},
     packet::Packet,
@@ -47,6 +49,10 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
     }
     let len = ctx.len();
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // A request another node sent here by DSR: remember its frontend for the replies.
+    if let Some(frontend) = dsr::carried(ctx, &flow) {
+        return dsr::accept(ctx, &flow, frontend, now);
+    }
 
     match conntrack::lookup(&flow, now) {
         Hit::Reply(entry) => {
@@ -58,6 +64,7 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
                 Side::Source,
                 frontend,
                 (entry.client_addr, entry.client_port),
+                (0, 0),
                 now,
                 Some(&mut entry.nexthop),
             ));
@@ -66,12 +73,19 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
             let entry = unsafe { &mut *entry };
             let backend = (entry.nat_addr, entry.nat_port);
             let (frontend_id, backend_id) = (entry.frontend_id, entry.backend_id);
+            // DSR: every packet that can carries the frontend to the backend's node.
+            let carry = if entry.flags & ct_flags::DSR != 0 && dsr::can_carry(&flow) {
+                (flow.dst_addr, flow.dst_port)
+            } else {
+                (0, 0)
+            };
             let verdict = nat::translate(
                 ctx,
                 &flow,
                 Side::Destination,
                 backend,
                 (entry.client_addr, entry.client_port),
+                carry,
                 now,
                 Some(&mut entry.nexthop),
             );
@@ -104,11 +118,12 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
     let mut nexthop = LB_NEXTHOPS
         .get_ptr_mut(pick.backend_id)
         .map(|n| unsafe { &mut *n });
-    let hop = nat::next_hop(
+    let mut hop = nat::next_hop(
         ctx,
         &flow,
         (flow.src_addr, flow.src_port),
         backend,
+        0,
         now,
         nexthop.as_deref_mut(),
     );
@@ -116,19 +131,39 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
         // tc on this interface takes the whole decision, SNAT included.
         return Ok(P::PASS);
     }
-    let snat_addr = snat::source_for(ctx, &flow, backend.0, &hop);
+    let out = snat::outbound(ctx, &flow, backend.0, &hop);
+    let carry = if out.dsr {
+        // The way out again, for the packet with the option.
+        let frontend = (flow.dst_addr, flow.dst_port);
+        hop = nat::next_hop(
+            ctx,
+            &flow,
+            (flow.src_addr, flow.src_port),
+            backend,
+            nat::growth(frontend),
+            now,
+            None,
+        );
+        if P::IS_XDP && !hop.sendable(ctx) {
+            return Ok(P::PASS);
+        }
+        frontend
+    } else {
+        (0, 0)
+    };
     let Ok(other) = conntrack::insert(
         &flow,
         &pick,
         now,
         nexthop.as_ref().map_or(&NO_NEXTHOP, |n| &**n),
-        snat_addr,
+        out.snat_addr,
+        out.dsr,
     ) else {
         // No NAT port free: the new flow is refused (counted), open ones keep theirs. No
         // source port free without SNAT (every one tried clashes): left to the kernel.
-        return Ok(if snat_addr != 0 { P::DROP } else { P::PASS });
+        return Ok(if out.snat_addr != 0 { P::DROP } else { P::PASS });
     };
-    let verdict = nat::send_translated(ctx, &flow, Side::Destination, backend, other, hop);
+    let verdict = nat::send_translated(ctx, &flow, Side::Destination, backend, other, carry, hop);
     count::<P>(verdict, pick.frontend_id, pick.backend_id, len);
     Ok(verdict)
 }

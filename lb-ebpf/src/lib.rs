@@ -7,6 +7,7 @@
 //! - [`service`]: frontend, policies, Maglev → backend;
 //! - [`nat`]: DNAT / rev-NAT, next hop, send;
 //! - [`snat`]: source NAT of external flows to backends elsewhere, and hairpin;
+//! - [`dsr`]: direct server return, the other way for external flows to backends elsewhere;
 //! - [`arp`]: the ARP responder;
 //! - [`reject`]: answers for services without endpoints;
 //! - [`icmp`]: ICMP errors sent (fragmentation needed, port unreachable) and translated back;
@@ -17,6 +18,7 @@
 
 pub mod arp;
 pub mod conntrack;
+pub mod dsr;
 pub mod icmp;
 pub mod lb;
 pub mod maps;

@@ -9,11 +9,11 @@
 //! sent it, so the sender's path-MTU discovery works through the frontend.
 
 use aya_ebpf::bindings::bpf_fib_lookup;
-use lb_common::{NEXTHOP_CACHE_NS, NextHop, csum};
+use lb_common::{DSR_OPTION_LEN, NEXTHOP_CACHE_NS, NextHop, csum};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
-    icmp,
+    dsr, icmp,
     packet::{Packet, ptr_at},
     parse::Flow,
 };
@@ -85,7 +85,9 @@ impl Hop {
 /// Translates `side` of `flow` to `addr:port`, and the other side's address and port to
 /// `other` where non-zero (a SNATed flow, or one moved off a clashing client port), and sends
 /// the packet toward its (new) destination, with the next hop from `cache` while it is fresh for
-/// that destination, else from the FIB (and cached there).
+/// that destination, else from the FIB (and cached there). A `carry` frontend (non-zero) goes
+/// with the packet in the DSR option.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn translate<P: Packet>(
     ctx: &P,
@@ -93,12 +95,23 @@ pub fn translate<P: Packet>(
     side: Side,
     to: (u32, u16),
     other: (u32, u16),
+    carry: (u32, u16),
     now: u64,
     cache: Option<&mut NextHop>,
 ) -> u32 {
     let (src, dst) = translated(flow, side, to, other);
-    let hop = next_hop(ctx, flow, src, dst, now, cache);
-    send_translated(ctx, flow, side, to, other, hop)
+    let hop = next_hop(ctx, flow, src, dst, growth(carry), now, cache);
+    send_translated(ctx, flow, side, to, other, carry, hop)
+}
+
+/// Bytes a packet grows by on its way out: the DSR option when it carries a frontend.
+#[inline(always)]
+pub fn growth(carry: (u32, u16)) -> u16 {
+    if carry.0 != 0 {
+        DSR_OPTION_LEN as u16
+    } else {
+        0
+    }
 }
 
 /// The (source, destination) of `flow` once translated as [`translate`] does.
@@ -138,6 +151,7 @@ pub fn send_translated<P: Packet>(
     side: Side,
     (addr, port): (u32, u16),
     (other_addr, other_port): (u32, u16),
+    carry: (u32, u16),
     hop: Hop,
 ) -> u32 {
     let dst = side == Side::Destination;
@@ -148,7 +162,9 @@ pub fn send_translated<P: Packet>(
             return P::PASS;
         }
         if hop.route == Route::TooBig && flow.dont_fragment {
-            return icmp::reply_error(ctx, flow, icmp::DEST_UNREACH, icmp::FRAG_NEEDED, hop.mtu)
+            // What the sender may send: the way out's MTU less what we add.
+            let mtu = hop.mtu.saturating_sub(growth(carry));
+            return icmp::reply_error(ctx, flow, icmp::DEST_UNREACH, icmp::FRAG_NEEDED, mtu)
                 .unwrap_or(P::DROP);
         }
     }
@@ -166,6 +182,9 @@ pub fn send_translated<P: Packet>(
             return P::DROP;
         }
     } else if other_port != 0 && ctx.rewrite_port(flow, !dst, old_port, other_port).is_err() {
+        return P::DROP;
+    }
+    if carry.0 != 0 && dsr::add(ctx, carry).is_err() {
         return P::DROP;
     }
     if !send {
@@ -189,7 +208,14 @@ pub fn send_translated<P: Packet>(
 #[inline(always)]
 pub fn deliver<P: Packet>(ctx: &P, flow: &Flow) -> u32 {
     let mut mtu = 0;
-    let hop = fib(ctx, flow, (flow.src_addr, 0), (flow.dst_addr, 0), &mut mtu);
+    let hop = fib(
+        ctx,
+        flow,
+        (flow.src_addr, 0),
+        (flow.dst_addr, 0),
+        0,
+        &mut mtu,
+    );
     if !hop.sendable(ctx) {
         return P::PASS;
     }
@@ -199,14 +225,15 @@ pub fn deliver<P: Packet>(ctx: &P, flow: &Flow) -> u32 {
     ctx.send(hop.ifindex)
 }
 
-/// The next hop toward `dst`: the cached one while fresh for that destination and the packet
-/// fits its MTU, else the FIB's (cached for next time).
+/// The next hop toward `dst` for the packet grown by `grow` bytes: the cached one while fresh
+/// for that destination and the packet fits its MTU, else the FIB's (cached for next time).
 #[inline(always)]
 pub fn next_hop<P: Packet>(
     ctx: &P,
     flow: &Flow,
     src: (u32, u16),
     dst: (u32, u16),
+    grow: u16,
     now: u64,
     cache: Option<&mut NextHop>,
 ) -> Hop {
@@ -214,7 +241,7 @@ pub fn next_hop<P: Packet>(
         if n.ifindex != 0
             && n.addr == dst.0
             && now.wrapping_sub(n.checked_ns) < NEXTHOP_CACHE_NS
-            && (n.mtu == 0 || ctx.len() <= n.mtu as u64 + EthHdr::LEN as u64)
+            && (n.mtu == 0 || ctx.len() + grow as u64 <= n.mtu as u64 + EthHdr::LEN as u64)
         {
             return Hop {
                 route: Route::Ready,
@@ -225,7 +252,7 @@ pub fn next_hop<P: Packet>(
         }
     }
     let mut mtu = 0;
-    let hop = fib(ctx, flow, src, dst, &mut mtu);
+    let hop = fib(ctx, flow, src, dst, grow, &mut mtu);
     if hop.route == Route::Ready {
         if let Some(n) = cache {
             *n = NextHop {
@@ -261,14 +288,15 @@ fn set_l2<P: Packet>(ctx: &P, l3: usize, macs: Option<&[u8; 12]>) -> Result<(), 
     Ok(())
 }
 
-/// The egress interface and (destination, source) MACs toward `dst`, from the FIB; `mtu` gets
-/// the egress MTU when the kernel reports it (tc).
+/// The egress interface and (destination, source) MACs toward `dst`, from the FIB, for the
+/// packet grown by `grow` bytes; `mtu` gets the egress MTU when the kernel reports it (tc).
 #[inline(always)]
 fn fib<P: Packet>(
     ctx: &P,
     flow: &Flow,
     (src_addr, src_port): (u32, u16),
     (dst_addr, dst_port): (u32, u16),
+    grow: u16,
     mtu: &mut u32,
 ) -> Hop {
     let Ok(ip) = ptr_at::<P, Ipv4Hdr>(ctx, flow.l3) else {
@@ -280,10 +308,11 @@ fn fib<P: Packet>(
         params.l4_protocol = flow.proto;
         params.sport = src_port;
         params.dport = dst_port;
-        // XDP: the kernel checks this length against the egress MTU. tc: 0 lets it check the
-        // skb itself, which also knows about GSO, and report the MTU.
+        // XDP: the kernel checks this length (grown) against the egress MTU. tc: 0 lets it
+        // check the skb itself, which also knows about GSO, and report the MTU (a packet that
+        // grows is checked below).
         params.__bindgen_anon_1.tot_len = if P::IS_XDP {
-            u16::from_be_bytes((*ip).tot_len)
+            u16::from_be_bytes((*ip).tot_len).saturating_add(grow)
         } else {
             0
         };
@@ -303,6 +332,10 @@ fn fib<P: Packet>(
     }
     if !P::IS_XDP {
         *mtu = unsafe { params.__bindgen_anon_1.mtu_result } as u32;
+        // Each segment (the packet, or each of a GSO packet's) must fit grown.
+        if grow != 0 && ctx.largest_segment(flow) + grow as u32 > *mtu {
+            return Hop::without(Route::TooBig, 0, *mtu as u16);
+        }
     }
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&params.dmac);

@@ -17,14 +17,18 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_csum_level, bpf_fib_lookup as fib_lookup, bpf_l3_csum_replace, bpf_l4_csum_replace,
-        bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_pull_data,
-        bpf_skb_store_bytes, bpf_xdp_adjust_tail,
+        bpf_redirect, bpf_redirect_neigh, bpf_skb_adjust_room, bpf_skb_change_tail,
+        bpf_skb_pull_data, bpf_skb_store_bytes, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
     programs::{TcContext, XdpContext},
 };
-use lb_common::{IPPROTO_UDP, csum};
+use lb_common::{DSR_OPTION_LEN, IPPROTO_UDP, csum};
+use network_types::eth::EthHdr;
 
 use crate::{maps::LB_XDP_TARGETS, parse::Flow};
+
+/// bpf_skb_adjust_room's BPF_ADJ_ROOM_NET: room right after the fixed L3 header.
+const BPF_ADJ_ROOM_NET: u32 = 0;
 
 /// A packet at one hook.
 pub trait Packet: EbpfContext {
@@ -61,6 +65,10 @@ pub trait Packet: EbpfContext {
     /// them (a veth whose peer has no NAPI drops them); an skb goes anywhere.
     fn can_send(&self, ifindex: u32) -> bool;
 
+    /// The IPv4 length of the largest packet this one leaves as: itself, or (tc) the largest
+    /// segment of a GSO packet.
+    fn largest_segment(&self, flow: &Flow) -> u32;
+
     /// Sends the packet out of `ifindex` to a next hop the kernel has yet to resolve (tc:
     /// bpf_redirect_neigh fills in the MACs, resolving the neighbour if needed). A packet the
     /// node SNATed to its own address cannot go back through the kernel's forwarding: that
@@ -70,6 +78,16 @@ pub trait Packet: EbpfContext {
 
     /// Sets the packet to `len` bytes (trims or extends the tail). Invalidates earlier pointers.
     fn resize(&self, len: usize) -> Result<(), ()>;
+
+    /// Opens [`DSR_OPTION_LEN`] bytes right after a 20-byte IPv4 header (Ethernet and IPv4
+    /// headers move toward the front; the L4 header stays where it is in memory, so a partial
+    /// checksum's offsets stay right). The header fields are the caller's to fix. Invalidates
+    /// earlier pointers.
+    fn open_after_ip_header(&self) -> Result<(), ()>;
+
+    /// Removes the [`DSR_OPTION_LEN`] bytes right after a 20-byte IPv4 header (the reverse of
+    /// [`Packet::open_after_ip_header`]). Invalidates earlier pointers.
+    fn close_after_ip_header(&self) -> Result<(), ()>;
 
     /// After the program wrote a complete L4 checksum itself: make sure nothing finishes it again.
     fn checksum_complete(&self);
@@ -208,6 +226,11 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
+    fn largest_segment(&self, flow: &Flow) -> u32 {
+        (self.len() as usize - flow.l3) as u32
+    }
+
+    #[inline(always)]
     fn resize(&self, len: usize) -> Result<(), ()> {
         let delta = len as i32 - self.len() as i32;
         if delta != 0 && unsafe { bpf_xdp_adjust_tail(self.as_ptr() as *mut _, delta) } != 0 {
@@ -218,6 +241,34 @@ impl Packet for XdpContext {
 
     #[inline(always)]
     fn checksum_complete(&self) {}
+
+    #[inline(always)]
+    fn open_after_ip_header(&self) -> Result<(), ()> {
+        const HEAD: usize = EthHdr::LEN + 20;
+        if unsafe { bpf_xdp_adjust_head(self.as_ptr() as *mut _, -(DSR_OPTION_LEN as i32)) } != 0 {
+            return Err(());
+        }
+        let p: *mut [u8; DSR_OPTION_LEN + HEAD] = ptr_at(self, 0)?;
+        unsafe {
+            let head: [u8; HEAD] = *((*p).as_ptr().add(DSR_OPTION_LEN) as *const [u8; HEAD]);
+            *((*p).as_mut_ptr() as *mut [u8; HEAD]) = head;
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn close_after_ip_header(&self) -> Result<(), ()> {
+        const HEAD: usize = EthHdr::LEN + 20;
+        let p: *mut [u8; DSR_OPTION_LEN + HEAD] = ptr_at(self, 0)?;
+        unsafe {
+            let head: [u8; HEAD] = *((*p).as_ptr() as *const [u8; HEAD]);
+            *((*p).as_mut_ptr().add(DSR_OPTION_LEN) as *mut [u8; HEAD]) = head;
+        }
+        if unsafe { bpf_xdp_adjust_head(self.as_ptr() as *mut _, DSR_OPTION_LEN as i32) } != 0 {
+            return Err(());
+        }
+        Ok(())
+    }
 }
 
 impl Packet for TcContext {
@@ -334,6 +385,24 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
+    fn largest_segment(&self, flow: &Flow) -> u32 {
+        let gso_size = unsafe { (*self.skb.skb).gso_size };
+        if gso_size == 0 {
+            return (TcContext::len(self) as usize - flow.l3) as u32;
+        }
+        // Headers of each segment: IPv4 and TCP (its data offset) or UDP.
+        let l4_header = if flow.proto == IPPROTO_UDP {
+            8
+        } else {
+            match ptr_at::<Self, [u8; 13]>(self, flow.l4) {
+                Ok(t) => ((unsafe { (*t)[12] } >> 4) as u32) * 4,
+                Err(()) => 60,
+            }
+        };
+        (flow.l4 - flow.l3) as u32 + l4_header + gso_size
+    }
+
+    #[inline(always)]
     fn resize(&self, len: usize) -> Result<(), ()> {
         if unsafe { bpf_skb_change_tail(self.skb.skb, len as u32, 0) } != 0 {
             return Err(());
@@ -344,5 +413,30 @@ impl Packet for TcContext {
     #[inline(always)]
     fn checksum_complete(&self) {
         unsafe { bpf_csum_level(self.skb.skb, BPF_CSUM_LEVEL_RESET as u64) };
+    }
+
+    #[inline(always)]
+    fn open_after_ip_header(&self) -> Result<(), ()> {
+        // BPF_ADJ_ROOM_NET opens (or closes) room right after the 20-byte IPv4 header: the
+        // Ethernet and IPv4 headers move, the rest stays.
+        let r = unsafe {
+            bpf_skb_adjust_room(self.skb.skb, DSR_OPTION_LEN as i32, BPF_ADJ_ROOM_NET, 0)
+        };
+        if r != 0 {
+            return Err(());
+        }
+        self.pull(EthHdr::LEN + 20 + DSR_OPTION_LEN);
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn close_after_ip_header(&self) -> Result<(), ()> {
+        let r = unsafe {
+            bpf_skb_adjust_room(self.skb.skb, -(DSR_OPTION_LEN as i32), BPF_ADJ_ROOM_NET, 0)
+        };
+        if r != 0 {
+            return Err(());
+        }
+        Ok(())
     }
 }

@@ -50,21 +50,46 @@ pub fn lookup(flow: &Flow, key: &CtKey) -> Option<*mut CtEntry> {
     LB_NAT.get_ptr_mut(key)
 }
 
-/// The source address a new flow from `flow` to `backend_addr` leaving toward `hop` gets: the
-/// service loopback address for a hairpin, the egress uplink's address for external traffic
-/// leaving by an uplink, else 0 (the client's own).
+/// How a new flow leaves: with `snat_addr` as source (0: the client's own), or by DSR.
+pub struct Outbound {
+    pub snat_addr: u32,
+    pub dsr: bool,
+}
+
+/// How a new flow from `flow` to `backend_addr` leaving toward `hop` goes: a hairpin gets the
+/// service loopback address; external traffic (arrived on an uplink) leaving by an uplink gets
+/// the egress uplink's address, or DSR if `--lb-mode` says so; anything else keeps its source.
 #[inline(always)]
-pub fn source_for<P: Packet>(ctx: &P, flow: &Flow, backend_addr: u32, hop: &Hop) -> u32 {
+pub fn outbound<P: Packet>(ctx: &P, flow: &Flow, backend_addr: u32, hop: &Hop) -> Outbound {
+    let keep = Outbound {
+        snat_addr: 0,
+        dsr: false,
+    };
     if backend_addr == flow.src_addr {
-        return config().loopback_addr;
+        return Outbound {
+            snat_addr: config().loopback_addr,
+            dsr: false,
+        };
     }
     let Some(egress) = hop.egress() else {
-        return 0;
+        return keep;
     };
     if unsafe { LB_UPLINKS.get(&ctx.ifindex()) }.is_none() {
-        return 0;
+        return keep;
     }
-    unsafe { LB_UPLINKS.get(&egress) }.copied().unwrap_or(0)
+    let Some(addr) = (unsafe { LB_UPLINKS.get(&egress) }).copied() else {
+        return keep;
+    };
+    if crate::dsr::wanted(config().mode, flow) {
+        return Outbound {
+            snat_addr: 0,
+            dsr: true,
+        };
+    }
+    Outbound {
+        snat_addr: addr,
+        dsr: false,
+    }
 }
 
 /// The LB_NAT key of a flow to `backend` SNATed to `addr:port`.

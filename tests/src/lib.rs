@@ -544,6 +544,10 @@ impl Conversation {
         Ok(self.stream.peer_addr()?)
     }
 
+    pub fn local(&self) -> Result<SocketAddr> {
+        Ok(self.stream.local_addr()?)
+    }
+
     pub fn ask(&mut self) -> Result<String> {
         self.request("who")
     }
@@ -557,7 +561,8 @@ impl Conversation {
         Ok((name.to_string(), peer.parse()?))
     }
 
-    fn request(&mut self, what: &str) -> Result<String> {
+    /// Sends `what` as one line and reads the backend's one-line answer.
+    pub fn request(&mut self, what: &str) -> Result<String> {
         self.stream.write_all(format!("{what}\n").as_bytes())?;
         let mut line = String::new();
         self.reader.read_line(&mut line)?;

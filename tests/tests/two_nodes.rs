@@ -14,8 +14,8 @@ use std::{
 };
 
 use lb_tests::{
-    BACKEND_TCP_PORT, BACKEND_UDP_PORT, Conversation, Topology, cluster::Cluster, in_netns, sh,
-    udp_ask_peer,
+    BACKEND_TCP_PORT, BACKEND_UDP_PORT, Capture, Conversation, Topology, cluster::Cluster,
+    in_netns, sh, udp_ask_peer,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
@@ -90,10 +90,11 @@ fn tcp_from_client(cluster: &Cluster, to: SocketAddr, n: usize) -> Seen {
             match Conversation::open(to).and_then(|mut c| {
                 let peer = c.peer()?;
                 let answer = c.ask_peer()?;
-                Ok((peer, answer))
+                Ok((peer, c.local()?.port(), answer))
             }) {
-                Ok((peer, (pod, source))) => {
+                Ok((peer, port, (pod, source))) => {
                     assert_eq!(peer, to, "the reply came from {peer}, not the frontend");
+                    seen.ports.entry(pod.clone()).or_default().push(port);
                     seen.record(pod, source.ip());
                 }
                 Err(e) => seen.failed.push(format!("{e:#}")),
@@ -125,6 +126,8 @@ struct Seen {
     answers: BTreeMap<String, usize>,
     /// Source addresses each pod saw.
     sources: BTreeMap<String, std::collections::BTreeSet<Ipv4Addr>>,
+    /// The client's ports of the TCP connections each pod answered.
+    ports: BTreeMap<String, Vec<u16>>,
     failed: Vec<String>,
 }
 
@@ -360,5 +363,86 @@ fn new_flows_are_refused_when_snat_ports_or_the_nat_table_run_out() {
                 .count()
         });
         assert_eq!(failed, 0, "{flags:?}: open flows broken");
+    }
+}
+
+/// Direct server return: the pod on the other node sees the client's own address and answers it
+/// directly: none of its replies passes node A. hybrid: DSR for TCP, SNAT for UDP.
+#[test]
+fn dsr_replies_go_straight_to_the_client() {
+    for mode in ["dsr", "hybrid"] {
+        let (cluster, _) = cluster_with(&["--lb-mode", mode]);
+        let node_a = cluster.nodes[0].lan_ip;
+        let capture = Capture::start(&cluster.nodes[0].ns, "eth1").unwrap();
+        let frontend = SocketAddr::from((node_a, NODE_PORT_TCP));
+        let tcp = tcp_from_client(&cluster, frontend, 200);
+        let udp = udp_from_client(&cluster, SocketAddr::from((node_a, NODE_PORT_UDP)), 100);
+        let packets = capture.finish().unwrap();
+        println!("{mode}: TCP {tcp:?}\n{mode}: UDP {udp:?}");
+        assert_eq!(tcp.total(), 200, "{mode}: {tcp:?}");
+        assert_eq!(tcp.answers.len(), 2, "{mode}: {tcp:?}");
+        // No SNAT for TCP: both pods see the client.
+        assert_eq!(tcp.sources_of("pod-1"), [CLIENT], "{mode}: {tcp:?}");
+        assert_eq!(tcp.sources_of("pod-2"), [CLIENT], "{mode}: {tcp:?}");
+        // Replies as seen on node A's uplink: those of pod-1's connections (local), none of
+        // pod-2's (they go from node B straight to the client).
+        let replies_to = |pod: &str| {
+            let ports = &tcp.ports[pod];
+            packets
+                .iter()
+                .filter(|(src, dst)| {
+                    *src == frontend && dst.ip() == CLIENT && ports.contains(&dst.port())
+                })
+                .count()
+        };
+        let requests_of_pod_2 = packets
+            .iter()
+            .filter(|(src, _)| src.ip() == CLIENT && tcp.ports["pod-2"].contains(&src.port()))
+            .count();
+        println!(
+            "{mode}: on node-a's uplink: {} replies of pod-1's connections, {} of pod-2's, {requests_of_pod_2} packets from the client on pod-2's",
+            replies_to("pod-1"),
+            replies_to("pod-2")
+        );
+        assert!(
+            replies_to("pod-1") > 0,
+            "the capture saw node-a's own replies"
+        );
+        assert!(
+            requests_of_pod_2 > 0,
+            "the capture saw the requests to pod-2"
+        );
+        assert_eq!(
+            replies_to("pod-2"),
+            0,
+            "{mode}: pod-2's replies passed node-a"
+        );
+        // Full-size segments no longer fit with the option: node A answers "fragmentation
+        // needed" for 8 bytes less and the client's path MTU follows.
+        let long = in_netns(&cluster.client, move || {
+            for _ in 0..20 {
+                let mut c = Conversation::open(frontend).unwrap();
+                if c.ask().unwrap() == "pod-2" {
+                    return c
+                        .request(&"x".repeat(64 * 1024))
+                        .map_err(|e| format!("{e:#}"));
+                }
+            }
+            Err("no connection to pod-2 in 20".to_string())
+        });
+        assert_eq!(
+            long.as_deref(),
+            Ok("pod-2"),
+            "{mode}: 64 KiB to pod-2 by DSR"
+        );
+        assert_eq!(udp.total(), 100, "{mode}: {udp:?}");
+        let udp_source = if mode == "dsr" { CLIENT } else { node_a };
+        assert_eq!(udp.sources_of("pod-2"), [udp_source], "{mode}: {udp:?}");
+        let stats = cluster.lbctl(0, &["stats", "-o", "json"]).unwrap();
+        let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+        let snated = stats["nat"]["allocated"].as_u64().unwrap();
+        let expected = udp.answers.get("pod-2").copied().unwrap_or(0) as u64;
+        println!("{mode}: {snated} flows SNATed on node-a");
+        assert_eq!(snated, if mode == "dsr" { 0 } else { expected }, "{stats}");
     }
 }

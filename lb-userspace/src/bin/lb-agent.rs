@@ -180,9 +180,12 @@ struct Args {
     /// an address starts being announced). Switches age their MAC tables.
     #[arg(long, default_value_t = 0)]
     garp_interval: u64,
-    /// How traffic from outside reaches a backend on another node: snat (the request leaves
-    /// with this node's address as source, so the reply comes back here), as Cilium's
-    /// loadBalancer.mode. dsr and hybrid are not available yet (see the README).
+    /// How traffic from outside reaches a backend on another node, as Cilium's
+    /// loadBalancer.mode: snat (the request leaves with this node's address as source, so the
+    /// reply comes back here), dsr (the request carries the frontend in an IPv4 option; the
+    /// backend's node answers the client directly, which sees the frontend as source and whose
+    /// address reaches the pod; every backend must be behind a node running this datapath),
+    /// hybrid (dsr for TCP, snat for UDP).
     #[arg(long, value_enum, default_value = "snat")]
     lb_mode: LbMode,
     /// Source ports of SNATed flows (one port per flow and backend); must lie outside the
@@ -748,14 +751,6 @@ async fn main() -> Result<()> {
         print!("{}", lb_userspace::crd::crds_yaml()?);
         return Ok(());
     }
-    if args.lb_mode != LbMode::Snat {
-        anyhow::bail!(
-            "--lb-mode {:?}: direct server return is not available in this release; use --lb-mode snat \
-             (the default). DSR needs the backend's node to learn the frontend from the request \
-             (an IPv4 option or an encapsulation our programs strip), which is not built yet",
-            args.lb_mode
-        );
-    }
     let (local_range, reserved) = lb_userspace::uplinks::local_ports()?;
     lb_userspace::uplinks::check_port_range(args.snat_port_range, local_range, &reserved)?;
     let opts = Options {
@@ -763,6 +758,12 @@ async fn main() -> Result<()> {
             loopback_addr: lb_common::ipv4_to_wire(args.service_loopback_address.octets()),
             port_min: args.snat_port_range.first,
             port_max: args.snat_port_range.last,
+            mode: match args.lb_mode {
+                LbMode::Snat => lb_common::lb_mode::SNAT,
+                LbMode::Dsr => lb_common::lb_mode::DSR,
+                LbMode::Hybrid => lb_common::lb_mode::HYBRID,
+            },
+            _pad: [0; 3],
         },
         nat_size: args.nat_size,
         maglev_capacity: args.maglev_capacity,
