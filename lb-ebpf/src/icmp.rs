@@ -18,6 +18,7 @@ use crate::{
     packet::{Packet, ptr_at},
     parse::Flow,
     reject::{fold, reply_headers, sum_words},
+    snat,
 };
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -113,10 +114,14 @@ pub fn translate_error<P: Packet>(ctx: &P, l3: usize) -> Result<u32, ()> {
         proto,
         _pad: [0; 3],
     };
-    let Some(entry) = (unsafe { LB_CONNTRACK.get(&key) }) else {
-        return Ok(P::PASS);
+    let e = match unsafe { LB_CONNTRACK.get(&key) } {
+        Some(e) => *e,
+        // A SNATed flow's reply tuple is in LB_NAT.
+        None => match snat::get(&key) {
+            Some(e) => e,
+            None => return Ok(P::PASS),
+        },
     };
-    let e = *entry;
     let (outer_src, outer_dst) = (addr(p, 12), addr(p, 16));
     let mut icmp_sum = word(p, ICMP + 2);
     let mut inner_ip_sum = word(p, INNER + 10);
@@ -163,6 +168,15 @@ pub fn translate_error<P: Packet>(ctx: &P, l3: usize) -> Result<u32, ()> {
     p[other_port_at..other_port_at + 2].copy_from_slice(&other_port.to_ne_bytes());
     let old_inner_ip_sum = inner_ip_sum;
     inner_ip_sum = csum::csum_replace4(inner_ip_sum, old_addr, new_addr);
+    // A SNATed flow (reply entry in LB_NAT): the quoted source (this node) back to the client.
+    let snat_node = if e.dir == CT_DIR_REPLY && e.client_addr != 0 {
+        p[INNER + 12..INNER + 16].copy_from_slice(&e.client_addr.to_ne_bytes());
+        inner_ip_sum = csum::csum_replace4(inner_ip_sum, inner_src, e.client_addr);
+        icmp_sum = csum::csum_replace4(icmp_sum, inner_src, e.client_addr);
+        inner_src
+    } else {
+        0
+    };
     p[INNER + 10..INNER + 12].copy_from_slice(&inner_ip_sum.to_ne_bytes());
     icmp_sum = csum::csum_replace4(icmp_sum, old_addr, new_addr);
     icmp_sum = csum::csum_replace2(icmp_sum, old_port, new_port);
@@ -172,6 +186,12 @@ pub fn translate_error<P: Packet>(ctx: &P, l3: usize) -> Result<u32, ()> {
     // The outer header: a backend reporting about its own flow speaks as the frontend; an error
     // sent to the frontend goes to the backend behind it.
     let (mut src, mut dst) = (outer_src, outer_dst);
+    if snat_node != 0 && outer_dst == snat_node {
+        // Sent to this node's SNAT address: it is the client's.
+        dst = e.client_addr;
+        p[16..20].copy_from_slice(&dst.to_ne_bytes());
+        outer_ip_sum = csum::csum_replace4(outer_ip_sum, outer_dst, dst);
+    }
     if e.dir == CT_DIR_REPLY && outer_src == old_addr {
         src = new_addr;
         p[12..16].copy_from_slice(&src.to_ne_bytes());

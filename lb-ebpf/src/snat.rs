@@ -50,6 +50,18 @@ pub fn lookup(flow: &Flow, key: &CtKey) -> Option<*mut CtEntry> {
     LB_NAT.get_ptr_mut(key)
 }
 
+/// The LB_NAT entry under `key` (a reply tuple: backend → node address and NAT port), for ICMP
+/// errors about a SNATed flow.
+#[inline(always)]
+pub fn get(key: &CtKey) -> Option<CtEntry> {
+    let c = config();
+    let port = u16::from_be(key.dst_port);
+    if port < c.port_min || port > c.port_max {
+        return None;
+    }
+    unsafe { LB_NAT.get(key) }.copied()
+}
+
 /// How a new flow leaves: with `snat_addr` as source (0: the client's own), or by DSR.
 pub struct Outbound {
     pub snat_addr: u32,

@@ -446,3 +446,36 @@ fn dsr_replies_go_straight_to_the_client() {
         assert_eq!(snated, if mode == "dsr" { 0 } else { expected }, "{stats}");
     }
 }
+
+/// Path MTU through SNAT: node B's side of its pod link is narrower (1200; the pod's own MTU
+/// stays 1500, so its MSS does not hide the problem); B's "fragmentation needed",
+/// sent to node A's SNAT address about the translated packet, is translated back to the client,
+/// whose path MTU follows, so 64 KiB reach the pod on B.
+#[test]
+fn path_mtu_discovery_works_through_snat() {
+    let (cluster, _) = cluster();
+    let b = &cluster.nodes[1];
+    sh(&format!("ip -n {} link set p0 mtu 1200", b.ns)).unwrap();
+    let frontend = SocketAddr::from((cluster.nodes[0].lan_ip, NODE_PORT_TCP));
+    let long = in_netns(&cluster.client, move || {
+        for _ in 0..20 {
+            let mut c = Conversation::open(frontend).unwrap();
+            if c.ask().unwrap() == "pod-2" {
+                return c
+                    .request(&"x".repeat(64 * 1024))
+                    .map_err(|e| format!("{e:#}"));
+            }
+        }
+        Err("no connection to pod-2 in 20".to_string())
+    });
+    assert_eq!(long.as_deref(), Ok("pod-2"), "64 KiB to pod-2 through SNAT");
+    let mtu = in_netns(&cluster.client, move || {
+        std::process::Command::new("ip")
+            .args(["route", "get", &frontend.ip().to_string()])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default()
+    });
+    println!("client's route to node-a: {mtu}");
+    assert!(mtu.contains("mtu 1200"), "{mtu}");
+}
