@@ -1,7 +1,9 @@
 //! Benchmark: node A forwarding external traffic to a backend on node B, which needs SNAT (the
-//! reply must come back through A). Ours (LB_NAT port allocation + DNAT + SNAT) vs kube-proxy's
-//! iptables mode (DNAT + KUBE-MARK-MASQ + MASQUERADE --random-fully) and nftables mode (dnat +
-//! masquerade fully-random), same generator, same flows.
+//! reply must come back through A) or DSR. Ours (LB_NAT port allocation + DNAT + SNAT; or DNAT +
+//! the DSR option) vs kube-proxy's iptables mode (DNAT + KUBE-MARK-MASQ + MASQUERADE
+//! --random-fully) and nftables mode (dnat + masquerade fully-random), same generator, same
+//! flows. (For DSR the sink counts what node B receives; B's own cost, reading and removing the
+//! option, is not in these rows.)
 //!
 //! Node A is the lab namespace of [`lb_tests::lab`]: the generator `lb_gen` XDP_TXes 64-byte
 //! UDP frames (client 10.1.x.x → ClusterIP 10.96.0.1:80, as traffic reaching a ClusterIP from
@@ -64,20 +66,35 @@ impl Settings {
 enum Mode {
     OursXdp,
     OursTc,
+    DsrXdp,
+    DsrTc,
     Iptables,
     Nftables,
 }
 
 impl Mode {
-    const ALL: [Mode; 4] = [Mode::OursXdp, Mode::OursTc, Mode::Iptables, Mode::Nftables];
+    const ALL: [Mode; 6] = [
+        Mode::OursXdp,
+        Mode::OursTc,
+        Mode::DsrXdp,
+        Mode::DsrTc,
+        Mode::Iptables,
+        Mode::Nftables,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Mode::OursXdp => "ours SNAT (XDP, lab-tuned)",
             Mode::OursTc => "ours SNAT (tc, defaults)",
+            Mode::DsrXdp => "ours DSR (XDP, lab-tuned)",
+            Mode::DsrTc => "ours DSR (tc, defaults)",
             Mode::Iptables => "iptables DNAT + MASQUERADE",
             Mode::Nftables => "nftables dnat + masquerade",
         }
+    }
+
+    fn dsr(self) -> bool {
+        matches!(self, Mode::DsrXdp | Mode::DsrTc)
     }
 }
 
@@ -134,6 +151,11 @@ fn one_run(s: &Settings, mode: Mode, new_flows: bool) -> Result<Run> {
     opts.nat = NatConfig {
         port_min: PORTS.0,
         port_max: PORTS.1,
+        mode: if mode.dsr() {
+            lb_common::lb_mode::DSR
+        } else {
+            lb_common::lb_mode::SNAT
+        },
         ..NatConfig::DEFAULT
     };
     opts.nat_size = s.packets.next_power_of_two().max(65_536) * 2;
@@ -163,10 +185,10 @@ fn one_run(s: &Settings, mode: Mode, new_flows: bool) -> Result<Run> {
     let (mut config, counters) = gen_maps(&lab)?;
     let count = |i: u32| -> Result<u64> { Ok(counters.get(&i, 0)?.iter().sum()) };
     match mode {
-        Mode::OursXdp => {
+        Mode::OursXdp | Mode::DsrXdp => {
             lab.attach("lb", CLIENT_IF)?;
         }
-        Mode::OursTc => {
+        Mode::OursTc | Mode::DsrTc => {
             sh(&format!("ip netns exec {ns} ethtool -K {CLIENT_IF} gro on"))?;
             lab.attach_tc(CLIENT_IF)?;
         }
@@ -208,7 +230,7 @@ fn one_run(s: &Settings, mode: Mode, new_flows: bool) -> Result<Run> {
         delivered: got1 - got0,
         snated: snated(&lab, mode)? - snated_before,
     };
-    if new_flows {
+    if new_flows && !mode.dsr() {
         // The method holds only if every delivered flow really was source-NATed.
         ensure!(
             run.snated + run.snated / 50 >= run.delivered,
@@ -227,6 +249,7 @@ fn snated(lab: &XdpLab, mode: Mode) -> Result<u64> {
     let ns = &lab.ns;
     Ok(match mode {
         Mode::OursXdp | Mode::OursTc => lab.maps().nat.keys().count() as u64,
+        Mode::DsrXdp | Mode::DsrTc => 0,
         Mode::Iptables => {
             let out = std::process::Command::new("ip")
                 .args([
@@ -291,7 +314,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
     let mut table = Table::new(
         "snat",
         format!(
-            "SNAT through node A to backends on node B: 64-byte UDP to a ClusterIP from outside, {} packets per run, {} runs in fresh namespaces (delivered Mpps; one core does generator and node)",
+            "SNAT (and DSR) through node A to backends on node B: 64-byte UDP to a ClusterIP from outside, {} packets per run, {} runs in fresh namespaces (delivered Mpps; one core does generator and node)",
             s.packets, s.runs
         ),
         &[
@@ -302,7 +325,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
             "vs iptables",
             "vs nftables",
             "delivered %",
-            "flows SNATed per run (median)",
+            "flows SNATed per run (median; DSR: none)",
         ],
     );
     let median = |mode: Mode, new_flows: bool| {

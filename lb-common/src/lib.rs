@@ -447,7 +447,8 @@ pub mod ct_stats {
     pub const AGENT_REMOVED: u32 = 4;
     /// SNAT ports handed to new flows (LB_NAT entries made).
     pub const NAT_ALLOCATED: u32 = 5;
-    /// New flows refused: every SNAT port tried was held by a live flow.
+    /// New flows refused: every port tried was held by a live flow (SNAT ports, or the
+    /// clash-free source ports of flows that keep the client's address).
     pub const NAT_EXHAUSTED: u32 = 6;
     /// New flows refused: the NAT table (LB_NAT) is full.
     pub const NAT_FULL: u32 = 7;

@@ -27,7 +27,7 @@ const BPF_NOEXIST: u64 = 1;
 /// Source ports tried for a flow whose own would clash (the ephemeral range).
 const CLASH_PORT_BASE: u32 = 32_768;
 const CLASH_PORT_SPAN: u32 = 28_232;
-const CLASH_TRIES: u32 = 4;
+const CLASH_TRIES: u32 = 8;
 
 /// Set by the agent at load time (`--ct-timeout-*`).
 #[unsafe(no_mangle)]
@@ -263,15 +263,31 @@ pub fn insert(
     if !clash {
         let _ = LB_CONNTRACK.insert(&own, &reply_entry(flow, &forward, now), 0);
     } else {
-        let hash = (flow.src_addr ^ flow.dst_addr ^ (flow.dst_port as u32) << 16) as u32;
+        // The client's own port is part of the hash: one client's flows to one frontend try
+        // different ports.
+        let hash = lb_common::hash::flow_hash(
+            flow.src_addr,
+            flow.dst_addr,
+            flow.src_port,
+            flow.dst_port,
+            flow.proto,
+        );
         let mut chosen = 0u16;
         let mut i = 0;
         while i < CLASH_TRIES {
             let port = (CLASH_PORT_BASE
                 + hash.wrapping_add(i.wrapping_mul(0x9e37)) % CLASH_PORT_SPAN)
                 as u16;
+            i += 1;
             forward.client_port = port.to_be();
             let key = reply_key(flow, backend, forward.client_port);
+            // An expired flow's entry frees its port (another CPU may take it first).
+            if let Some(r) = unsafe { LB_CONNTRACK.get(&key) } {
+                if !timeouts().expired(flow.proto, r.flags, r.last_seen_ns, now) {
+                    continue;
+                }
+                let _ = LB_CONNTRACK.remove(&key);
+            }
             if LB_CONNTRACK
                 .insert(&key, &reply_entry(flow, &forward, now), BPF_NOEXIST)
                 .is_ok()
@@ -279,9 +295,9 @@ pub fn insert(
                 chosen = forward.client_port;
                 break;
             }
-            i += 1;
         }
         if chosen == 0 {
+            count(ct_stats::NAT_EXHAUSTED, 1);
             return Err(());
         }
         count(ct_stats::CLASH_PORTS, 1);

@@ -159,9 +159,9 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
         out.snat_addr,
         out.dsr,
     ) else {
-        // No NAT port free: the new flow is refused (counted), open ones keep theirs. No
-        // source port free without SNAT (every one tried clashes): left to the kernel.
-        return Ok(if out.snat_addr != 0 { P::DROP } else { P::PASS });
+        // No port free (SNAT, or a clash-free source port): the new flow is refused (counted),
+        // open ones keep theirs. (The kernel could not serve it: the frontend is ours.)
+        return Ok(P::DROP);
     };
     let verdict = nat::send_translated(ctx, &flow, Side::Destination, backend, other, carry, hop);
     count::<P>(verdict, pick.frontend_id, pick.backend_id, len);

@@ -58,6 +58,32 @@ fn expect(lab: &mut XdpLab, hook: Hook, input: &Frame, verdict: Verdict, output:
     verify_checksums(&run.output).expect("checksums");
 }
 
+/// Many client ports, each to both frontends: every second flow clashes and gets a port of its
+/// own. (The ports tried once came from the client address and frontend alone, so after four
+/// such flows all four were taken and the next was left to the kernel, which has no route to a
+/// ClusterIP: ENETUNREACH, seen on the two-node cluster under load.)
+#[test]
+fn clashing_flows_from_many_client_ports_all_get_a_port() {
+    for hook in [Hook::Xdp, Hook::Tc] {
+        let mut lab = lab(CtTimeouts::DEFAULT);
+        let mut ports = std::collections::BTreeSet::new();
+        for client_port in 41000..41040 {
+            let to_a = from_client(Frame::tcp((CLIENT, client_port), (VIP_A, 80), TCP_SYN));
+            expect(&mut lab, hook, &to_a, Redirect, &dnat(&to_a, BACKEND, 8080));
+            let to_b = from_client(Frame::tcp((CLIENT, client_port), (VIP_B, 80), TCP_SYN));
+            let i = lab.client_ifindex;
+            let run = hook.run(&mut lab, &to_b.bytes(), i);
+            assert_eq!(
+                run.verdict,
+                hook.code(Redirect),
+                "{hook:?}: client port {client_port}"
+            );
+            let port = u16::from_be_bytes([run.output[34], run.output[35]]);
+            assert!(ports.insert(port), "{hook:?}: port {port} handed out twice");
+        }
+    }
+}
+
 /// The same client address and port to two frontends that share a backend: without care both
 /// flows reach the backend as the same 5-tuple and the second overwrites the first's reply
 /// entry. The second gets another source port; each direction is translated back correctly.

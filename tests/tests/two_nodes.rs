@@ -165,7 +165,11 @@ fn external_through(cluster: &Cluster, i: usize) {
         ("ClusterIP from outside", SocketAddr::from((CLUSTER_IP, 80))),
     ];
     for (kind, to) in frontends {
-        let n = if kind == "NodePort" { 300 } else { 100 };
+        let n = if kind == "ClusterIP from outside" {
+            100
+        } else {
+            300
+        };
         let seen = tcp_from_client(cluster, to, n);
         println!("node {i}, {kind} {to} TCP: {seen:?}");
         assert_eq!(seen.total(), n, "{kind} {to} via node {i}: {seen:?}");
@@ -177,8 +181,8 @@ fn external_through(cluster: &Cluster, i: usize) {
         SocketAddr::from((node_ip, NODE_PORT_UDP)),
         SocketAddr::from((LB_IP, 53)),
     ] {
-        let n = if to.port() == NODE_PORT_UDP { 300 } else { 100 };
-        let seen = udp_from_client(cluster, to, n);
+        let seen = udp_from_client(cluster, to, 300);
+        let n = 300;
         println!("node {i}, {to} UDP: {seen:?}");
         assert_eq!(seen.total(), n, "{to} via node {i}: {seen:?}");
         assert_eq!(seen.answers.len(), 2, "both pods used: {seen:?}");
@@ -189,9 +193,38 @@ fn external_through(cluster: &Cluster, i: usize) {
 
 #[test]
 fn external_traffic_reaches_both_nodes_pods_through_either_node() {
-    let (cluster, _) = cluster();
+    let (cluster, config) = cluster();
     external_through(&cluster, 0);
     external_through(&cluster, 1);
+    // A remote backend's health is its EndpointSlice condition: pod-2 not ready, so node B
+    // (pod-2's own node) sends everything to pod-1 on node A, SNATed.
+    let yaml = objects().replacen(
+        "{addresses: [\"10.2.2.2\"], conditions: {ready: true}",
+        "{addresses: [\"10.2.2.2\"], conditions: {ready: false}",
+        1,
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let to = SocketAddr::from((cluster.nodes[1].lan_ip, NODE_PORT_TCP));
+    let mut seen = Seen::default();
+    for _ in 0..50 {
+        seen = tcp_from_client(&cluster, to, 50);
+        if seen.answers.keys().eq(["pod-1"]) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("pod-2 not ready, through node-b: {seen:?}");
+    assert_eq!(seen.total(), 50, "{seen:?}");
+    assert_eq!(
+        seen.answers.keys().collect::<Vec<_>>(),
+        ["pod-1"],
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.sources_of("pod-1"),
+        [cluster.nodes[1].lan_ip],
+        "{seen:?}"
+    );
     // The SNATed flows hold NAT entries, counted in lbctl stats.
     let stats = cluster.lbctl(0, &["stats", "-o", "json"]).unwrap();
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
