@@ -37,7 +37,7 @@ use crate::{
 };
 
 const PER: u32 = 10;
-const ESTABLISHED_FLOWS: u32 = 4096;
+pub const ESTABLISHED_FLOWS: u32 = 4096;
 
 pub struct Settings {
     pub services: Vec<u32>,
@@ -175,27 +175,16 @@ fn measure(s: &Settings, n: u32, modes: &[Mode]) -> Result<Vec<Sample>> {
             Mode::Nftables => load(&ns, "nft -f -", &nft_rules(n, PER, "udp"))?,
         }
         for new_flows in [true, false] {
-            let flows = if new_flows { 0 } else { ESTABLISHED_FLOWS };
             let src_base =
                 u32::from(Ipv4Addr::new(10, 1, 0, 1)) + if new_flows { 0 } else { 0x8000 };
-            config.set(
-                0,
-                GenConfig {
-                    vip_base: u32::from(Ipv4Addr::new(10, 96, 0, 1)),
-                    vip_count: n,
-                    src_base,
-                    flows,
-                    macs,
-                    dport: 80u16.to_be(),
-                    mode: lb_common::GEN_UDP,
-                },
-                0,
+            start_flows(
+                &mut lab,
+                &mut config,
+                (&frame, gen_if, macs),
+                n,
+                src_base,
+                new_flows,
             )?;
-            if !new_flows {
-                // Warm up: every established flow has passed once.
-                lab.run_live("lb_gen", &frame, gen_if, ESTABLISHED_FLOWS * 2)?;
-                std::thread::sleep(Duration::from_millis(50));
-            }
             let (sent0, got0) = (count(0)?, count(1)?);
             let elapsed = lab.run_live("lb_gen", &frame, gen_if, s.packets)?;
             std::thread::sleep(Duration::from_millis(100));
@@ -220,6 +209,36 @@ fn measure(s: &Settings, n: u32, modes: &[Mode]) -> Result<Vec<Sample>> {
     }
     lab.detach("lb_sink", sink)?;
     Ok(samples)
+}
+
+/// Sets the generator to send to `vips` ClusterIPs from `src_base` on: every packet a new flow,
+/// or [`ESTABLISHED_FLOWS`] flows over and over, which are then sent once each (warm-up).
+pub fn start_flows(
+    lab: &mut XdpLab,
+    config: &mut Array<MapData, GenConfig>,
+    (frame, gen_if, macs): (&[u8], u32, [u8; 12]),
+    vips: u32,
+    src_base: u32,
+    new_flows: bool,
+) -> Result<()> {
+    config.set(
+        0,
+        GenConfig {
+            vip_base: u32::from(Ipv4Addr::new(10, 96, 0, 1)),
+            vip_count: vips,
+            src_base,
+            flows: if new_flows { 0 } else { ESTABLISHED_FLOWS },
+            macs,
+            dport: 80u16.to_be(),
+            mode: lb_common::GEN_UDP,
+        },
+        0,
+    )?;
+    if !new_flows {
+        lab.run_live("lb_gen", frame, gen_if, ESTABLISHED_FLOWS * 2)?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 pub fn load(ns: &str, cmd: &str, rules: &str) -> Result<()> {

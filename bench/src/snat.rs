@@ -31,13 +31,12 @@ use lb_userspace::model::Protocol;
 
 use crate::{
     control::{iptables_rules, nft_rules},
-    forward::{gen_maps, peer_mac},
+    forward::{ESTABLISHED_FLOWS, gen_maps, peer_mac, start_flows},
     report::{Plot, Table, Target},
     services::{lab_options, state_proto},
 };
 
 const PER: u32 = 10;
-const ESTABLISHED_FLOWS: u32 = 4096;
 /// SNAT ports of the benchmark: wide enough for a run of new flows over 10 backends.
 const PORTS: (u16, u16) = (1024, 29_999);
 
@@ -201,24 +200,14 @@ fn one_run(s: &Settings, mode: Mode, new_flows: bool) -> Result<Run> {
             crate::forward::load(&ns, "nft -f -", &nft_masquerade()?)?;
         }
     }
-    config.set(
-        0,
-        lb_common::GenConfig {
-            vip_base: u32::from(Ipv4Addr::new(10, 96, 0, 1)),
-            vip_count: 1,
-            src_base: u32::from(Ipv4Addr::new(10, 1, 0, 1)),
-            flows: if new_flows { 0 } else { ESTABLISHED_FLOWS },
-            macs,
-            dport: 80u16.to_be(),
-            mode: lb_common::GEN_UDP,
-        },
-        0,
+    start_flows(
+        &mut lab,
+        &mut config,
+        (&frame, gen_if, macs),
+        1,
+        u32::from(Ipv4Addr::new(10, 1, 0, 1)),
+        new_flows,
     )?;
-    if !new_flows {
-        // Every established flow has passed once.
-        lab.run_live("lb_gen", &frame, gen_if, ESTABLISHED_FLOWS * 2)?;
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let snated_before = snated(&lab, mode)?;
     let (sent0, got0) = (count(0)?, count(1)?);
     let elapsed = lab.run_live("lb_gen", &frame, gen_if, s.packets)?;

@@ -177,15 +177,18 @@ fn reply_key(flow: &Flow, (addr, port): (u32, u16), port_on_wire: u16) -> CtKey 
     }
 }
 
-/// The reply entry of a forward flow (whose entry is `forward`).
+/// The reply entry of a forward flow (whose entry is `forward`): the frontend, and the client's
+/// port and address where the flow leaves with others (a clash-free port; SNAT: both).
 #[inline(always)]
-fn reply_entry(flow: &Flow, forward: &CtEntry, now: u64) -> CtEntry {
+pub(crate) fn reply_entry(flow: &Flow, forward: &CtEntry, now: u64) -> CtEntry {
+    let snat = forward.client_addr != 0;
     CtEntry {
         nat_addr: flow.dst_addr,
         nat_port: flow.dst_port,
         dir: CT_DIR_REPLY,
         last_seen_ns: now,
-        client_port: if forward.client_port != 0 {
+        client_addr: if snat { flow.src_addr } else { 0 },
+        client_port: if forward.client_port != 0 || snat {
             flow.src_port
         } else {
             0

@@ -14,10 +14,10 @@
 //! Entries age like conntrack (by state): packets refresh them, an expired one is reclaimed by
 //! the next flow that tries its port or by the agent's sweeper.
 
-use lb_common::{CT_DIR_REPLY, CtEntry, CtKey, NatConfig, ct_flags, ct_stats};
+use lb_common::{CtEntry, CtKey, NatConfig, ct_flags, ct_stats};
 
 use crate::{
-    conntrack::{NO_NEXTHOP, count, timeouts},
+    conntrack::{count, reply_entry, timeouts},
     maps::{LB_NAT, LB_UPLINKS},
     nat::Hop,
     packet::Packet,
@@ -147,16 +147,7 @@ pub fn allocate(
         flow.dst_port,
         flow.proto,
     );
-    let reply = CtEntry {
-        nat_addr: flow.dst_addr,
-        nat_port: flow.dst_port,
-        dir: CT_DIR_REPLY,
-        last_seen_ns: now,
-        client_port: flow.src_port,
-        client_addr: flow.src_addr,
-        nexthop: NO_NEXTHOP,
-        ..*forward
-    };
+    let reply = reply_entry(flow, forward, now);
     let mut i = 0;
     while i < TRIES {
         let port =
@@ -212,17 +203,10 @@ pub fn refresh(flow: &Flow, forward: &CtEntry, now: u64) {
             }
         }
         None => {
-            let reply = CtEntry {
-                nat_addr: flow.dst_addr,
-                nat_port: flow.dst_port,
-                dir: CT_DIR_REPLY,
-                last_seen_ns: now,
-                client_port: flow.src_port,
-                client_addr: flow.src_addr,
-                nexthop: NO_NEXTHOP,
-                ..*forward
-            };
-            if LB_NAT.insert(&key, &reply, BPF_NOEXIST).is_ok() {
+            if LB_NAT
+                .insert(&key, &reply_entry(flow, forward, now), BPF_NOEXIST)
+                .is_ok()
+            {
                 count(ct_stats::REPLY_RESTORED, 1);
                 count(ct_stats::INSERTED, 1);
             }

@@ -120,6 +120,22 @@ fn udp_from_client(cluster: &Cluster, to: SocketAddr, n: usize) -> Seen {
     })
 }
 
+/// 64 KiB on one line over a connection through `frontend` that reached pod-2 (the pod's
+/// answer, or what failed).
+fn long_request_to_pod_2(cluster: &Cluster, frontend: SocketAddr) -> Result<String, String> {
+    in_netns(&cluster.client, move || {
+        for _ in 0..20 {
+            let mut c = Conversation::open(frontend).map_err(|e| format!("{e:#}"))?;
+            if c.ask().map_err(|e| format!("{e:#}"))? == "pod-2" {
+                return c
+                    .request(&"x".repeat(64 * 1024))
+                    .map_err(|e| format!("{e:#}"));
+            }
+        }
+        Err("no connection to pod-2 in 20".to_string())
+    })
+}
+
 #[derive(Default, Debug)]
 struct Seen {
     /// Answers per pod.
@@ -452,17 +468,7 @@ fn dsr_replies_go_straight_to_the_client() {
         );
         // Full-size segments no longer fit with the option: node A answers "fragmentation
         // needed" for 8 bytes less and the client's path MTU follows.
-        let long = in_netns(&cluster.client, move || {
-            for _ in 0..20 {
-                let mut c = Conversation::open(frontend).unwrap();
-                if c.ask().unwrap() == "pod-2" {
-                    return c
-                        .request(&"x".repeat(64 * 1024))
-                        .map_err(|e| format!("{e:#}"));
-                }
-            }
-            Err("no connection to pod-2 in 20".to_string())
-        });
+        let long = long_request_to_pod_2(&cluster, frontend);
         assert_eq!(
             long.as_deref(),
             Ok("pod-2"),
@@ -490,17 +496,7 @@ fn path_mtu_discovery_works_through_snat() {
     let b = &cluster.nodes[1];
     sh(&format!("ip -n {} link set p0 mtu 1200", b.ns)).unwrap();
     let frontend = SocketAddr::from((cluster.nodes[0].lan_ip, NODE_PORT_TCP));
-    let long = in_netns(&cluster.client, move || {
-        for _ in 0..20 {
-            let mut c = Conversation::open(frontend).unwrap();
-            if c.ask().unwrap() == "pod-2" {
-                return c
-                    .request(&"x".repeat(64 * 1024))
-                    .map_err(|e| format!("{e:#}"));
-            }
-        }
-        Err("no connection to pod-2 in 20".to_string())
-    });
+    let long = long_request_to_pod_2(&cluster, frontend);
     assert_eq!(long.as_deref(), Ok("pod-2"), "64 KiB to pod-2 through SNAT");
     let mtu = in_netns(&cluster.client, move || {
         std::process::Command::new("ip")
