@@ -216,20 +216,44 @@ fn backends(maps: &PinnedMaps, json_out: bool) -> Result<()> {
 
 /// Conntrack entries.
 fn conntrack(maps: &PinnedMaps, json_out: bool) -> Result<()> {
+    use lb_common::ct_flags;
     let now = monotonic_ns();
     let mut out = Vec::new();
-    for item in maps.conntrack.iter() {
-        let (k, e) = item?;
-        out.push(json!({
-            "direction": if e.dir == CT_DIR_FORWARD { "forward" } else { "reply" },
-            "protocol": proto_name(k.proto),
-            "source": hostport(k.src_addr, k.src_port),
-            "destination": hostport(k.dst_addr, k.dst_port),
-            "nat": hostport(e.nat_addr, e.nat_port),
-            "backend_id": e.backend_id,
-            "closing": e.flags & lb_common::ct_flags::CLOSING != 0,
-            "idle_seconds": now.saturating_sub(e.last_seen_ns) / 1_000_000_000,
-        }));
+    // LB_NAT holds the reply entries of SNATed flows.
+    for (table, map) in [("conntrack", &maps.conntrack), ("nat", &maps.nat)] {
+        for item in map.iter() {
+            let (k, e) = item?;
+            let flags: Vec<&str> = [
+                (ct_flags::REPLIED, "replied"),
+                (ct_flags::CLOSING, "closing"),
+                (ct_flags::DSR, "dsr"),
+            ]
+            .iter()
+            .filter(|(bit, _)| e.flags & bit != 0)
+            .map(|(_, name)| *name)
+            .collect();
+            // Forward: the source the flow leaves with toward the backend (SNAT, or a clash-free
+            // port); reply: the client's address and port restored.
+            let client_rewrite = match (e.client_addr, e.client_port) {
+                (0, 0) => Value::Null,
+                (0, port) if e.dir == CT_DIR_FORWARD => json!(hostport(k.src_addr, port)),
+                (0, port) => json!(hostport(k.dst_addr, port)),
+                (addr, port) => json!(hostport(addr, port)),
+            };
+            out.push(json!({
+                "table": table,
+                "direction": if e.dir == CT_DIR_FORWARD { "forward" } else { "reply" },
+                "protocol": proto_name(k.proto),
+                "source": hostport(k.src_addr, k.src_port),
+                "destination": hostport(k.dst_addr, k.dst_port),
+                "nat": hostport(e.nat_addr, e.nat_port),
+                "client_rewrite": client_rewrite,
+                "backend_id": e.backend_id,
+                "closing": e.flags & ct_flags::CLOSING != 0,
+                "flags": flags,
+                "idle_seconds": now.saturating_sub(e.last_seen_ns) / 1_000_000_000,
+            }));
+        }
     }
     if json_out {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -237,17 +261,28 @@ fn conntrack(maps: &PinnedMaps, json_out: bool) -> Result<()> {
         let rows: Vec<Vec<String>> = out
             .iter()
             .map(|o| {
+                let cell = |k: &str| match &o[k] {
+                    Value::Null => "-".to_string(),
+                    Value::Array(a) => a
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    v => v.to_string().trim_matches('"').to_string(),
+                };
                 [
                     "direction",
                     "protocol",
                     "source",
                     "destination",
                     "nat",
+                    "client_rewrite",
                     "backend_id",
+                    "flags",
                     "idle_seconds",
                 ]
                 .iter()
-                .map(|k| o[*k].to_string().trim_matches('"').to_string())
+                .map(|k| cell(k))
                 .collect()
             })
             .collect();
@@ -258,7 +293,9 @@ fn conntrack(maps: &PinnedMaps, json_out: bool) -> Result<()> {
                 "SOURCE",
                 "DESTINATION",
                 "NAT",
+                "CLIENT_SIDE",
                 "BACKEND",
+                "FLAGS",
                 "IDLE_S",
             ],
             &rows,
