@@ -77,12 +77,23 @@ fn try_gen(ctx: &XdpContext) -> Result<u32, ()> {
     }
     const IP: usize = EthHdr::LEN;
     const UDP: usize = IP + Ipv4Hdr::LEN;
+    let len = (ctx.data_end() - ctx.data()) as u16;
     let p: *mut [u8; UDP + 8] = ptr_at(ctx, 0)?;
     let p = unsafe { &mut *p };
+    // Every header byte afresh: a node may have moved the headers of the frame this page held
+    // (the DSR option is inserted by moving Ethernet and IPv4 toward the front).
     p[..12].copy_from_slice(&cfg.macs);
+    p[12] = 0x08;
+    p[13] = 0x00;
+    p[IP] = 0x45;
+    p[IP + 1] = 0;
+    p[IP + 2..IP + 4].copy_from_slice(&(len - IP as u16).to_be_bytes());
+    p[IP + 4..IP + 8].copy_from_slice(&[0x12, 0x34, 0x40, 0]);
     p[IP + 8] = 64; // TTL
+    p[IP + 9] = 17; // UDP
     p[IP + 10] = 0;
     p[IP + 11] = 0;
+    p[UDP + 4..UDP + 6].copy_from_slice(&(len - UDP as u16).to_be_bytes());
     p[IP + 12..IP + 16].copy_from_slice(&src.to_ne_bytes());
     p[IP + 16..IP + 20].copy_from_slice(&dst.to_ne_bytes());
     let sum = sum_words(&p[IP..IP + 20], 0);

@@ -232,3 +232,21 @@ pub fn arp(
     arp.set_target_proto_addr(target.1);
     buf
 }
+
+/// `frame` with the DSR option carrying `frontend` inserted after its 20-byte IPv4 header, as the
+/// frontend node sends it (header length, total length and header checksum set).
+pub fn with_dsr_option(frame: &[u8], (addr, port): (Ipv4Addr, u16)) -> Vec<u8> {
+    let mut out = frame[..34].to_vec();
+    out.extend_from_slice(&[lb_common::DSR_OPTION_TYPE, lb_common::DSR_OPTION_LEN as u8]);
+    out.extend_from_slice(&port.to_be_bytes());
+    out.extend_from_slice(&addr.octets());
+    out.extend_from_slice(&frame[34..]);
+    let mut ip = MutableIpv4Packet::new(&mut out[14..]).expect("ipv4");
+    ip.set_header_length(7);
+    let total = ip.get_total_length() + lb_common::DSR_OPTION_LEN as u16;
+    ip.set_total_length(total);
+    ip.set_checksum(0);
+    let c = ipv4::checksum(&ip.to_immutable());
+    ip.set_checksum(c);
+    out
+}
