@@ -75,7 +75,8 @@ pub mod map_names {
     ];
 
     /// Maps of the benchmark object only (`lb-bench`): generator settings and per-CPU counters
-    /// (0: frames generated, 1: frames sunk), and the frame `lb_replay` restores before each run.
+    /// (0: frames generated, 1: frames sunk that were sent to a backend, 2: other frames sunk),
+    /// and the frame `lb_replay` restores before each run.
     pub const GEN: &str = "LB_GEN";
     pub const GEN_COUNTERS: &str = "LB_GEN_COUNTERS";
     pub const REPLAY: &str = "LB_REPLAY";

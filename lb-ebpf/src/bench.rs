@@ -8,7 +8,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::xdp_action,
-    helpers::bpf_xdp_store_bytes,
+    helpers::{bpf_get_smp_processor_id, bpf_xdp_store_bytes},
     macros::{map, xdp},
     maps::{Array, PerCpuArray},
     programs::XdpContext,
@@ -25,7 +25,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 static LB_GEN: Array<GenConfig> = Array::pinned(1, 0);
 
 #[map]
-static LB_GEN_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
+static LB_GEN_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(3, 0);
 
 #[map]
 static LB_REPLAY: Array<ReplayFrame> = Array::pinned(1, 0);
@@ -59,7 +59,14 @@ fn try_gen(ctx: &XdpContext) -> Result<u32, ()> {
     let vips = cfg.vip_count.max(1) as u64;
     let rest = flow / vips;
     let dst = (cfg.vip_base + (flow % vips) as u32).to_be();
-    let src = (cfg.src_base + (rest / 60_000) as u32).to_be();
+    // The counter is per CPU: a run that moves to another CPU would repeat its flows, so new
+    // flows get the CPU in their source address (established flows are the same on any CPU).
+    let cpu = if cfg.flows == 0 {
+        (unsafe { bpf_get_smp_processor_id() }) << 16
+    } else {
+        0
+    };
+    let src = (cfg.src_base + (rest / 60_000) as u32 + cpu).to_be();
     let sport = (1024 + (rest % 60_000) as u16).to_be();
     if cfg.mode == GEN_ARP {
         // Ethernet + ARP request, all 42 bytes written: replies come back in the same pages.
@@ -164,10 +171,22 @@ fn replay(ctx: &XdpContext) -> bool {
     true
 }
 
-/// Benchmark sink: counts and drops what reaches it.
+/// Benchmark sink: counts and drops what reaches it: IPv4 to a backend (10.128.0.0/9, the
+/// benchmarks' endpoints) and ARP replies in slot 1, anything else in slot 2 (a packet the node
+/// did not translate still reaches the sink's link, since the lab routes 10.0.0.0/8 there, and
+/// must not count as delivered).
 #[xdp]
-pub fn lb_sink(_ctx: XdpContext) -> u32 {
-    if let Some(c) = LB_GEN_COUNTERS.get_ptr_mut(1) {
+pub fn lb_sink(ctx: XdpContext) -> u32 {
+    let wanted = match ptr_at::<XdpContext, [u8; 34]>(&ctx, 0) {
+        Ok(p) => {
+            let p = unsafe { &*p };
+            let ipv4_to_backend = p[12] == 0x08 && p[13] == 0 && p[30] == 10 && p[31] & 0x80 != 0;
+            let arp_reply = p[12] == 0x08 && p[13] == 0x06 && p[20] == 0 && p[21] == 2;
+            ipv4_to_backend || arp_reply
+        }
+        Err(()) => false,
+    };
+    if let Some(c) = LB_GEN_COUNTERS.get_ptr_mut(if wanted { 1 } else { 2 }) {
         unsafe { *c += 1 };
     }
     xdp_action::XDP_DROP
