@@ -18,7 +18,7 @@ pub fn crds_yaml() -> Result<String> {
     let mut out = String::new();
     for crd in crds() {
         out += "---\n";
-        out += &serde_yaml::to_string(&crd)?;
+        out += &serde_yaml_ng::to_string(&crd)?;
     }
     Ok(out)
 }
@@ -33,7 +33,7 @@ mod tests {
         let docs: Vec<CustomResourceDefinition> = yaml
             .split("---\n")
             .filter(|d| !d.trim().is_empty())
-            .map(|d| serde_yaml::from_str(d).unwrap())
+            .map(|d| serde_yaml_ng::from_str(d).unwrap())
             .collect();
         let kinds: Vec<&str> = docs.iter().map(|d| d.spec.names.kind.as_str()).collect();
         assert_eq!(kinds, ["LoadBalancerIPPool", "L2AnnouncementPolicy"]);
@@ -54,12 +54,12 @@ mod tests {
 
     #[test]
     fn manifests_read_into_the_served_types() {
-        let pool: LoadBalancerIPPool = serde_yaml::from_str(
+        let pool: LoadBalancerIPPool = serde_yaml_ng::from_str(
             "apiVersion: lb.xdp.rs/v1alpha1\nkind: LoadBalancerIPPool\nmetadata: {name: lan}\nspec: {blocks: [{start: 192.168.30.60, stop: 192.168.30.80}]}\n",
         )
         .unwrap();
         assert_eq!(pool.spec.blocks[0].stop.as_deref(), Some("192.168.30.80"));
-        let policy: L2AnnouncementPolicy = serde_yaml::from_str(
+        let policy: L2AnnouncementPolicy = serde_yaml_ng::from_str(
             "apiVersion: lb.xdp.rs/v1alpha1\nkind: L2AnnouncementPolicy\nmetadata: {name: lan}\nspec: {interfaces: [\"^eth[0-9]+\"], loadBalancerIPs: true}\n",
         )
         .unwrap();

@@ -12,8 +12,8 @@ pub fn documents(file: &str) -> Result<Vec<Value>> {
     let path = format!("{}/../deploy/{file}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).with_context(|| path.clone())?;
     let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v = serde_yaml::Value::deserialize(doc)?;
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let v = serde_yaml_ng::Value::deserialize(doc)?;
         if !v.is_null() {
             out.push(serde_json::to_value(v)?);
         }

@@ -165,8 +165,9 @@ struct Args {
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Directory for status.json (LoadBalancer allocations, pool usage, announcements), read by
-    /// `lbctl pools` / `lbctl arp` and by the next agent run to keep allocations stable.
-    #[arg(long, default_value = "/run/lb-agent")]
+    /// `lbctl pools` / `lbctl arp` and by the next agent run to keep allocations stable, also
+    /// across a reboot (written atomically: temp file, fsync, rename, fsync of the directory).
+    #[arg(long, default_value = "/var/lib/lb-agent")]
     state_dir: PathBuf,
     /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, on this address
     /// (e.g. 0.0.0.0:9964).

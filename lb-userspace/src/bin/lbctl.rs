@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, default_value = "/sys/fs/bpf/lb", global = true)]
     bpffs: PathBuf,
     /// lb-agent's --state-dir (status.json: allocations, pools, announcements).
-    #[arg(long, default_value = "/run/lb-agent", global = true)]
+    #[arg(long, default_value = "/var/lib/lb-agent", global = true)]
     state_dir: PathBuf,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table, global = true)]
     output: Output,

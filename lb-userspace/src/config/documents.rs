@@ -52,19 +52,19 @@ pub(super) fn split_documents(text: &str) -> Vec<&str> {
 }
 
 pub(super) fn parse_document(text: &str, doc: &str) -> Result<Parsed, ConfigError> {
-    let value: serde_yaml::Value =
-        serde_yaml::from_str(text).map_err(|e| err(doc, "", format!("invalid YAML: {e}")))?;
+    let value: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(text).map_err(|e| err(doc, "", format!("invalid YAML: {e}")))?;
     if value.is_null() {
         return Ok(Parsed::Null);
     }
     parse_value(value, doc)
 }
 
-fn parse_value(value: serde_yaml::Value, doc: &str) -> Result<Parsed, ConfigError> {
+fn parse_value(value: serde_yaml_ng::Value, doc: &str) -> Result<Parsed, ConfigError> {
     if value["apiVersion"].as_str() == Some("v1") && value["kind"].as_str() == Some("List") {
         let items = match &value["items"] {
-            serde_yaml::Value::Sequence(items) => items.clone(),
-            serde_yaml::Value::Null => Vec::new(),
+            serde_yaml_ng::Value::Sequence(items) => items.clone(),
+            serde_yaml_ng::Value::Null => Vec::new(),
             _ => return Err(err(doc, "items", "not a list")),
         };
         return items

@@ -104,7 +104,7 @@ fn err(
     }
 }
 
-fn object_name(value: &serde_yaml::Value) -> String {
+fn object_name(value: &serde_yaml_ng::Value) -> String {
     let meta = &value["metadata"];
     let name = meta["name"].as_str().unwrap_or("<unnamed>");
     let namespace = meta["namespace"].as_str().unwrap_or("default");
@@ -118,7 +118,7 @@ fn cluster_name(object: &str) -> &str {
 }
 
 fn typed<T: serde::de::DeserializeOwned>(
-    value: serde_yaml::Value,
+    value: serde_yaml_ng::Value,
     object: &str,
 ) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
