@@ -109,6 +109,15 @@ fn parse_value(value: serde_yaml_ng::Value, doc: &str) -> Result<Parsed, ConfigE
                 ),
             ));
         }
+        // Our own group has two kinds: anything else there is a typo, not a foreign object.
+        (v, _) if v.starts_with("lb.xdp.rs/") => {
+            return Err(err(
+                object,
+                "kind",
+                format!("{kind:?} is not a kind of {v} (LoadBalancerIPPool, L2AnnouncementPolicy)"),
+            ));
+        }
+        // Kinds of other groups (a Deployment in the same manifest bundle) are skipped, said.
         _ => Parsed::Ignored(format!("{object} ({api_version})")),
     })
 }
@@ -179,6 +188,10 @@ impl ConfigCache {
             let keys: HashSet<u64> = docs.iter().map(|(k, _)| *k).collect();
             self.docs.retain(|k, _| keys.contains(k));
         }
+        if errors.is_empty() {
+            // The same object twice: which one would win is not the file's to leave open.
+            errors.extend(objects.duplicates());
+        }
         if errors.is_empty() && !declared_empty && objects.is_empty() {
             // An empty or cut-off file would delete every Service: refused.
             errors.push(err(
@@ -210,6 +223,44 @@ impl Objects {
                 }
             }
         }
+    }
+
+    /// Objects given twice (same kind, namespace and name).
+    fn duplicates(&self) -> Vec<ConfigError> {
+        fn twice<'a>(
+            kind: &str,
+            names: impl Iterator<Item = (&'a ObjectMeta, bool)>,
+        ) -> Vec<ConfigError> {
+            let mut seen = HashSet::new();
+            let mut out = Vec::new();
+            for (meta, namespaced) in names {
+                let name = meta.name.as_deref().unwrap_or("");
+                let object = if namespaced {
+                    let ns = meta.namespace.as_deref().unwrap_or("default");
+                    format!("{kind} {ns}/{name}")
+                } else {
+                    format!("{kind} {name}")
+                };
+                if !seen.insert(object.clone()) {
+                    out.push(err(object, "metadata.name", "given twice in the file"));
+                }
+            }
+            out
+        }
+        let mut out = twice("Service", self.services.iter().map(|s| (&s.metadata, true)));
+        out.extend(twice(
+            "EndpointSlice",
+            self.endpoint_slices.iter().map(|s| (&s.metadata, true)),
+        ));
+        out.extend(twice(
+            "LoadBalancerIPPool",
+            self.pools.iter().map(|(_, p)| (&p.metadata, false)),
+        ));
+        out.extend(twice(
+            "L2AnnouncementPolicy",
+            self.l2_policies.iter().map(|(_, p)| (&p.metadata, false)),
+        ));
+        out
     }
 
     /// No object at all, not even one of a kind we ignore.
