@@ -77,6 +77,10 @@ fn clusterip_tcp_and_udp_are_balanced_and_reverse_natted() {
         tcp_service["backends"],
         serde_json::json!(["10.0.1.2:8080", "10.0.2.2:8080", "10.0.3.2:8080"])
     );
+    // -o yaml: the same document.
+    let yaml: serde_json::Value =
+        serde_yaml_ng::from_str(&topo.lbctl(&["services", "-o", "yaml"]).unwrap()).unwrap();
+    assert_eq!(yaml, services);
 }
 
 #[test]

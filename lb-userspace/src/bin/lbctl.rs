@@ -37,6 +37,20 @@ struct Args {
 enum Output {
     Table,
     Json,
+    /// The JSON document as YAML.
+    Yaml,
+}
+
+/// `-o`, for [`emit`].
+static FORMAT: std::sync::OnceLock<Output> = std::sync::OnceLock::new();
+
+/// Prints a structured result in the `-o` format asked for (json, or yaml).
+fn emit(value: &impl serde::Serialize) -> Result<()> {
+    match FORMAT.get() {
+        Some(Output::Yaml) => print!("{}", serde_yaml_ng::to_string(value)?),
+        _ => println!("{}", serde_json::to_string_pretty(value)?),
+    }
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -95,6 +109,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let _ = FORMAT.set(args.output);
     match &args.command {
         Command::Pools => return pools(&args),
         Command::Interfaces => return interfaces(&args),
@@ -118,7 +133,7 @@ fn main() -> Result<()> {
         _ => {}
     }
     let maps = PinnedMaps::open(&args.bpffs, false)?;
-    let json_out = args.output == Output::Json;
+    let json_out = args.output != Output::Table;
     match &args.command {
         Command::Services => services(&maps, json_out),
         Command::Backends => backends(&maps, json_out),
@@ -156,7 +171,7 @@ fn services(maps: &PinnedMaps, json_out: bool) -> Result<()> {
         }));
     }
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        emit(&out)?;
     } else {
         let rows: Vec<Vec<String>> = out
             .iter()
@@ -195,7 +210,7 @@ fn backends(maps: &PinnedMaps, json_out: bool) -> Result<()> {
         );
     }
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        emit(&out)?;
     } else {
         let rows: Vec<Vec<String>> = out
             .iter()
@@ -256,7 +271,7 @@ fn conntrack(maps: &PinnedMaps, json_out: bool) -> Result<()> {
         }
     }
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        emit(&out)?;
     } else {
         let rows: Vec<Vec<String>> = out
             .iter()
@@ -335,7 +350,7 @@ fn stats(maps: &PinnedMaps, json_out: bool) -> Result<()> {
             "refused_table_full": ct.nat_full},
         "socket_revnat": {"entries": sockets, "capacity": sockets_capacity}});
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        emit(&out)?;
     } else {
         let rows: Vec<Vec<String>> = fe_out
             .iter()
@@ -417,11 +432,8 @@ fn maglev(maps: &PinnedMaps, args: &Args, json_out: bool, frontend: &str) -> Res
     .and_then(|mut all| all.remove(&service))
     .unwrap_or_default();
     if json_out {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"frontend": frontend_name(&key),
-                "service": service, "table_size": m, "backends": out, "rewrites": rewrites}))?
-        );
+        emit(&json!({"frontend": frontend_name(&key),
+                "service": service, "table_size": m, "backends": out, "rewrites": rewrites}))?;
     } else {
         println!("frontend {} (M = {m})", frontend_name(&key));
         print_table(&["BACKEND", "ID", "SLOTS", "SHARE"], &rows);
@@ -484,7 +496,7 @@ fn arp(maps: &PinnedMaps, args: &Args, json_out: bool) -> Result<()> {
         )
     });
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        emit(&out)?;
     } else {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
@@ -551,11 +563,8 @@ fn interfaces(args: &Args) -> Result<()> {
         "path": hooked.cgroup,
         "hooks_pinned": sockets,
     });
-    if args.output == Output::Json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"interfaces": out, "cgroup": cgroup}))?
-        );
+    if args.output != Output::Table {
+        emit(&json!({"interfaces": out, "cgroup": cgroup}))?;
         return Ok(());
     }
     let cell = |v: &Value| match v {
@@ -587,13 +596,8 @@ fn interfaces(args: &Args) -> Result<()> {
 
 fn pools(args: &Args) -> Result<()> {
     let status = Status::read(&args.state_dir)?;
-    if args.output == Output::Json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &json!({"pools": status.pools, "services": status.load_balancers})
-            )?
-        );
+    if args.output != Output::Table {
+        emit(&json!({"pools": status.pools, "services": status.load_balancers}))?;
         return Ok(());
     }
     let rows: Vec<Vec<String>> = status
@@ -653,7 +657,7 @@ fn status(args: &Args) -> Result<()> {
         }
         Err(_) => (Vec::new(), Vec::new()),
     };
-    if args.output == Output::Json {
+    if args.output != Output::Table {
         let out = json!({
             "agent": agent.as_ref().map(|a| json!({"running": running, "state": a})),
             "programs": programs.iter().map(|(n, id)| json!({"name": n, "id": id})).collect::<Vec<_>>(),
@@ -664,7 +668,7 @@ fn status(args: &Args) -> Result<()> {
             "maps": fill,
             "maps_error": maps.as_ref().err().map(|e| format!("{e:#}")),
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        emit(&out)?;
         return Ok(());
     }
     match &agent {
@@ -855,15 +859,12 @@ fn diff(args: &Args, file: &std::path::Path) -> Result<bool> {
         && changed.is_empty()
         && arp_added.is_empty()
         && arp_removed.is_empty());
-    if args.output == Output::Json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "changes": any,
-                "frontends": {"added": added, "removed": removed, "changed": changed},
-                "announcements": {"added": arp_added, "removed": arp_removed},
-            }))?
-        );
+    if args.output != Output::Table {
+        emit(&json!({
+            "changes": any,
+            "frontends": {"added": added, "removed": removed, "changed": changed},
+            "announcements": {"added": arp_added, "removed": arp_removed},
+        }))?;
         return Ok(any);
     }
     let list = |v: &Value| -> String {
