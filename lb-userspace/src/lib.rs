@@ -7,6 +7,7 @@
 pub mod agentstate;
 pub mod attach;
 pub mod blocks;
+pub mod caps;
 pub mod config;
 pub mod crd;
 pub mod datapath;

@@ -92,6 +92,8 @@ pub struct Topology {
     pub dir: PathBuf,
     servers: Vec<Child>,
     agent: Option<Child>,
+    /// Run before lb-agent inside the node namespace (e.g. setpriv limiting its capabilities).
+    pub agent_prefix: Vec<String>,
 }
 
 impl Topology {
@@ -114,6 +116,7 @@ impl Topology {
             dir,
             servers: Vec::new(),
             agent: None,
+            agent_prefix: Vec::new(),
         };
         topo.build()?;
         Ok(topo)
@@ -290,6 +293,7 @@ impl Topology {
         lb_userspace::datapath::ensure_bpffs(&self.bpffs())?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.node])
+            .args(&self.agent_prefix)
             .arg(sibling_binary("lb-agent"));
         if !extra.contains(&"--kubernetes") {
             cmd.arg("--config").arg(self.config_path());
@@ -404,6 +408,11 @@ impl Topology {
     }
 
     /// Stops the agent with SIGTERM and waits for it.
+    /// The running agent's process id.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
     pub fn stop_agent(&mut self) -> Result<()> {
         if let Some(mut agent) = self.agent.take() {
             // SAFETY: signalling our own child.

@@ -752,6 +752,19 @@ async fn main() -> Result<()> {
         print!("{}", lb_userspace::crd::crds_yaml()?);
         return Ok(());
     }
+    let cgroup = match &args.cgroup {
+        Some(dir) if dir.as_os_str() == "none" => None,
+        Some(dir) => Some(dir.clone()),
+        None => Some(datapath::cgroup2_root()?),
+    };
+    {
+        use lb_userspace::caps;
+        let mut needs = vec![&caps::BPF, &caps::NET_ADMIN, &caps::PERFMON, &caps::NET_RAW];
+        if cgroup.is_some() {
+            needs.push(&caps::SYS_ADMIN);
+        }
+        caps::require(caps::effective()?, &needs)?;
+    }
     let (local_range, reserved) = lb_userspace::uplinks::local_ports()?;
     lb_userspace::uplinks::check_port_range(args.snat_port_range, local_range, &reserved)?;
     let opts = Options {
@@ -784,11 +797,6 @@ async fn main() -> Result<()> {
             udp_stream: args.ct_timeout_udp_stream,
             _pad: 0,
         },
-    };
-    let cgroup = match &args.cgroup {
-        Some(dir) if dir.as_os_str() == "none" => None,
-        Some(dir) => Some(dir.clone()),
-        None => Some(datapath::cgroup2_root()?),
     };
     let selector = Selector::new(args.interfaces.clone(), args.interface_regex.as_deref())?;
     let interfaces = selector.present();
