@@ -25,6 +25,11 @@ fn lab(mode: u8) -> XdpLab {
     let mut lab = XdpLab::new(opts).expect("lab");
     lab.apply_yaml(&service("echo", VIP, &[BACKEND]))
         .expect("config");
+    with_uplinks(lab)
+}
+
+/// Both lab interfaces are uplinks.
+fn with_uplinks(mut lab: XdpLab) -> XdpLab {
     let uplinks = BTreeMap::from([
         (lab.client_ifindex, Ipv4Addr::new(10, 0, 0, 254)),
         (lab.backend_ifindex, BK_ADDR),
@@ -127,14 +132,5 @@ fn lab_backend_node() -> XdpLab {
     let mut lab = XdpLab::new(lab_options(lb_common::CtTimeouts::DEFAULT)).expect("lab");
     lab.apply_yaml(&service("other", Ipv4Addr::new(10, 96, 0, 99), &[BACKEND]))
         .expect("config");
-    let uplinks = BTreeMap::from([
-        (lab.client_ifindex, Ipv4Addr::new(10, 0, 0, 254)),
-        (lab.backend_ifindex, BK_ADDR),
-    ]);
-    lab.maps
-        .as_mut()
-        .expect("maps")
-        .set_uplinks(&uplinks)
-        .expect("uplinks");
-    lab
+    with_uplinks(lab)
 }
