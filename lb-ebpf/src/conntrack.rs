@@ -84,7 +84,7 @@ pub fn lookup(flow: &Flow, now: u64) -> Hit {
     let key = key(flow);
     let (entry, nat) = match LB_CONNTRACK.get_ptr_mut(&key) {
         Some(e) => (e, false),
-        None => match snat::lookup(flow, &key) {
+        None => match snat::lookup(&key) {
             Some(e) => (e, true),
             None => return Hit::Miss,
         },

@@ -38,28 +38,28 @@ fn config() -> NatConfig {
     unsafe { core::ptr::read_volatile(&NAT_CONFIG) }
 }
 
-/// The LB_NAT entry of a reply (backend → node address and NAT port), if `flow` is one. Only
-/// destination ports in the NAT range are looked up.
+/// Could `key` be a reply tuple of a SNATed flow (its destination port in the NAT range)?
+/// Only those are looked up in LB_NAT.
 #[inline(always)]
-pub fn lookup(flow: &Flow, key: &CtKey) -> Option<*mut CtEntry> {
+fn nat_reply(key: &CtKey) -> bool {
     let c = config();
-    let port = u16::from_be(flow.dst_port);
-    if port < c.port_min || port > c.port_max {
+    let port = u16::from_be(key.dst_port);
+    port >= c.port_min && port <= c.port_max
+}
+
+/// The LB_NAT entry of a reply tuple (backend → node address and NAT port), if it is one.
+#[inline(always)]
+pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
+    if !nat_reply(key) {
         return None;
     }
     LB_NAT.get_ptr_mut(key)
 }
 
-/// The LB_NAT entry under `key` (a reply tuple: backend → node address and NAT port), for ICMP
-/// errors about a SNATed flow.
+/// [`lookup`]'s entry, copied: for ICMP errors about a SNATed flow.
 #[inline(always)]
 pub fn get(key: &CtKey) -> Option<CtEntry> {
-    let c = config();
-    let port = u16::from_be(key.dst_port);
-    if port < c.port_min || port > c.port_max {
-        return None;
-    }
-    unsafe { LB_NAT.get(key) }.copied()
+    lookup(key).map(|e| unsafe { *e })
 }
 
 /// How a new flow leaves: with `snat_addr` as source (0: the client's own), or by DSR.

@@ -133,14 +133,14 @@ fn main() -> Result<()> {
         _ => {}
     }
     let maps = PinnedMaps::open(&args.bpffs, false)?;
-    let json_out = args.output != Output::Table;
+    let structured = args.output != Output::Table;
     match &args.command {
-        Command::Services => services(&maps, json_out),
-        Command::Backends => backends(&maps, json_out),
-        Command::Conntrack => conntrack(&maps, json_out),
-        Command::Stats => stats(&maps, json_out),
-        Command::Maglev { frontend } => maglev(&maps, &args, json_out, frontend),
-        Command::Arp => arp(&maps, &args, json_out),
+        Command::Services => services(&maps, structured),
+        Command::Backends => backends(&maps, structured),
+        Command::Conntrack => conntrack(&maps, structured),
+        Command::Stats => stats(&maps, structured),
+        Command::Maglev { frontend } => maglev(&maps, &args, structured, frontend),
+        Command::Arp => arp(&maps, &args, structured),
         Command::Pools
         | Command::Interfaces
         | Command::Status
@@ -152,7 +152,7 @@ fn main() -> Result<()> {
 }
 
 /// Frontends with their service and backends.
-fn services(maps: &PinnedMaps, json_out: bool) -> Result<()> {
+fn services(maps: &PinnedMaps, structured: bool) -> Result<()> {
     let names = service_names(maps)?;
     let mut out = Vec::new();
     for (key, fe) in frontends(maps)? {
@@ -170,7 +170,7 @@ fn services(maps: &PinnedMaps, json_out: bool) -> Result<()> {
             "backends": backends,
         }));
     }
-    if json_out {
+    if structured {
         emit(&out)?;
     } else {
         let rows: Vec<Vec<String>> = out
@@ -196,7 +196,7 @@ fn services(maps: &PinnedMaps, json_out: bool) -> Result<()> {
 }
 
 /// Backends with state and counters.
-fn backends(maps: &PinnedMaps, json_out: bool) -> Result<()> {
+fn backends(maps: &PinnedMaps, structured: bool) -> Result<()> {
     let mut out = Vec::new();
     for (id, b, c) in backends_in_use(maps)? {
         let state = if b.state == backend_state::ACTIVE {
@@ -209,7 +209,7 @@ fn backends(maps: &PinnedMaps, json_out: bool) -> Result<()> {
             "state": state, "packets": c.packets, "bytes": c.bytes}),
         );
     }
-    if json_out {
+    if structured {
         emit(&out)?;
     } else {
         let rows: Vec<Vec<String>> = out
@@ -230,7 +230,7 @@ fn backends(maps: &PinnedMaps, json_out: bool) -> Result<()> {
 }
 
 /// Conntrack entries.
-fn conntrack(maps: &PinnedMaps, json_out: bool) -> Result<()> {
+fn conntrack(maps: &PinnedMaps, structured: bool) -> Result<()> {
     use lb_common::ct_flags;
     let now = monotonic_ns();
     let mut out = Vec::new();
@@ -270,7 +270,7 @@ fn conntrack(maps: &PinnedMaps, json_out: bool) -> Result<()> {
             }));
         }
     }
-    if json_out {
+    if structured {
         emit(&out)?;
     } else {
         let rows: Vec<Vec<String>> = out
@@ -320,7 +320,7 @@ fn conntrack(maps: &PinnedMaps, json_out: bool) -> Result<()> {
 }
 
 /// Counters, conntrack fill and counters, socket reverse translations.
-fn stats(maps: &PinnedMaps, json_out: bool) -> Result<()> {
+fn stats(maps: &PinnedMaps, structured: bool) -> Result<()> {
     let s = inspect::stats(maps)?;
     let fe_out: Vec<Value> = s
         .frontends
@@ -349,7 +349,7 @@ fn stats(maps: &PinnedMaps, json_out: bool) -> Result<()> {
             "allocated": ct.nat_allocated, "refused_no_port": ct.nat_exhausted,
             "refused_table_full": ct.nat_full},
         "socket_revnat": {"entries": sockets, "capacity": sockets_capacity}});
-    if json_out {
+    if structured {
         emit(&out)?;
     } else {
         let rows: Vec<Vec<String>> = fe_out
@@ -401,7 +401,7 @@ fn stats(maps: &PinnedMaps, json_out: bool) -> Result<()> {
 }
 
 /// Slot shares of one frontend's Maglev table.
-fn maglev(maps: &PinnedMaps, args: &Args, json_out: bool, frontend: &str) -> Result<()> {
+fn maglev(maps: &PinnedMaps, args: &Args, structured: bool, frontend: &str) -> Result<()> {
     let key = parse_frontend(frontend)?;
     let fe = maps
         .frontends
@@ -431,7 +431,7 @@ fn maglev(maps: &PinnedMaps, args: &Args, json_out: bool, frontend: &str) -> Res
     >(&args.state_dir, agentstate::MAGLEV_FILE)?
     .and_then(|mut all| all.remove(&service))
     .unwrap_or_default();
-    if json_out {
+    if structured {
         emit(&json!({"frontend": frontend_name(&key),
                 "service": service, "table_size": m, "backends": out, "rewrites": rewrites}))?;
     } else {
@@ -467,7 +467,7 @@ fn maglev(maps: &PinnedMaps, args: &Args, json_out: bool, frontend: &str) -> Res
 }
 
 /// Announced addresses, from LB_ARP and the status file.
-fn arp(maps: &PinnedMaps, args: &Args, json_out: bool) -> Result<()> {
+fn arp(maps: &PinnedMaps, args: &Args, structured: bool) -> Result<()> {
     // Interface names, services and GARP times come from the agent's status file; the
     // map alone still answers (by ifindex) when it is missing.
     let status = Status::read(&args.state_dir).unwrap_or_default();
@@ -495,7 +495,7 @@ fn arp(maps: &PinnedMaps, args: &Args, json_out: bool) -> Result<()> {
             o["interface"].to_string(),
         )
     });
-    if json_out {
+    if structured {
         emit(&out)?;
     } else {
         let now = std::time::SystemTime::now()
