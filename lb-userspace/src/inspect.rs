@@ -206,8 +206,7 @@ pub fn fill(maps: &PinnedMaps) -> Result<Vec<MapFill>> {
     };
     let mut out = Vec::new();
     for name in map_names::ALL {
-        let data = aya::maps::MapData::from_pin(maps.dir.join(name))
-            .with_context(|| format!("opening pinned map {name}"))?;
+        let data = crate::maps::open_pinned(&maps.dir.join(name), false)?;
         let info = data.info()?;
         out.push(MapFill {
             name,

@@ -39,32 +39,36 @@ pub trait Datastore {
     ) -> Result<()>;
 }
 
-/// A shared, writable mapping of the flat Maglev array (created with BPF_F_MMAPABLE): a whole
-/// table is a memory copy instead of M map updates. The kernel lays array elements out 8 bytes
-/// apart whatever their size, so each u32 slot occupies the low half of a u64.
-pub struct MaglevMmap {
-    ptr: NonNull<u64>,
+/// The flat Maglev array (created with BPF_F_MMAPABLE). The agent maps it shared and writable:
+/// a whole table is a memory copy instead of M map updates (the kernel lays array elements out 8
+/// bytes apart whatever their size, so each u32 slot occupies the low half of a u64). A reader
+/// holds a read-only descriptor, which the kernel does not let anyone mmap shared, so it reads a
+/// table with one BPF_MAP_LOOKUP_BATCH instead.
+pub struct MaglevTable {
+    mapping: Option<NonNull<u64>>,
     len: usize,
-    _map: MapData,
+    map: MapData,
 }
 
-impl MaglevMmap {
+impl MaglevTable {
     pub fn open(path: &Path, writable: bool) -> Result<Self> {
-        let map = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
+        let map = open_pinned(path, writable)?;
         let info = map.info().context("reading Maglev map info")?;
         let len = info.max_entries() as usize;
+        if !writable {
+            return Ok(Self {
+                mapping: None,
+                len,
+                map,
+            });
+        }
         let bytes = len * size_of::<u64>();
-        let prot = if writable {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
         // SAFETY: mapping a BPF array map fd of `bytes` bytes; the kernel validates the size.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
-                prot,
+                libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 map.fd().as_fd().as_raw_fd(),
                 0,
@@ -78,9 +82,9 @@ impl MaglevMmap {
             );
         }
         Ok(Self {
-            ptr: NonNull::new(ptr.cast()).expect("mmap returned null"),
+            mapping: Some(NonNull::new(ptr.cast()).expect("mmap returned null")),
             len,
-            _map: map,
+            map,
         })
     }
 
@@ -96,13 +100,75 @@ impl MaglevMmap {
         if offset + len > self.len {
             bail!("Maglev read {offset}+{len} beyond {} entries", self.len);
         }
-        // SAFETY: in bounds of the live mapping; u64 element reads of kernel-shared memory.
-        Ok((0..len)
-            .map(|i| unsafe { self.ptr.as_ptr().add(offset + i).read_volatile() } as u32)
-            .collect())
+        match self.mapping {
+            // SAFETY: in bounds of the live mapping; u64 element reads of kernel-shared memory.
+            Some(ptr) => Ok((0..len)
+                .map(|i| unsafe { ptr.as_ptr().add(offset + i).read_volatile() } as u32)
+                .collect()),
+            None => self.lookup_batch(offset, len),
+        }
+    }
+
+    /// Slots `offset..offset + len` by BPF_MAP_LOOKUP_BATCH (an array's batch token is its index).
+    fn lookup_batch(&self, offset: usize, len: usize) -> Result<Vec<u32>> {
+        const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+        #[repr(C)]
+        struct Batch {
+            in_batch: u64,
+            out_batch: u64,
+            keys: u64,
+            values: u64,
+            count: u32,
+            map_fd: u32,
+            elem_flags: u64,
+            flags: u64,
+        }
+        let mut values = vec![0u32; len];
+        let mut keys = vec![0u32; len];
+        let mut done = 0;
+        while done < len {
+            // The batch starts after the key `in_batch` names (none: at 0).
+            let previous = ((offset + done) as u32).wrapping_sub(1);
+            let mut next = 0u32;
+            let mut attr = Batch {
+                in_batch: if offset + done == 0 {
+                    0
+                } else {
+                    &previous as *const u32 as u64
+                },
+                out_batch: &mut next as *mut u32 as u64,
+                keys: keys[done..].as_mut_ptr() as u64,
+                values: values[done..].as_mut_ptr() as u64,
+                count: (len - done) as u32,
+                map_fd: self.map.fd().as_fd().as_raw_fd() as u32,
+                elem_flags: 0,
+                flags: 0,
+            };
+            // SAFETY: the kernel writes at most `count` keys and values into the buffers above.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_LOOKUP_BATCH,
+                    &mut attr as *mut Batch,
+                    size_of::<Batch>() as u32,
+                )
+            };
+            let error = std::io::Error::last_os_error();
+            if r < 0 && error.raw_os_error() != Some(libc::ENOENT) {
+                return Err(error).context("reading the Maglev table (BPF_MAP_LOOKUP_BATCH)");
+            }
+            if attr.count == 0 {
+                bail!("Maglev read stopped at slot {}", offset + done);
+            }
+            done += attr.count as usize;
+        }
+        Ok(values)
     }
 
     pub fn write(&mut self, offset: usize, table: &[u32]) -> Result<()> {
+        let Some(ptr) = self.mapping else {
+            bail!("the Maglev table was opened read-only");
+        };
         if offset + table.len() > self.len {
             bail!(
                 "Maglev write {offset}+{} beyond {} entries",
@@ -112,17 +178,19 @@ impl MaglevMmap {
         }
         // SAFETY: in bounds; the block being written is referenced by no frontend yet.
         for (i, &id) in table.iter().enumerate() {
-            unsafe { self.ptr.as_ptr().add(offset + i).write(u64::from(id)) };
+            unsafe { ptr.as_ptr().add(offset + i).write(u64::from(id)) };
         }
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 }
 
-impl Drop for MaglevMmap {
+impl Drop for MaglevTable {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what open() mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * size_of::<u64>()) };
+        if let Some(ptr) = self.mapping {
+            // SAFETY: unmapping exactly what open() mapped.
+            unsafe { libc::munmap(ptr.as_ptr().cast(), self.len * size_of::<u64>()) };
+        }
     }
 }
 
@@ -131,7 +199,7 @@ pub struct PinnedMaps {
     pub dir: PathBuf,
     pub frontends: HashMap<MapData, FrontendKey, Frontend>,
     pub backends: Array<MapData, Backend>,
-    pub maglev: MaglevMmap,
+    pub maglev: MaglevTable,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub frontend_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
@@ -160,36 +228,81 @@ pub fn source_range_key(service_id: u32, range: (Ipv4Addr, u8)) -> LpmKey<Source
     )
 }
 
-fn open_map(dir: &Path, name: &str) -> Result<Map> {
-    let path = dir.join(name);
-    let data = MapData::from_pin(&path).with_context(|| {
-        format!(
-            "opening pinned map {} (is lb-agent running, or was it run with this --bpffs?)",
-            path.display()
+/// Opens the map pinned at `path`. Unless `writable`, the file descriptor is read-only
+/// (BPF_OBJ_GET with BPF_F_RDONLY): the kernel refuses every update through it, so a reader such
+/// as lbctl cannot change a map even by mistake, and needs only read permission on the pin.
+pub fn open_pinned(path: &Path, writable: bool) -> Result<MapData> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_F_RDONLY: u32 = 1 << 3;
+    /// The BPF_OBJ_GET part of `union bpf_attr`.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("pin path {}", path.display()))?;
+    let attr = ObjGet {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: if writable { 0 } else { BPF_F_RDONLY },
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: BPF_OBJ_GET reads `attr` (a valid, NUL-terminated path) and returns a new fd.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGet,
+            size_of::<ObjGet>() as u32,
         )
-    })?;
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| {
+            format!(
+                "opening pinned map {} (is lb-agent running, or was it run with this --bpffs?)",
+                path.display()
+            )
+        });
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    MapData::from_fd(fd).with_context(|| format!("map {}", path.display()))
+}
+
+fn open_map(dir: &Path, name: &str, writable: bool) -> Result<Map> {
+    let path = dir.join(name);
+    let data = open_pinned(&path, writable)?;
     Map::from_map_data(data).with_context(|| format!("map {}", path.display()))
 }
 
 impl PinnedMaps {
+    /// Opens every map; `writable` false (lbctl, the metrics endpoint) gives read-only
+    /// descriptors the kernel refuses updates through.
     pub fn open(dir: &Path, writable: bool) -> Result<Self> {
+        let m = |name| open_map(dir, name, writable);
         Ok(Self {
             dir: dir.to_path_buf(),
-            frontends: HashMap::try_from(open_map(dir, map_names::FRONTENDS)?)?,
-            backends: Array::try_from(open_map(dir, map_names::BACKENDS)?)?,
-            maglev: MaglevMmap::open(&dir.join(map_names::MAGLEV), writable)?,
-            conntrack: HashMap::try_from(open_map(dir, map_names::CONNTRACK)?)?,
-            frontend_stats: PerCpuArray::try_from(open_map(dir, map_names::FRONTEND_STATS)?)?,
-            backend_stats: PerCpuArray::try_from(open_map(dir, map_names::BACKEND_STATS)?)?,
-            service_names: HashMap::try_from(open_map(dir, map_names::SERVICE_NAMES)?)?,
-            arp: HashMap::try_from(open_map(dir, map_names::ARP)?)?,
-            affinity: HashMap::try_from(open_map(dir, map_names::AFFINITY)?)?,
-            source_ranges: LpmTrie::try_from(open_map(dir, map_names::SOURCE_RANGES)?)?,
-            sock_revnat: HashMap::try_from(open_map(dir, map_names::SOCK_REVNAT)?)?,
-            ct_stats: PerCpuArray::try_from(open_map(dir, map_names::CT_STATS)?)?,
-            announce: Array::try_from(open_map(dir, map_names::ANNOUNCE)?)?,
-            nat: HashMap::try_from(open_map(dir, map_names::NAT)?)?,
-            uplinks: HashMap::try_from(open_map(dir, map_names::UPLINKS)?)?,
+            frontends: HashMap::try_from(m(map_names::FRONTENDS)?)?,
+            backends: Array::try_from(m(map_names::BACKENDS)?)?,
+            maglev: MaglevTable::open(&dir.join(map_names::MAGLEV), writable)?,
+            conntrack: HashMap::try_from(m(map_names::CONNTRACK)?)?,
+            frontend_stats: PerCpuArray::try_from(m(map_names::FRONTEND_STATS)?)?,
+            backend_stats: PerCpuArray::try_from(m(map_names::BACKEND_STATS)?)?,
+            service_names: HashMap::try_from(m(map_names::SERVICE_NAMES)?)?,
+            arp: HashMap::try_from(m(map_names::ARP)?)?,
+            affinity: HashMap::try_from(m(map_names::AFFINITY)?)?,
+            source_ranges: LpmTrie::try_from(m(map_names::SOURCE_RANGES)?)?,
+            sock_revnat: HashMap::try_from(m(map_names::SOCK_REVNAT)?)?,
+            ct_stats: PerCpuArray::try_from(m(map_names::CT_STATS)?)?,
+            announce: Array::try_from(m(map_names::ANNOUNCE)?)?,
+            nat: HashMap::try_from(m(map_names::NAT)?)?,
+            uplinks: HashMap::try_from(m(map_names::UPLINKS)?)?,
         })
     }
 
@@ -323,7 +436,7 @@ impl PinnedMaps {
 impl PinnedMaps {
     /// max_entries of pinned map `name`.
     pub fn capacity(&self, name: &str) -> Result<u32> {
-        let data = MapData::from_pin(self.dir.join(name))?;
+        let data = open_pinned(&self.dir.join(name), false)?;
         Ok(data.info()?.max_entries())
     }
 }
@@ -524,6 +637,7 @@ impl AnnounceDeadline {
         Ok(Self(std::sync::Mutex::new(Array::try_from(open_map(
             dir,
             map_names::ANNOUNCE,
+            true,
         )?)?)))
     }
 

@@ -85,3 +85,127 @@ fn a_missing_capability_is_named() {
         }
     }
 }
+
+/// lbctl opens the pinned maps read-only: it reads every map with no write permission on the
+/// pins (mode 0444, CAP_DAC_OVERRIDE dropped) and the kernel refuses updates through its
+/// descriptors.
+#[test]
+fn lbctl_opens_the_maps_read_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut topo = Topology::new(1).unwrap();
+    topo.write_config(&Topology::service_yaml(&[1])).unwrap();
+    topo.start_agent(&[]).unwrap();
+    topo.client(|| {
+        Conversation::open(SocketAddr::from((CLUSTER_IP, TCP_PORT)))
+            .and_then(|mut c| c.ask())
+            .unwrap()
+    });
+    let pins: Vec<_> = std::fs::read_dir(topo.bpffs())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("LB_"))
+        .collect();
+    assert!(pins.len() >= 10, "{pins:?}");
+    let modes: Vec<_> = pins
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().permissions())
+        .collect();
+    for p in &pins {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o444)).unwrap();
+    }
+
+    // The writable open a reader must not do fails here; the read-only one works.
+    let map = pins
+        .iter()
+        .find(|p| p.ends_with(lb_common::map_names::FRONTENDS))
+        .unwrap()
+        .clone();
+    let (writable, read_only) = std::thread::spawn(move || {
+        drop_dac_override();
+        (
+            aya::maps::MapData::from_pin(&map).map(|_| ()),
+            lb_userspace::maps::open_pinned(&map, false).map(|_| ()),
+        )
+    })
+    .join()
+    .unwrap();
+    assert!(writable.is_err(), "the pin is not protected: {writable:?}");
+    read_only.unwrap();
+
+    let lbctl = lb_tests::sibling_binary("lbctl");
+    for args in [
+        &["services"][..],
+        &["stats", "-o", "json"],
+        &["conntrack"],
+        &["maglev", &format!("{CLUSTER_IP}:{TCP_PORT}/tcp")],
+        &["arp"],
+    ] {
+        let out = std::process::Command::new("setpriv")
+            .args(["--bounding-set", "-all,+bpf,+perfmon", "--"])
+            .arg(&lbctl)
+            .arg("--bpffs")
+            .arg(topo.bpffs())
+            .arg("--state-dir")
+            .arg(topo.state_dir())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lbctl {args:?} without write permission: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for (p, mode) in pins.iter().zip(modes) {
+        std::fs::set_permissions(p, mode).unwrap();
+    }
+
+    // Updates through a read-only descriptor are refused by the kernel.
+    let maps = lb_userspace::maps::PinnedMaps::open(&topo.bpffs(), false).unwrap();
+    let mut frontends = maps.frontends;
+    // A read-only reader sees the same Maglev slots as the agent's shared mapping.
+    let writable = lb_userspace::maps::PinnedMaps::open(&topo.bpffs(), true).unwrap();
+    for (offset, len) in [(0, 70_000), (1, 1000), (65_536, 3)] {
+        assert_eq!(
+            maps.maglev.read(offset, len).unwrap(),
+            writable.maglev.read(offset, len).unwrap(),
+            "slots {offset}+{len}"
+        );
+    }
+    assert!(maps.maglev.read(0, 70_000).unwrap().iter().any(|&b| b != 0));
+    let (key, value) = frontends.iter().next().unwrap().unwrap();
+    let e = frontends.insert(key, value, 0).unwrap_err();
+    println!("insert through a read-only fd: {e}");
+    drop(topo.stop_agent());
+}
+
+/// Drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from this thread's effective set (capset is
+/// per thread), so file modes apply to it as to any user.
+fn drop_dac_override() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget/capset with a version-3 header and two data words, this thread only.
+    unsafe {
+        assert_eq!(
+            libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+            0
+        );
+        data[0].effective &= !((1 << 1) | (1 << 2));
+        assert_eq!(libc::syscall(libc::SYS_capset, &header, data.as_ptr()), 0);
+    }
+}
