@@ -18,7 +18,8 @@ use aya_ebpf::{
     helpers::{
         bpf_csum_level, bpf_fib_lookup as fib_lookup, bpf_l3_csum_replace, bpf_l4_csum_replace,
         bpf_redirect, bpf_redirect_neigh, bpf_skb_adjust_room, bpf_skb_change_tail,
-        bpf_skb_pull_data, bpf_skb_store_bytes, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_skb_load_bytes, bpf_skb_pull_data, bpf_skb_store_bytes, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
     },
     programs::{TcContext, XdpContext},
 };
@@ -91,6 +92,16 @@ pub trait Packet: EbpfContext {
 
     /// After the program wrote a complete L4 checksum itself: make sure nothing finishes it again.
     fn checksum_complete(&self);
+
+    /// Copies `len` (1..=`N`) bytes at `offset` into `buf` with a helper: unlike a direct
+    /// read, it teaches the verifier nothing about the packet's length, so a variable-length
+    /// read does not split every later path in as many states.
+    fn load_bytes<const N: usize>(
+        &self,
+        offset: usize,
+        buf: &mut [u8; N],
+        len: usize,
+    ) -> Result<(), ()>;
 
     fn fib(&self, params: &mut bpf_fib_lookup) -> i64 {
         unsafe { fib_lookup(self.as_ptr(), params, size_of::<bpf_fib_lookup>() as i32, 0) }
@@ -241,6 +252,22 @@ impl Packet for XdpContext {
 
     #[inline(always)]
     fn checksum_complete(&self) {}
+
+    #[inline(always)]
+    fn load_bytes<const N: usize>(
+        &self,
+        offset: usize,
+        buf: &mut [u8; N],
+        len: usize,
+    ) -> Result<(), ()> {
+        if len == 0 || len > N {
+            return Err(());
+        }
+        let r = unsafe {
+            bpf_xdp_load_bytes(self.ctx, offset as u32, buf.as_mut_ptr().cast(), len as u32)
+        };
+        if r == 0 { Ok(()) } else { Err(()) }
+    }
 
     #[inline(always)]
     fn open_after_ip_header(&self) -> Result<(), ()> {
@@ -413,6 +440,27 @@ impl Packet for TcContext {
     #[inline(always)]
     fn checksum_complete(&self) {
         unsafe { bpf_csum_level(self.skb.skb, BPF_CSUM_LEVEL_RESET as u64) };
+    }
+
+    #[inline(always)]
+    fn load_bytes<const N: usize>(
+        &self,
+        offset: usize,
+        buf: &mut [u8; N],
+        len: usize,
+    ) -> Result<(), ()> {
+        if len == 0 || len > N {
+            return Err(());
+        }
+        let r = unsafe {
+            bpf_skb_load_bytes(
+                self.skb.skb as *const _,
+                offset as u32,
+                buf.as_mut_ptr().cast(),
+                len as u32,
+            )
+        };
+        if r == 0 { Ok(()) } else { Err(()) }
     }
 
     #[inline(always)]

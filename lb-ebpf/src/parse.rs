@@ -8,6 +8,7 @@ use crate::{
     icmp::IPPROTO_ICMP,
     maps::LB_FRAGMENTS,
     packet::{Packet, ptr_at},
+    reject::{fold, sum_words},
 };
 
 pub const ETH_P_IP: u16 = 0x0800;
@@ -50,6 +51,21 @@ pub enum Parsed {
     Other,
 }
 
+/// Does the IPv4 header of `ihl` bytes at `l3` sum to 0xffff?
+#[inline(always)]
+fn header_checksum_ok<P: Packet>(ctx: &P, l3: usize, ihl: usize) -> Result<bool, ()> {
+    let fixed: *const [u8; Ipv4Hdr::LEN] = ptr_at(ctx, l3)?;
+    let mut sum = sum_words(unsafe { &*fixed }, 0);
+    if ihl > Ipv4Hdr::LEN {
+        // Options: copied (a direct read of a variable length would fork the verifier's
+        // states for the rest of the program); the bytes not copied stay 0 and add nothing.
+        let mut options = [0u8; 40];
+        ctx.load_bytes(l3 + Ipv4Hdr::LEN, &mut options, ihl - Ipv4Hdr::LEN)?;
+        sum = sum_words(&options, sum);
+    }
+    Ok(fold(sum) == 0)
+}
+
 /// Reads the Ethernet type, then the IPv4 and L4 headers. Err when a header is cut short.
 #[inline(always)]
 pub fn parse<P: Packet>(ctx: &P) -> Result<Parsed, ()> {
@@ -70,13 +86,36 @@ pub fn parse<P: Packet>(ctx: &P) -> Result<Parsed, ()> {
     if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
         return Ok(Parsed::Other);
     }
+    // A packet cut short of its total length (or claiming less than its header) is the
+    // kernel's to count and drop; it is never translated. Trailing padding is fine. A total
+    // length of 0 is IPv4 BIG TCP's mark on a GSO packet over 64 KiB.
+    let tot_len = u16::from_be_bytes(unsafe { (*ip).tot_len }) as u64;
+    let big_tcp = tot_len == 0 && ctx.len() > (l3 + 65_535) as u64;
+    if !big_tcp && (tot_len < ihl as u64 || l3 as u64 + tot_len > ctx.len()) {
+        return Ok(Parsed::Other);
+    }
     let l4 = l3 + ihl;
     let proto = unsafe { (*ip).proto };
     let frags = u16::from_be_bytes(unsafe { (*ip).frags });
+    // The L4 header a first fragment must hold, inside the total length (not in a trailer).
+    let l4_header = match proto {
+        IPPROTO_TCP => TcpHdr::LEN,
+        IPPROTO_UDP => UdpHdr::LEN,
+        IPPROTO_ICMP => 8,
+        _ => return Ok(Parsed::Other),
+    };
+    if !big_tcp && frags & 0x1fff == 0 && tot_len < (ihl + l4_header) as u64 {
+        return Ok(Parsed::Other);
+    }
+    // A header whose checksum is wrong cannot be trusted, so it is not forwarded (RFC 1812
+    // 5.2.2): the kernel drops and counts it (InCsumErrors).
+    if !header_checksum_ok(ctx, l3, ihl)? {
+        return Ok(Parsed::Other);
+    }
     if proto == IPPROTO_ICMP && frags & 0x3fff == 0 {
         return Ok(Parsed::Icmp(l3));
     }
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    if proto == IPPROTO_ICMP {
         return Ok(Parsed::Other);
     }
     let (src_addr, dst_addr) = unsafe {
