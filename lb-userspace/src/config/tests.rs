@@ -478,3 +478,127 @@ fn an_empty_file_is_refused_and_a_list_says_none_on_purpose() {
     let e = load_str("apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: x}\n  spec: {ports: [{port: 0}]}\n").unwrap_err();
     assert!(e.to_string().contains("spec.ports[0].port"), "{e}");
 }
+
+/// A config of `services` (each: its ports as (port, target, udp), its endpoint count), in the
+/// shape `kubectl get -o yaml` gives.
+fn generated(services: &[(Vec<(u16, u16, bool)>, usize)]) -> String {
+    let mut out = String::new();
+    for (i, (ports, endpoints)) in services.iter().enumerate() {
+        let proto = |udp: bool| if udp { "UDP" } else { "TCP" };
+        out += &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: ns}}\nspec:\n  clusterIP: 10.96.{}.{}\n  ports:\n",
+            i / 250,
+            i % 250 + 1
+        );
+        for (j, (port, target, udp)) in ports.iter().enumerate() {
+            out += &format!(
+                "  - {{name: p{j}, port: {port}, targetPort: {target}, protocol: {}}}\n",
+                proto(*udp)
+            );
+        }
+        out += &format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-x\n  namespace: ns\n  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports:\n"
+        );
+        for (j, (_, target, udp)) in ports.iter().enumerate() {
+            out += &format!(
+                "- {{name: p{j}, port: {target}, protocol: {}}}\n",
+                proto(*udp)
+            );
+        }
+        out += "endpoints:\n";
+        for e in 0..*endpoints {
+            out += &format!(
+                "- addresses: [\"10.1.{i}.{}\"]\n  conditions: {{ready: true}}\n",
+                e + 1
+            );
+        }
+        if *endpoints == 0 {
+            out.truncate(out.len() - "endpoints:\n".len());
+            out += "endpoints: []\n";
+        }
+        out += "---\n";
+    }
+    out
+}
+
+/// Distinct (port, protocol) pairs per service: two ports of one Service may not share both.
+fn distinct_ports() -> impl proptest::strategy::Strategy<Value = Vec<(u16, u16, bool)>> {
+    use proptest::prelude::*;
+    proptest::collection::btree_map((1u16.., any::<bool>()), 1u16.., 1..4)
+        .prop_map(|m| m.into_iter().map(|((p, udp), t)| (p, t, udp)).collect())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Generated valid configs load to exactly the Services, frontends and backends they say.
+    #[test]
+    fn generated_configs_load_exactly(
+        services in proptest::collection::vec((distinct_ports(), 0usize..6), 1..25)
+    ) {
+        let text = generated(&services);
+        let (desired, _) = load_str(&text).map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{e}\n{text}")))?;
+        let expected: usize = services.iter().map(|(p, _)| p.len()).sum();
+        proptest::prop_assert_eq!(desired.services.len(), expected);
+        for (i, (ports, endpoints)) in services.iter().enumerate() {
+            for (j, (port, target, udp)) in ports.iter().enumerate() {
+                let s = &desired.services[&format!("ns/s{i}:p{j}")];
+                proptest::prop_assert_eq!(s.frontends.len(), 1);
+                let fe = s.frontends[0].endpoint;
+                proptest::prop_assert_eq!(fe.port, *port);
+                proptest::prop_assert_eq!(fe.proto == crate::model::Protocol::Udp, *udp);
+                proptest::prop_assert_eq!(s.backends.len(), *endpoints);
+                proptest::prop_assert!(s.backends.iter().all(|b| b.endpoint.port == *target));
+            }
+        }
+    }
+
+    /// Whatever a file holds after random damage (bytes cut, inserted or replaced, lines
+    /// dropped or repeated, a cut anywhere), the parser returns, never panics; an error says
+    /// something; a success never holds a frontend twice or a backend without a port.
+    #[test]
+    fn damaged_configs_never_panic(
+        edits in proptest::collection::vec((0usize..4, proptest::num::usize::ANY, proptest::num::usize::ANY, "[ -~\n\t]{0,6}"), 1..6)
+    ) {
+        let mut text = format!("{GOOD}---\n{}", generated(&[(vec![(80, 8080, false), (53, 53, true)], 3)]));
+        for (kind, a, b, insert) in edits {
+            let at = a % (text.len() + 1);
+            let at = (0..=at).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+            match kind {
+                0 => {
+                    let end = (at + b % 16).min(text.len());
+                    let end = (end..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap();
+                    text.replace_range(at..end, &insert);
+                }
+                1 => text.insert_str(at, &insert),
+                2 => {
+                    let lines: Vec<&str> = text.lines().collect();
+                    let i = b % lines.len().max(1);
+                    let mut l: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
+                    if a % 2 == 0 && !l.is_empty() { l.remove(i.min(l.len() - 1)); } else if !l.is_empty() { let dup = l[i.min(l.len() - 1)].clone(); l.insert(i.min(l.len() - 1), dup); }
+                    text = l.join("\n");
+                }
+                _ => text.truncate(at),
+            }
+        }
+        match load_str(&text) {
+            Err(e) => proptest::prop_assert!(!e.to_string().trim().is_empty()),
+            Ok((desired, _)) => {
+                let mut seen = std::collections::BTreeSet::new();
+                for s in desired.services.values() {
+                    for f in &s.frontends {
+                        proptest::prop_assert!(seen.insert(f.endpoint), "frontend {} twice", f.endpoint);
+                    }
+                    proptest::prop_assert!(s.backends.iter().all(|b| b.endpoint.port != 0));
+                }
+            }
+        }
+    }
+
+    /// Random bytes (lossily UTF-8) never panic the parser.
+    #[test]
+    fn random_text_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+        let text = String::from_utf8_lossy(&bytes);
+        let _ = load_str(&text);
+    }
+}
