@@ -1,8 +1,10 @@
 //! Desired state → map writes, in an order that is safe under traffic:
 //! backends first, then each changed Maglev table into a free block, then the frontends flipped
-//! to it (one atomic hash update each), then stale frontends removed; blocks and ids that were
-//! released go to the back of FIFO free lists, so a packet that looked a frontend up just before
-//! the flip never reads a block that is being rewritten.
+//! to it (one atomic hash update each), then stale frontends removed. A packet that looked a
+//! frontend up just before its flip may still read the old table: released ids go to the back
+//! of FIFO free lists, and a released Maglev block is quarantined for [`BLOCK_GRACE`] before
+//! the allocator may hand it out again. A datapath program runs to completion in microseconds
+//! (softirq, not preemptible), so no packet ever reads a table while it is being rewritten.
 //!
 //! Capacity is checked before the first write: a state that does not fit is rejected whole.
 
@@ -155,8 +157,14 @@ pub struct TableChange {
     pub ideal_fraction: f64,
 }
 
+/// How long a Maglev block no frontend points at any more stays unused: longer, by three orders
+/// of magnitude, than any run of the datapath program that may have read its old frontend.
+pub const BLOCK_GRACE: std::time::Duration = std::time::Duration::from_millis(10);
+
 pub struct Reconciler {
     limits: Limits,
+    /// Blocks released by an apply, with when: free again after [`BLOCK_GRACE`].
+    quarantined: Vec<(std::time::Instant, u32, u32)>,
     services: BTreeMap<String, ServiceState>,
     frontends: BTreeMap<Endpoint, FrontendState>,
     backends: BTreeMap<Endpoint, BackendState>,
@@ -316,11 +324,28 @@ impl Reconciler {
                 .filter(|i| !used_backends.contains(i))
                 .collect(),
             blocks,
+            quarantined: Vec::new(),
             refs: None,
             services,
             frontends,
             backends,
         }
+    }
+
+    /// Returns quarantined blocks to the allocator once their grace is over; `wait`: sleeps
+    /// until it is over for all of them.
+    fn release_blocks(&mut self, wait: bool) {
+        if wait && let Some(youngest) = self.quarantined.iter().map(|q| q.0).max() {
+            std::thread::sleep(BLOCK_GRACE.saturating_sub(youngest.elapsed()));
+        }
+        let blocks = &mut self.blocks;
+        self.quarantined.retain(|&(since, offset, size)| {
+            let over = since.elapsed() >= BLOCK_GRACE;
+            if over {
+                blocks.free(offset, size);
+            }
+            !over
+        });
     }
 
     /// Backend ids in the Maglev tables of services `ids`, by service id: what their ClientIP
@@ -689,7 +714,14 @@ impl Reconciler {
         // Taken while the maps change: a failure half-way leaves the counts unknown.
         let refs = self.refs.take();
         let scope = self.scope(desired, &plan, &removed, refs.as_ref());
-        if let Err(e) = self.check_capacity(desired, &plan, &scope) {
+        self.release_blocks(false);
+        let mut fits = self.check_capacity(desired, &plan, &scope);
+        if fits.is_err() && !self.quarantined.is_empty() {
+            // Space still in quarantine: wait out its grace rather than refuse.
+            self.release_blocks(true);
+            fits = self.check_capacity(desired, &plan, &scope);
+        }
+        if let Err(e) = fits {
             self.refs = refs;
             return Err(e);
         }
@@ -832,9 +864,12 @@ impl Reconciler {
         }
 
         // 6. Blocks no frontend points at any more.
-        for (offset, size) in released_blocks {
-            self.blocks.free(offset, size);
-        }
+        let now = std::time::Instant::now();
+        self.quarantined.extend(
+            released_blocks
+                .into_iter()
+                .map(|(offset, size)| (now, offset, size)),
+        );
         self.refs = Some(match (scope.full, refs) {
             (false, Some(mut all)) => {
                 for (e, r) in scope.refs {
@@ -1050,6 +1085,34 @@ mod tests {
         assert_eq!(offsets, BTreeSet::from([256]), "the next 256-slot block");
         // The removed backend's entry is cleared.
         assert_eq!(store.backends[&3], Backend::default());
+    }
+
+    /// A block released by an apply is not handed out again before [`BLOCK_GRACE`]: a packet
+    /// that read the frontend just before its flip still reads the old, complete table.
+    #[test]
+    fn released_blocks_wait_out_their_grace() {
+        let mut store = store();
+        let mut r = Reconciler::new(LIMITS);
+        let offset = |store: &MemStore| -> BTreeSet<u32> {
+            store.frontends.values().map(|f| f.maglev_offset).collect()
+        };
+        r.apply(&desired(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), &mut store)
+            .unwrap();
+        assert_eq!(offset(&store), BTreeSet::from([0]));
+        r.apply(&desired(&["10.0.0.1", "10.0.0.2"]), &mut store)
+            .unwrap();
+        assert_eq!(offset(&store), BTreeSet::from([256]));
+        // At once: block 0 is still in quarantine, the lowest free one is 512.
+        r.apply(&desired(&["10.0.0.1"]), &mut store).unwrap();
+        assert_eq!(offset(&store), BTreeSet::from([512]));
+        std::thread::sleep(BLOCK_GRACE);
+        r.apply(&desired(&["10.0.0.1", "10.0.0.4"]), &mut store)
+            .unwrap();
+        assert_eq!(
+            offset(&store),
+            BTreeSet::from([0]),
+            "free again after the grace"
+        );
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub struct Topology {
     agent: Option<Child>,
     /// Run before lb-agent inside the node namespace (e.g. setpriv limiting its capabilities).
     pub agent_prefix: Vec<String>,
+    /// The lb-agent binary to start (default: the one built next to the tests).
+    pub agent_binary: Option<PathBuf>,
 }
 
 impl Topology {
@@ -117,6 +119,7 @@ impl Topology {
             servers: Vec::new(),
             agent: None,
             agent_prefix: Vec::new(),
+            agent_binary: None,
         };
         topo.build()?;
         Ok(topo)
@@ -294,7 +297,11 @@ impl Topology {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.node])
             .args(&self.agent_prefix)
-            .arg(sibling_binary("lb-agent"));
+            .arg(
+                self.agent_binary
+                    .clone()
+                    .unwrap_or_else(|| sibling_binary("lb-agent")),
+            );
         if !extra.contains(&"--kubernetes") {
             cmd.arg("--config").arg(self.config_path());
         }
@@ -407,16 +414,25 @@ impl Topology {
             .spawn()?)
     }
 
-    /// Stops the agent with SIGTERM and waits for it.
     /// The running agent's process id.
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(Child::id)
     }
 
+    /// Stops the agent with SIGTERM and waits for it.
     pub fn stop_agent(&mut self) -> Result<()> {
+        self.end_agent(libc::SIGTERM)
+    }
+
+    /// Kills the agent with SIGKILL (no chance to clean up) and waits for it.
+    pub fn kill_agent(&mut self) -> Result<()> {
+        self.end_agent(libc::SIGKILL)
+    }
+
+    fn end_agent(&mut self, signal: i32) -> Result<()> {
         if let Some(mut agent) = self.agent.take() {
             // SAFETY: signalling our own child.
-            unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+            unsafe { libc::kill(agent.id() as i32, signal) };
             agent.wait()?;
         }
         Ok(())
