@@ -34,6 +34,15 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
+    /// The long runs of the reliability tests: fuzzed frames with a fresh random seed per round
+    /// (`cargo xtask test` uses a fixed one) and `frames` per program, then the restart and
+    /// churn tests, `rounds` times.
+    Soak {
+        #[arg(long, default_value_t = 10_000_000)]
+        frames: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
     /// cargo fmt --check.
     FmtCheck,
 }
@@ -241,6 +250,36 @@ fn main() -> Result<()> {
                 cmd.args(["--only", &only]);
             }
             run(&mut cmd)
+        }
+        Task::Soak { frames, rounds } => {
+            if !is_root() {
+                bail!(
+                    "cargo xtask soak loads XDP programs and makes network namespaces: run it as root"
+                );
+            }
+            setup()?;
+            run(cargo().args(["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"]))?;
+            for round in 1..=rounds {
+                let seed = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_nanos() as u64
+                    | 1;
+                println!("soak round {round}/{rounds}: LB_FUZZ_SEED={seed}");
+                run(cargo()
+                    .args([
+                        "test",
+                        "-p",
+                        "lb-tests",
+                        "--test",
+                        "fuzz",
+                        "--test",
+                        "under_load",
+                    ])
+                    .args(["--", "--test-threads=1", "--nocapture"])
+                    .env("LB_FUZZ_FRAMES", frames.to_string())
+                    .env("LB_FUZZ_SEED", seed.to_string()))?;
+            }
+            Ok(())
         }
         Task::FmtCheck => run(cargo().args(["fmt", "--all", "--check"])),
     }
