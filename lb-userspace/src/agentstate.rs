@@ -27,6 +27,22 @@ pub struct AgentState {
     /// What the agent builds with besides the objects, so `lbctl diff` builds the same.
     #[serde(default)]
     pub context: Option<BuildInputs>,
+    /// Applies the maps refused since the agent started.
+    #[serde(default)]
+    pub map_write_errors: u64,
+    /// Set while the last apply failed and a retry is scheduled.
+    #[serde(default)]
+    pub retry: Option<Retry>,
+}
+
+/// The retry of an apply the maps refused: the desired state is applied again, with backoff,
+/// until it goes in (or a newer one replaces it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Retry {
+    /// Failed attempts in a row.
+    pub attempt: u32,
+    pub at_unix_ms: u64,
+    pub error: String,
 }
 
 /// The parts of the agent's build context a diff needs.

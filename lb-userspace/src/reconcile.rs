@@ -157,6 +157,19 @@ pub struct TableChange {
     pub ideal_fraction: f64,
 }
 
+/// An apply refused by the capacity checks, before any write: the state does not fit the maps
+/// and will not until it changes (retrying is pointless; the maps are as they were).
+#[derive(Debug)]
+pub struct DoesNotFit(pub String);
+
+impl std::fmt::Display for DoesNotFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DoesNotFit {}
+
 /// How long a Maglev block no frontend points at any more stays unused: longer, by three orders
 /// of magnitude, than any run of the datapath program that may have read its old frontend.
 pub const BLOCK_GRACE: std::time::Duration = std::time::Duration::from_millis(10);
@@ -721,7 +734,7 @@ impl Reconciler {
             self.release_blocks(true);
             fits = self.check_capacity(desired, &plan, &scope);
         }
-        if let Err(e) = fits {
+        if let Err(e) = fits.map_err(|e| anyhow::Error::new(DoesNotFit(format!("{e:#}")))) {
             self.refs = refs;
             return Err(e);
         }

@@ -183,3 +183,77 @@ fn bad_configs_are_refused_whole_and_the_maps_stay_as_they_were() {
     topo.write_config(&good()).unwrap();
     drop(topo.stop_agent());
 }
+
+/// A write the maps refuse part-way (the capacity checks passed: here another process filled
+/// LB_SERVICE_NAMES behind the agent's back) is logged, counted in `lbctl stats`, and retried
+/// with backoff until it goes in, with no new config; the last good state keeps forwarding.
+#[test]
+fn a_refused_write_is_retried_with_backoff() {
+    let mut topo = Topology::new(2).unwrap();
+    topo.write_config(&Topology::service_yaml(&[1])).unwrap();
+    topo.start_agent(&[]).unwrap();
+    let mut maps = PinnedMaps::open(&topo.bpffs(), true).unwrap();
+    let mut junk = Vec::new();
+    for key in 1000u32.. {
+        if maps
+            .service_names
+            .insert(key, lb_common::ServiceName::new("junk"), 0)
+            .is_err()
+        {
+            break;
+        }
+        junk.push(key);
+    }
+    println!(
+        "LB_SERVICE_NAMES filled with {} foreign entries",
+        junk.len()
+    );
+    let other = Topology::service_yaml(&[2])
+        .replace("echo", "other")
+        .replace("10.96.0.10", "10.96.0.11");
+    topo.write_config(&format!("{}\n---\n{other}", Topology::service_yaml(&[1])))
+        .unwrap();
+    let stats = |t: &Topology| -> serde_json::Value {
+        serde_json::from_str(&t.lbctl(&["stats", "-o", "json"]).unwrap()).unwrap()
+    };
+    topo.wait_until(Duration::from_secs(5), "three refused attempts", |t| {
+        stats(t)["agent"]["retry"]["attempt"].as_u64() >= Some(3)
+    })
+    .unwrap();
+    let s = stats(&topo);
+    println!("while refused: {}", s["agent"]);
+    assert!(s["agent"]["map_write_errors"].as_u64() >= Some(3), "{s}");
+    assert!(
+        s["agent"]["retry"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("service name"),
+        "{s}"
+    );
+    assert!(
+        topo.agent_log().contains("retrying in 200 ms"),
+        "backoff doubles"
+    );
+    // The last good state keeps forwarding.
+    let name = topo.client(|| {
+        Conversation::open((CLUSTER_IP, TCP_PORT).into())
+            .and_then(|mut c| c.ask())
+            .unwrap()
+    });
+    assert_eq!(name, "backend-1");
+    // The space comes back: the next retry goes in, no new config needed.
+    for key in junk {
+        maps.service_names.remove(&key).unwrap();
+    }
+    topo.wait_until(Duration::from_secs(40), "the retry applied", |t| {
+        t.agent_log().contains("applied after")
+    })
+    .unwrap();
+    assert!(stats(&topo)["agent"]["retry"].is_null());
+    let name = topo.client(|| {
+        Conversation::open(([10, 96, 0, 11], TCP_PORT).into())
+            .and_then(|mut c| c.ask())
+            .unwrap()
+    });
+    assert_eq!(name, "backend-2");
+}

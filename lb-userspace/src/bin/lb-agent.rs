@@ -252,7 +252,17 @@ struct Agent {
     /// What LB_UPLINKS holds (ifindex → SNAT address), once written by this run.
     uplinks: Option<BTreeMap<u32, Ipv4Addr>>,
     ct_timeouts: CtTimeouts,
+    limits: lb_userspace::reconcile::Limits,
+    /// When to apply again after the maps refused an apply, and the backoff that got there.
+    retry: Option<(tokio::time::Instant, Duration)>,
+    /// The desired state the maps refused, applied again at `retry` unless a newer valid
+    /// one comes first.
+    pending: Option<std::sync::Arc<DesiredState>>,
 }
+
+/// First retry after a refused apply; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Agent {
     fn reload(&mut self) {
@@ -295,6 +305,20 @@ impl Agent {
                 return;
             }
         };
+        self.apply(desired, started);
+    }
+
+    /// Applies the desired state kept by a refused apply again.
+    fn retry(&mut self) {
+        if let Some(desired) = self.pending.take() {
+            self.apply(desired, std::time::Instant::now());
+        }
+    }
+
+    /// Programs `desired` (built from the source at `started`) into the maps, then everything
+    /// that follows from it: announcements, UDP flows of removed endpoints, status.
+    fn apply(&mut self, desired: std::sync::Arc<DesiredState>, started: std::time::Instant) {
+        let source = self.source.describe();
         let path = &source;
         let built = started.elapsed();
         let report = match self.reconciler.apply(&desired, &mut self.maps) {
@@ -315,13 +339,24 @@ impl Agent {
                 );
                 r
             }
-            Err(e) => {
+            Err(e) if e.is::<lb_userspace::reconcile::DoesNotFit>() => {
                 error!("{path} not applied: {e:#}; keeping the last good state");
-                self.metrics.map_write_errors.inc();
+                self.metrics.rejected.inc();
+                self.metrics.health.programmed();
                 self.record_reload(started, "not applied", format!("{e:#}"));
                 return;
             }
+            Err(e) => {
+                self.refused(started, &format!("{e:#}"));
+                self.pending = Some(desired);
+                return;
+            }
         };
+        if let Some(r) = self.agent_state.retry.take() {
+            info!("{path} applied after {} refused attempts", r.attempt);
+        }
+        self.retry = None;
+        self.pending = None;
         if !report.tables.is_empty()
             && let Err(e) =
                 agentstate::record_rewrites(&self.state_dir, &mut self.rewrites, &report.tables)
@@ -403,6 +438,36 @@ impl Agent {
     }
 
     /// agent.json: the reload just done and its result, for `lbctl status`.
+    /// The maps refused an apply part-way (a write failed: the capacity checks passed). What
+    /// was written stays: each Service is either its old or its new self (tables before
+    /// frontends), though not all Services may have moved. The reconciler starts again from
+    /// what the maps hold, and the apply is retried with backoff until it goes in; the failure
+    /// and the retry are in the log, the metrics, `lbctl stats` and `lbctl status`.
+    fn refused(&mut self, started: std::time::Instant, error: &str) {
+        self.metrics.map_write_errors.inc();
+        self.agent_state.map_write_errors += 1;
+        match self.maps.snapshot() {
+            Ok(snapshot) => self.reconciler = Reconciler::adopt(self.limits, &snapshot),
+            Err(e) => warn!("re-reading the maps after a refused apply: {e:#}"),
+        }
+        let backoff = self
+            .retry
+            .map_or(RETRY_FIRST, |(_, b)| (b * 2).min(RETRY_MAX));
+        self.retry = Some((tokio::time::Instant::now() + backoff, backoff));
+        let attempt = self.agent_state.retry.as_ref().map_or(1, |r| r.attempt + 1);
+        error!(
+            "{} not applied (attempt {attempt}): {error}; the last good state keeps forwarding, retrying in {} ms",
+            self.source.describe(),
+            backoff.as_millis()
+        );
+        self.agent_state.retry = Some(agentstate::Retry {
+            attempt,
+            at_unix_ms: agentstate::now_unix() * 1000 + backoff.as_millis() as u64,
+            error: error.to_string(),
+        });
+        self.record_reload(started, "not applied", error.to_string());
+    }
+
     fn record_reload(&mut self, started: std::time::Instant, result: &str, detail: String) {
         self.agent_state.synced = self.synced;
         self.agent_state.context = Some(agentstate::BuildInputs {
@@ -918,6 +983,9 @@ async fn main() -> Result<()> {
         fixed_node_ips: !args.node_ips.is_empty(),
         uplinks: None,
         ct_timeouts: opts.ct_timeouts,
+        limits: opts.limits()?,
+        retry: None,
+        pending: None,
     };
     if let Err(e) = agent.agent_state.write(&args.state_dir) {
         warn!("{}: {e:#}", args.state_dir.display());
@@ -961,6 +1029,9 @@ async fn main() -> Result<()> {
                     agent.log_ready(&opts.bpffs);
                     ready = true;
                 }
+            }
+            _ = tokio::time::sleep_until(agent.retry.map_or_else(tokio::time::Instant::now, |r| r.0)), if agent.pending.is_some() => {
+                agent.retry();
             }
             _ = garp.tick(), if args.garp_interval > 0 => agent.refresh_garp(),
             _ = gc.tick() => agent.sweep_conntrack(),

@@ -138,7 +138,7 @@ fn main() -> Result<()> {
         Command::Services => services(&maps, structured),
         Command::Backends => backends(&maps, structured),
         Command::Conntrack => conntrack(&maps, structured),
-        Command::Stats => stats(&maps, structured),
+        Command::Stats => stats(&maps, &args.state_dir, structured),
         Command::Maglev { frontend } => maglev(&maps, &args, structured, frontend),
         Command::Arp => arp(&maps, &args, structured),
         Command::Pools
@@ -320,8 +320,15 @@ fn conntrack(maps: &PinnedMaps, structured: bool) -> Result<()> {
 }
 
 /// Counters, conntrack fill and counters, socket reverse translations.
-fn stats(maps: &PinnedMaps, structured: bool) -> Result<()> {
+fn stats(maps: &PinnedMaps, state_dir: &std::path::Path, structured: bool) -> Result<()> {
     let s = inspect::stats(maps)?;
+    // The agent's own record (absent when it never ran with this --state-dir).
+    let agent = lb_userspace::agentstate::AgentState::read(state_dir).ok();
+    let agent_out = agent.as_ref().map(|a| {
+        json!({"map_write_errors": a.map_write_errors,
+            "retry": a.retry.as_ref().map(|r| json!({"attempt": r.attempt,
+                "at_unix_ms": r.at_unix_ms, "error": r.error}))})
+    });
     let fe_out: Vec<Value> = s
         .frontends
         .iter()
@@ -348,7 +355,8 @@ fn stats(maps: &PinnedMaps, structured: bool) -> Result<()> {
         "nat": {"entries": nat_entries, "capacity": nat_capacity,
             "allocated": ct.nat_allocated, "refused_no_port": ct.nat_exhausted,
             "refused_table_full": ct.nat_full},
-        "socket_revnat": {"entries": sockets, "capacity": sockets_capacity}});
+        "socket_revnat": {"entries": sockets, "capacity": sockets_capacity},
+        "agent": agent_out});
     if structured {
         emit(&out)?;
     } else {
@@ -396,6 +404,13 @@ fn stats(maps: &PinnedMaps, structured: bool) -> Result<()> {
             "socket reverse translations: {sockets}/{sockets_capacity} entries ({:.1}%)",
             100.0 * sockets as f64 / sockets_capacity.max(1) as f64
         );
+        if let Some(a) = &agent {
+            print!("agent: map writes refused {} times", a.map_write_errors);
+            match &a.retry {
+                Some(r) => println!("; retrying (attempt {} failed: {})", r.attempt, r.error),
+                None => println!("; no retry pending"),
+            }
+        }
     }
     Ok(())
 }
