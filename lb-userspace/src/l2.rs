@@ -102,6 +102,23 @@ impl Announcer {
         self.interfaces = interfaces;
     }
 
+    /// Would every announcement of `desired` fit, on every up interface it matches (all of
+    /// them this node's, as after a failover)? The agent asks before it programs anything, so a
+    /// state whose announcements cannot fit is refused whole.
+    pub fn check_fits(&self, desired: &DesiredState) -> Result<()> {
+        self.check_count(self.wanted(desired).len())
+    }
+
+    fn check_count(&self, n: usize) -> Result<()> {
+        if n > self.capacity {
+            bail!(
+                "{n} (interface, address) pairs to announce exceed the capacity of {} (--max-announcements)",
+                self.capacity
+            );
+        }
+        Ok(())
+    }
+
     fn wanted(&self, desired: &DesiredState) -> BTreeMap<ArpKey, (String, [u8; 6])> {
         let mut want = BTreeMap::new();
         for (addr, a) in &desired.announcements {
@@ -126,13 +143,7 @@ impl Announcer {
     ) -> Result<(usize, usize)> {
         let want = self.wanted(desired);
         // Checked before the first write: a set that does not fit changes nothing.
-        let capacity = self.capacity;
-        if want.len() > capacity {
-            bail!(
-                "{} (interface, address) pairs to announce exceed the capacity of {capacity} (--max-announcements)",
-                want.len()
-            );
-        }
+        self.check_count(want.len())?;
         let stale: Vec<ArpKey> = self
             .current
             .keys()

@@ -507,7 +507,7 @@ impl Reconciler {
                 .count();
         if frontends > l.max_frontends as usize {
             bail!(
-                "{frontends} frontends (old and new during the update) exceed the capacity of {}",
+                "{frontends} frontends (old and new during the update) exceed the capacity of {} (--max-frontends)",
                 l.max_frontends
             );
         }
@@ -519,7 +519,7 @@ impl Reconciler {
                 .count();
         if backends >= l.max_backends as usize {
             bail!(
-                "{backends} backends (old and new during the update) exceed the capacity of {}",
+                "{backends} backends (old and new during the update) exceed the capacity of {} (--max-backends)",
                 l.max_backends - 1
             );
         }

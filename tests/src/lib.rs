@@ -713,3 +713,45 @@ impl Drop for Capture {
         }
     }
 }
+
+/// Every map the agent writes, as text (typed entries, sorted), for byte-for-byte comparison.
+pub fn dump_maps(bpffs: &std::path::Path) -> String {
+    use std::fmt::Write as _;
+    let maps = lb_userspace::maps::PinnedMaps::open(bpffs, false).expect("maps");
+    let mut out = String::new();
+    let mut frontends: Vec<_> = maps.frontends.iter().map(|e| e.unwrap()).collect();
+    frontends.sort_by_key(|(k, _)| *k);
+    let _ = writeln!(out, "frontends {frontends:?}");
+    let backends: Vec<_> = maps.backends.iter().map(|b| b.unwrap()).collect();
+    let _ = writeln!(out, "backends {backends:?}");
+    let maglev = maps.maglev.read(0, maps.maglev.len()).unwrap();
+    let _ = writeln!(out, "maglev {maglev:?}");
+    let mut arp: Vec<_> = maps.arp.iter().map(|e| e.unwrap()).collect();
+    arp.sort_by_key(|(k, _)| *k);
+    // Reply counters move with traffic, not with config.
+    let arp: Vec<_> = arp.iter().map(|(k, e)| (k, e.mac)).collect();
+    let _ = writeln!(out, "arp {arp:?}");
+    let mut names: Vec<_> = maps
+        .service_names
+        .iter()
+        .map(|e| e.unwrap())
+        .map(|(id, n)| (id, n.as_str().to_string()))
+        .collect();
+    names.sort();
+    let _ = writeln!(out, "names {names:?}");
+    let mut ranges: Vec<_> = maps
+        .source_ranges
+        .keys()
+        .map(|k| {
+            let k = k.unwrap();
+            (k.prefix_len(), k.data().service_id_be, k.data().addr)
+        })
+        .collect();
+    ranges.sort();
+    let _ = writeln!(out, "source ranges {ranges:?}");
+    let mut uplinks: Vec<_> = maps.uplinks.iter().map(|e| e.unwrap()).collect();
+    uplinks.sort();
+    let _ = writeln!(out, "uplinks {uplinks:?}");
+    let _ = writeln!(out, "announce {:?}", maps.announce.get(&0, 0).unwrap());
+    out
+}

@@ -2,7 +2,7 @@
 //! object and field (or the file), and the live maps stay exactly as they were — every pinned
 //! map the agent writes is dumped before and after and compared — while traffic keeps flowing.
 
-use std::{fmt::Write as _, time::Duration};
+use std::time::Duration;
 
 use lb_tests::{CLUSTER_IP, Conversation, TCP_PORT, Topology, sh};
 use lb_userspace::maps::PinnedMaps;
@@ -36,47 +36,6 @@ fn slice(svc: &str, body: &str) -> String {
     )
 }
 
-/// Every map the agent writes, as text (typed entries, sorted), for byte-for-byte comparison.
-fn dump(topo: &Topology) -> String {
-    let maps = PinnedMaps::open(&topo.bpffs(), false).expect("maps");
-    let mut out = String::new();
-    let mut frontends: Vec<_> = maps.frontends.iter().map(|e| e.unwrap()).collect();
-    frontends.sort_by_key(|(k, _)| *k);
-    let _ = writeln!(out, "frontends {frontends:?}");
-    let backends: Vec<_> = maps.backends.iter().map(|b| b.unwrap()).collect();
-    let _ = writeln!(out, "backends {backends:?}");
-    let maglev = maps.maglev.read(0, maps.maglev.len()).unwrap();
-    let _ = writeln!(out, "maglev {maglev:?}");
-    let mut arp: Vec<_> = maps.arp.iter().map(|e| e.unwrap()).collect();
-    arp.sort_by_key(|(k, _)| *k);
-    // Reply counters move with traffic, not with config.
-    let arp: Vec<_> = arp.iter().map(|(k, e)| (k, e.mac)).collect();
-    let _ = writeln!(out, "arp {arp:?}");
-    let mut names: Vec<_> = maps
-        .service_names
-        .iter()
-        .map(|e| e.unwrap())
-        .map(|(id, n)| (id, n.as_str().to_string()))
-        .collect();
-    names.sort();
-    let _ = writeln!(out, "names {names:?}");
-    let mut ranges: Vec<_> = maps
-        .source_ranges
-        .keys()
-        .map(|k| {
-            let k = k.unwrap();
-            (k.prefix_len(), k.data().service_id_be, k.data().addr)
-        })
-        .collect();
-    ranges.sort();
-    let _ = writeln!(out, "source ranges {ranges:?}");
-    let mut uplinks: Vec<_> = maps.uplinks.iter().map(|e| e.unwrap()).collect();
-    uplinks.sort();
-    let _ = writeln!(out, "uplinks {uplinks:?}");
-    let _ = writeln!(out, "announce {:?}", maps.announce.get(&0, 0).unwrap());
-    out
-}
-
 #[test]
 fn bad_configs_are_refused_whole_and_the_maps_stay_as_they_were() {
     let mut topo = Topology::new(1).unwrap();
@@ -87,7 +46,7 @@ fn bad_configs_are_refused_whole_and_the_maps_stay_as_they_were() {
     .unwrap();
     topo.write_config(&good()).unwrap();
     topo.start_agent(&["--max-backends", "64"]).unwrap();
-    let before = dump(&topo);
+    let before = lb_tests::dump_maps(&topo.bpffs());
     assert!(
         before.contains("frontends [(") && before.contains("arp [("),
         "{before}"
@@ -170,7 +129,11 @@ fn bad_configs_are_refused_whole_and_the_maps_stay_as_they_were() {
             errors.iter().any(|e| e.contains(expected)),
             "{name}: no error naming {expected:?}: {errors:?}"
         );
-        assert_eq!(dump(&topo), before, "{name}: the maps changed");
+        assert_eq!(
+            lb_tests::dump_maps(&topo.bpffs()),
+            before,
+            "{name}: the maps changed"
+        );
         // Traffic keeps flowing on the last good state.
         let answered = topo.client(|| {
             Conversation::open(std::net::SocketAddr::from((CLUSTER_IP, TCP_PORT)))

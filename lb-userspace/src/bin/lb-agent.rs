@@ -260,6 +260,16 @@ struct Agent {
     pending: Option<std::sync::Arc<DesiredState>>,
 }
 
+/// Marks an apply a map write refused part-way (as opposed to one that does not fit).
+#[derive(Debug)]
+struct WriteRefused;
+
+impl std::fmt::Display for WriteRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a map write was refused")
+    }
+}
+
 /// First retry after a refused apply; it doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -321,7 +331,18 @@ impl Agent {
         let source = self.source.describe();
         let path = &source;
         let built = started.elapsed();
-        let report = match self.reconciler.apply(&desired, &mut self.maps) {
+        let fits = self.announcer.check_fits(&desired);
+        let applied = fits.and_then(|()| {
+            self.reconciler
+                .apply(&desired, &mut self.maps)
+                .map_err(
+                    |e| match e.downcast::<lb_userspace::reconcile::DoesNotFit>() {
+                        Ok(d) => anyhow::anyhow!("{d}"),
+                        Err(e) => e.context(WriteRefused),
+                    },
+                )
+        });
+        let report = match applied {
             Ok(r) => {
                 info!(
                     "{path} applied in {:.1} ms (build {:.1}, maps {:.1}): {} services, {} frontends, {} backends (+{}/-{} services, {} tables rebuilt, +{}/-{} backends)",
@@ -339,16 +360,18 @@ impl Agent {
                 );
                 r
             }
-            Err(e) if e.is::<lb_userspace::reconcile::DoesNotFit>() => {
+            Err(e) if e.is::<WriteRefused>() => {
+                self.refused(started, &format!("{e:#}"));
+                self.pending = Some(desired);
+                return;
+            }
+            Err(e) => {
+                // Does not fit: refused before any write.
                 error!("{path} not applied: {e:#}; keeping the last good state");
                 self.metrics.rejected.inc();
                 self.metrics.health.programmed();
                 self.record_reload(started, "not applied", format!("{e:#}"));
-                return;
-            }
-            Err(e) => {
-                self.refused(started, &format!("{e:#}"));
-                self.pending = Some(desired);
+                self.pending = None;
                 return;
             }
         };
