@@ -220,3 +220,33 @@ fn a_refused_write_is_retried_with_backoff() {
     });
     assert_eq!(name, "backend-2");
 }
+
+/// A corrupt status.json (LoadBalancer allocations) is reported at start and set aside for the
+/// operator, not silently dropped; the agent allocates afresh and serves.
+#[test]
+fn a_corrupt_state_file_is_reported_and_kept_aside() {
+    let mut topo = Topology::new(1).unwrap();
+    topo.write_config(&Topology::service_yaml(&[1])).unwrap();
+    std::fs::create_dir_all(topo.state_dir()).unwrap();
+    let status = topo.state_dir().join("status.json");
+    std::fs::write(&status, "{\"lb_status\": [ cut off").unwrap();
+    topo.start_agent(&[]).unwrap();
+    let log = topo.agent_log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("ERROR") && l.contains("status.json"))
+        .unwrap_or_else(|| panic!("not reported:\n{log}"));
+    println!("{line}");
+    assert!(line.contains("allocations lost"), "{line}");
+    let aside = topo.state_dir().join("status.json.corrupt");
+    assert_eq!(
+        std::fs::read_to_string(&aside).unwrap(),
+        "{\"lb_status\": [ cut off"
+    );
+    let name = topo.client(|| {
+        Conversation::open((CLUSTER_IP, TCP_PORT).into())
+            .and_then(|mut c| c.ask())
+            .unwrap()
+    });
+    assert_eq!(name, "backend-1");
+}

@@ -908,7 +908,14 @@ async fn main() -> Result<()> {
     let lb_hints = match Status::read_if_present(&args.state_dir) {
         Ok(s) => s.map(|s| status::hints(&s)).unwrap_or_default(),
         Err(e) => {
-            error!("{e:#}: earlier LoadBalancer allocations lost; allocating afresh");
+            // Kept aside for the operator: the next status write would replace it.
+            let path = args.state_dir.join(lb_userspace::status::STATUS_FILE);
+            let aside = path.with_extension("json.corrupt");
+            let kept = match std::fs::rename(&path, &aside) {
+                Ok(()) => format!("kept as {}", aside.display()),
+                Err(re) => format!("could not be set aside: {re}"),
+            };
+            error!("{e:#}: earlier LoadBalancer allocations lost ({kept}); allocating afresh");
             Default::default()
         }
     };
