@@ -154,6 +154,13 @@ pub mod lb_mode {
 /// wire). The frontend node inserts it right after the 20-byte header; the backend's node reads
 /// and removes it.
 pub const DSR_OPTION_TYPE: u8 = 0x9e;
+
+/// `lbctl trace` marks the frame it runs through the datapath with BPF_PROG_TEST_RUN with these
+/// four words (XDP: 16 bytes of metadata before the frame; tc: the skb's `cb[0..4]`). A marked
+/// frame changes no map: no conntrack, NAT, affinity, fragment or next-hop entry, no counter.
+/// Nothing but a test run sets XDP metadata before our program, and 128 bits of cb matching by
+/// chance is not a concern.
+pub const TRACE_MAGIC: [u32; 4] = [0x6c62_6374, 0x6c20_7472, 0x6163_6521, 0x9e37_79b9];
 pub const DSR_OPTION_LEN: usize = 8;
 
 pub const IPPROTO_TCP: u8 = 6;

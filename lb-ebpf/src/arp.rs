@@ -44,7 +44,9 @@ pub fn reply<P: Packet>(ctx: &P) -> Result<u32, ()> {
     let mac = unsafe { (*entry).mac };
     // Plain increment: the BPF target has no 64-bit atomic add in core, and two CPUs answering
     // the same address in the same instant only loses a count, never a reply.
-    unsafe { (*entry).replies += 1 };
+    if !ctx.tracing() {
+        unsafe { (*entry).replies += 1 };
+    }
     let (requester_mac, requester_ip) = (a.sha, a.spa);
     a.oper = ARP_REPLY.to_be_bytes();
     a.tha = requester_mac;

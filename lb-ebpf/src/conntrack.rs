@@ -91,6 +91,9 @@ pub fn lookup(flow: &Flow, now: u64) -> Hit {
     };
     let e = unsafe { &mut *entry };
     if timeouts().expired(flow.proto, e.flags, e.last_seen_ns, now) {
+        if flow.trace {
+            return Hit::Miss;
+        }
         if nat {
             snat::remove(&key);
         } else {
@@ -100,6 +103,10 @@ pub fn lookup(flow: &Flow, now: u64) -> Hit {
         return Hit::Miss;
     }
     let closing = flow.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    // A trace decides the same, without learning a state or refreshing an entry.
+    if e.dir == CT_DIR_REPLY && flow.trace {
+        return Hit::Reply(entry);
+    }
     if e.dir == CT_DIR_REPLY {
         let learned = ct_flags::REPLIED | if closing { ct_flags::CLOSING } else { 0 };
         if e.flags & learned != learned {
@@ -117,6 +124,9 @@ pub fn lookup(flow: &Flow, now: u64) -> Hit {
         || (e.flags & ct_flags::CLOSING == 0 && backend_is(e.backend_id, e.nat_addr, e.nat_port));
     if !keep {
         return Hit::Miss;
+    }
+    if flow.trace {
+        return Hit::Forward(entry);
     }
     if closing && e.flags & ct_flags::CLOSING == 0 {
         e.flags |= ct_flags::CLOSING;

@@ -81,14 +81,14 @@ pub fn accept<P: Packet>(ctx: &P, flow: &Flow, frontend: (u32, u16), now: u64) -
             let e = unsafe { &mut *e };
             let same =
                 e.dir == CT_DIR_REPLY && e.nat_addr == frontend.0 && e.nat_port == frontend.1;
-            if same && now.wrapping_sub(e.last_seen_ns) > REFRESH_NS {
+            if same && !flow.trace && now.wrapping_sub(e.last_seen_ns) > REFRESH_NS {
                 e.last_seen_ns = now;
             }
             same
         }
         None => false,
     };
-    if !known {
+    if !known && !flow.trace {
         let entry = CtEntry {
             nat_addr: frontend.0,
             nat_port: frontend.1,

@@ -214,6 +214,7 @@ pub fn translate_error<P: Packet>(ctx: &P, l3: usize) -> Result<u32, ()> {
         ttl: p[8],
         later_fragment: false,
         dont_fragment: false,
+        trace: false,
     };
     Ok(nat::deliver(ctx, &outer))
 }

@@ -58,15 +58,16 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
         Hit::Reply(entry) => {
             let entry = unsafe { &mut *entry };
             let frontend = (entry.nat_addr, entry.nat_port);
+            let client = (entry.client_addr, entry.client_port);
             return Ok(nat::translate(
                 ctx,
                 &flow,
                 Side::Source,
                 frontend,
-                (entry.client_addr, entry.client_port),
+                client,
                 (0, 0),
                 now,
-                Some(&mut entry.nexthop),
+                (!flow.trace).then_some(&mut entry.nexthop),
             ));
         }
         Hit::Forward(entry) => {
@@ -79,17 +80,18 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
             } else {
                 (0, 0)
             };
+            let client = (entry.client_addr, entry.client_port);
             let verdict = nat::translate(
                 ctx,
                 &flow,
                 Side::Destination,
                 backend,
-                (entry.client_addr, entry.client_port),
+                client,
                 carry,
                 now,
-                Some(&mut entry.nexthop),
+                (!flow.trace).then_some(&mut entry.nexthop),
             );
-            count::<P>(verdict, frontend_id, backend_id, len);
+            count::<P>(&flow, verdict, frontend_id, backend_id, len);
             return Ok(verdict);
         }
         Hit::Miss => {}
@@ -108,7 +110,7 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
         flow.dst_port,
         flow.proto,
     );
-    let pick = match service::pick(&frontend, hash, flow.src_addr, now) {
+    let pick = match service::pick(&frontend, hash, flow.src_addr, now, flow.trace) {
         Ok(pick) => pick,
         Err(NoPick::NoEndpoint) => return reject::no_endpoint(ctx, &flow),
         Err(NoPick::Unavailable) => return Ok(P::PASS),
@@ -117,6 +119,7 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
     let backend = (pick.backend.addr, pick.backend.port);
     let mut nexthop = LB_NEXTHOPS
         .get_ptr_mut(pick.backend_id)
+        .filter(|_| !flow.trace)
         .map(|n| unsafe { &mut *n });
     let mut hop = nat::next_hop(
         ctx,
@@ -151,27 +154,37 @@ pub fn balance<P: Packet>(ctx: &P) -> Result<u32, ()> {
     } else {
         (0, 0)
     };
-    let Ok(other) = conntrack::insert(
-        &flow,
-        &pick,
-        now,
-        nexthop.as_ref().map_or(&NO_NEXTHOP, |n| &**n),
-        out.snat_addr,
-        out.dsr,
-    ) else {
+    // A trace inserts nothing: the source is shown SNATed with the client's own port (a real
+    // packet gets a port from the allocator).
+    let inserted = if flow.trace {
+        Ok((
+            out.snat_addr,
+            if out.snat_addr != 0 { flow.src_port } else { 0 },
+        ))
+    } else {
+        conntrack::insert(
+            &flow,
+            &pick,
+            now,
+            nexthop.as_ref().map_or(&NO_NEXTHOP, |n| &**n),
+            out.snat_addr,
+            out.dsr,
+        )
+    };
+    let Ok(other) = inserted else {
         // No port free (SNAT, or a clash-free source port): the new flow is refused (counted),
         // open ones keep theirs. (The kernel could not serve it: the frontend is ours.)
         return Ok(P::DROP);
     };
     let verdict = nat::send_translated(ctx, &flow, Side::Destination, backend, other, carry, hop);
-    count::<P>(verdict, pick.frontend_id, pick.backend_id, len);
+    count::<P>(&flow, verdict, pick.frontend_id, pick.backend_id, len);
     Ok(verdict)
 }
 
 /// Counts a forwarded packet once: not when XDP leaves it to tc.
 #[inline(always)]
-fn count<P: Packet>(verdict: u32, frontend_id: u32, backend_id: u32, len: u64) {
-    if P::IS_XDP && verdict == P::PASS {
+fn count<P: Packet>(flow: &parse::Flow, verdict: u32, frontend_id: u32, backend_id: u32, len: u64) {
+    if (P::IS_XDP && verdict == P::PASS) || flow.trace {
         return;
     }
     for (map, index) in [

@@ -93,6 +93,9 @@ pub trait Packet: EbpfContext {
     /// After the program wrote a complete L4 checksum itself: make sure nothing finishes it again.
     fn checksum_complete(&self);
 
+    /// Is this `lbctl trace`'s frame ([`lb_common::TRACE_MAGIC`])? Then nothing is written.
+    fn tracing(&self) -> bool;
+
     /// Copies `len` (1..=`N`) bytes at `offset` into `buf` with a helper: unlike a direct
     /// read, it teaches the verifier nothing about the packet's length, so a variable-length
     /// read does not split every later path in as many states.
@@ -252,6 +255,16 @@ impl Packet for XdpContext {
 
     #[inline(always)]
     fn checksum_complete(&self) {}
+
+    #[inline(always)]
+    fn tracing(&self) -> bool {
+        let meta = unsafe { (*self.ctx).data_meta } as usize;
+        if meta + 16 > self.data() {
+            return false;
+        }
+        let words = meta as *const [u32; 4];
+        unsafe { *words == lb_common::TRACE_MAGIC }
+    }
 
     #[inline(always)]
     fn load_bytes<const N: usize>(
@@ -440,6 +453,15 @@ impl Packet for TcContext {
     #[inline(always)]
     fn checksum_complete(&self) {
         unsafe { bpf_csum_level(self.skb.skb, BPF_CSUM_LEVEL_RESET as u64) };
+    }
+
+    #[inline(always)]
+    fn tracing(&self) -> bool {
+        let cb = unsafe { (*self.skb.skb).cb };
+        cb[0] == lb_common::TRACE_MAGIC[0]
+            && cb[1] == lb_common::TRACE_MAGIC[1]
+            && cb[2] == lb_common::TRACE_MAGIC[2]
+            && cb[3] == lb_common::TRACE_MAGIC[3]
     }
 
     #[inline(always)]

@@ -38,6 +38,8 @@ pub struct Flow {
     pub later_fragment: bool,
     /// DF: a packet too big for the way out is answered with "fragmentation needed".
     pub dont_fragment: bool,
+    /// `lbctl trace`'s frame: decide as for any packet, write nothing.
+    pub trace: bool,
 }
 
 /// What a frame is, as far as the load balancer cares.
@@ -149,6 +151,7 @@ pub fn parse<P: Packet>(ctx: &P) -> Result<Parsed, ()> {
             ttl: unsafe { (*ip).ttl },
             later_fragment: true,
             dont_fragment: false,
+            trace: ctx.tracing(),
         }));
     }
     let (src_port, dst_port, tcp_flags) = if proto == IPPROTO_TCP {
@@ -161,7 +164,8 @@ pub fn parse<P: Packet>(ctx: &P) -> Result<Parsed, ()> {
         unsafe { ((*udp).src, (*udp).dst, 0) }
     };
     let (src_port, dst_port) = (u16::from_ne_bytes(src_port), u16::from_ne_bytes(dst_port));
-    if frags & 0x2000 != 0 {
+    let trace = ctx.tracing();
+    if frags & 0x2000 != 0 && !trace {
         let ports = FragmentPorts { src_port, dst_port };
         let _ = LB_FRAGMENTS.insert(&fragment, &ports, 0);
     }
@@ -177,5 +181,6 @@ pub fn parse<P: Packet>(ctx: &P) -> Result<Parsed, ()> {
         ttl: unsafe { (*ip).ttl },
         later_fragment: false,
         dont_fragment: frags & 0x4000 != 0,
+        trace,
     }))
 }

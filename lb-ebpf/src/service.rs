@@ -54,7 +54,14 @@ pub fn source_allowed(frontend: &Frontend, src_addr: u32) -> bool {
 /// Chooses the backend for a new flow of `frontend`: the client's backend under ClientIP
 /// affinity (`client` is its address, or what stands for it), else the Maglev slot of `hash`.
 #[inline(always)]
-pub fn pick(frontend: &Frontend, hash: u32, client: u32, now: u64) -> Result<Pick, NoPick> {
+/// With `trace` (`lbctl trace`), the affinity entry is neither made nor refreshed.
+pub fn pick(
+    frontend: &Frontend,
+    hash: u32,
+    client: u32,
+    now: u64,
+    trace: bool,
+) -> Result<Pick, NoPick> {
     if frontend.backend_count == 0 {
         return Err(NoPick::NoEndpoint);
     }
@@ -86,7 +93,7 @@ pub fn pick(frontend: &Frontend, hash: u32, client: u32, now: u64) -> Result<Pic
         Some(b) if b.state == backend_state::ACTIVE => *b,
         _ => return Err(NoPick::Unavailable),
     };
-    if affinity {
+    if affinity && !trace {
         let entry = AffinityEntry {
             backend_id,
             _pad: 0,

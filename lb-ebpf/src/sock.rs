@@ -50,7 +50,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     let hash = flow_hash(cookie as u32, addr, (cookie >> 32) as u16, port, proto);
     let client = (netns ^ (netns >> 32)) as u32;
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let pick = match service::pick(&frontend, hash, client, now) {
+    let pick = match service::pick(&frontend, hash, client, now, false) {
         Ok(pick) => pick,
         Err(NoPick::NoEndpoint) => {
             unsafe { bpf_set_retval(-ECONNREFUSED) };

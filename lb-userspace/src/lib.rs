@@ -26,6 +26,7 @@ pub mod sockets;
 pub mod source;
 pub mod state;
 pub mod status;
+pub mod trace;
 pub mod uplinks;
 
 /// The node's eBPF object (XDP and tc programs) built from `lb-ebpf` by `build.rs`.

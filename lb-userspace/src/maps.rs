@@ -232,6 +232,22 @@ pub fn source_range_key(service_id: u32, range: (Ipv4Addr, u8)) -> LpmKey<Source
 /// (BPF_OBJ_GET with BPF_F_RDONLY): the kernel refuses every update through it, so a reader such
 /// as lbctl cannot change a map even by mistake, and needs only read permission on the pin.
 pub fn open_pinned(path: &Path, writable: bool) -> Result<MapData> {
+    let fd = obj_get(path, writable).with_context(|| {
+        format!(
+            "opening pinned map {} (is lb-agent running, or was it run with this --bpffs?)",
+            path.display()
+        )
+    })?;
+    MapData::from_fd(fd).with_context(|| format!("map {}", path.display()))
+}
+
+/// A descriptor of the BPF object (a link, a program) pinned at `path` (such objects take no
+/// read-only flag).
+pub fn open_pinned_object(path: &Path) -> Result<std::os::fd::OwnedFd> {
+    obj_get(path, true).with_context(|| format!("opening {}", path.display()))
+}
+
+fn obj_get(path: &Path, writable: bool) -> Result<std::os::fd::OwnedFd> {
     use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_F_RDONLY: u32 = 1 << 3;
@@ -263,16 +279,10 @@ pub fn open_pinned(path: &Path, writable: bool) -> Result<MapData> {
         )
     };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| {
-            format!(
-                "opening pinned map {} (is lb-agent running, or was it run with this --bpffs?)",
-                path.display()
-            )
-        });
+        return Err(std::io::Error::last_os_error().into());
     }
     // SAFETY: the kernel just returned this descriptor; nothing else owns it.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    MapData::from_fd(fd).with_context(|| format!("map {}", path.display()))
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn open_map(dir: &Path, name: &str, writable: bool) -> Result<Map> {

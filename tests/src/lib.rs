@@ -9,6 +9,7 @@
 //! Everything is removed on drop, also when a test fails. No packet leaves these namespaces.
 
 use std::{
+    collections::BTreeMap,
     fs,
     io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
@@ -753,5 +754,82 @@ pub fn dump_maps(bpffs: &std::path::Path) -> String {
     uplinks.sort();
     let _ = writeln!(out, "uplinks {uplinks:?}");
     let _ = writeln!(out, "announce {:?}", maps.announce.get(&0, 0).unwrap());
+    out
+}
+
+/// Every pinned map under `bpffs` (LB_*), every entry as raw key and value bytes (per-CPU
+/// values for every possible CPU), read with BPF_MAP_GET_NEXT_KEY / BPF_MAP_LOOKUP_ELEM, which
+/// leave an LRU's order alone: two equal dumps, two identical sets of maps.
+pub fn dump_raw(bpffs: &std::path::Path) -> BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>> {
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> i64 {
+        // SAFETY: `attr` is the union member of `cmd`, sized as passed.
+        unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr as *mut T,
+                std::mem::size_of::<T>() as u32,
+            )
+        }
+    }
+    #[repr(C)]
+    struct Elem {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value_or_next: u64,
+        flags: u64,
+    }
+    let cpus = fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|s| s.trim().rsplit('-').next()?.parse::<usize>().ok())
+        .map_or(1, |last| last + 1);
+    let mut out = BTreeMap::new();
+    let mut names: Vec<_> = fs::read_dir(bpffs)
+        .expect("bpffs")
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("LB_"))
+        .collect();
+    names.sort();
+    for name in names {
+        let map = lb_userspace::maps::open_pinned(&bpffs.join(&name), false).expect("map");
+        let info = map.info().expect("info");
+        let kind = format!("{:?}", info.map_type().expect("type")).to_ascii_uppercase();
+        let per_cpu = kind.contains("PERCPU") || kind.contains("PER_CPU");
+        let value_len = if per_cpu {
+            (info.value_size() as usize).div_ceil(8) * 8 * cpus
+        } else {
+            info.value_size() as usize
+        };
+        let fd = std::os::fd::AsFd::as_fd(map.fd()).as_raw_fd() as u32;
+        let mut entries = Vec::new();
+        let mut key: Option<Vec<u8>> = None;
+        loop {
+            let mut next = vec![0u8; info.key_size() as usize];
+            let mut attr = Elem {
+                map_fd: fd,
+                _pad: 0,
+                key: key.as_ref().map_or(0, |k| k.as_ptr() as u64),
+                value_or_next: next.as_mut_ptr() as u64,
+                flags: 0,
+            };
+            if bpf(4, &mut attr) < 0 {
+                break;
+            }
+            let mut value = vec![0u8; value_len];
+            let mut attr = Elem {
+                map_fd: fd,
+                _pad: 0,
+                key: next.as_ptr() as u64,
+                value_or_next: value.as_mut_ptr() as u64,
+                flags: 0,
+            };
+            if bpf(1, &mut attr) == 0 {
+                entries.push((next.clone(), value));
+            }
+            key = Some(next);
+        }
+        out.insert(name, entries);
+    }
     out
 }

@@ -83,6 +83,62 @@ enum Command {
     },
     /// Shell completions: `lbctl completions bash > /etc/bash_completion.d/lbctl`.
     Completions { shell: clap_complete::Shell },
+    /// Sends one frame through this node's attached programs (BPF_PROG_TEST_RUN against the
+    /// live maps; the programs write nothing for it) and shows the verdict, the frontend, what
+    /// decided (conntrack, source ranges, affinity, Maglev slot), the backend and the rewritten
+    /// headers. Run it as root in the node's network namespace.
+    #[command(
+        args_conflicts_with_subcommands = true,
+        after_help = "Examples:\n  lbctl trace --src 10.0.0.1:40000 --dst 10.96.0.10:80\n  \
+                      lbctl trace --src 10.0.0.1 --dst 10.96.0.10:53 --proto udp --iface eth0\n  \
+                      lbctl trace --src 10.0.0.1:40000 --dst 10.96.0.10:80 --flags ack   # a packet of an open connection\n  \
+                      lbctl trace arp --who-has 192.168.30.60 --iface eth0"
+    )]
+    Trace {
+        #[command(subcommand)]
+        arp: Option<TraceArp>,
+        /// Client address, with a port (default 40000).
+        #[arg(long, required = true)]
+        src: Option<String>,
+        /// Destination address and port.
+        #[arg(long, required = true)]
+        dst: Option<String>,
+        #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+        proto: Proto,
+        /// TCP flags: syn (a new connection) or ack (a packet of an open one).
+        #[arg(long, value_enum, default_value_t = Flags::Syn)]
+        flags: Flags,
+        /// Interface the frame arrives on (default: the first the agent attached to).
+        #[arg(long)]
+        iface: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TraceArp {
+    /// An ARP request: would this node answer it, with which MAC?
+    Arp {
+        #[arg(long)]
+        who_has: Ipv4Addr,
+        /// Interface the request arrives on (default: the first the agent attached to).
+        #[arg(long)]
+        iface: Option<String>,
+        /// The asking host's address.
+        #[arg(long, default_value = "192.0.2.1")]
+        from: Ipv4Addr,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Flags {
+    Syn,
+    Ack,
 }
 
 /// Prints rows as aligned columns.
@@ -121,6 +177,7 @@ fn main() -> Result<()> {
                 std::process::exit(2);
             }
         },
+        Command::Trace { .. } => return trace(&args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut script = Vec::new();
@@ -145,6 +202,7 @@ fn main() -> Result<()> {
         | Command::Interfaces
         | Command::Status
         | Command::Diff { .. }
+        | Command::Trace { .. }
         | Command::Completions { .. } => {
             unreachable!("handled before the maps are opened")
         }
@@ -926,4 +984,128 @@ fn diff(args: &Args, file: &std::path::Path) -> Result<bool> {
         println!("no changes");
     }
     Ok(any)
+}
+
+/// `lbctl trace`: see [`lb_userspace::trace`].
+fn trace(args: &Args) -> Result<()> {
+    use lb_userspace::trace::{self, Probe};
+    let Command::Trace {
+        arp,
+        src,
+        dst,
+        proto,
+        flags,
+        iface,
+    } = &args.command
+    else {
+        unreachable!()
+    };
+    let (probe, iface) = match arp {
+        Some(TraceArp::Arp {
+            who_has,
+            iface,
+            from,
+        }) => (
+            Probe::Arp {
+                who_has: *who_has,
+                from: *from,
+            },
+            iface.clone(),
+        ),
+        None => {
+            let endpoint = |s: &str, what: &str, default: Option<u16>| -> Result<(Ipv4Addr, u16)> {
+                match s.split_once(':') {
+                    Some((a, p)) => Ok((
+                        a.parse()
+                            .with_context(|| format!("--{what} {s:?}: not an IPv4 address"))?,
+                        p.parse()
+                            .with_context(|| format!("--{what} {s:?}: not a port"))?,
+                    )),
+                    None => Ok((
+                        s.parse()
+                            .with_context(|| format!("--{what} {s:?}: not an IPv4 address"))?,
+                        default.with_context(|| format!("--{what} {s:?}: give IP:PORT"))?,
+                    )),
+                }
+            };
+            let probe = Probe::Flow {
+                src: endpoint(src.as_deref().unwrap_or_default(), "src", Some(40000))?,
+                dst: endpoint(dst.as_deref().unwrap_or_default(), "dst", None)?,
+                proto: match proto {
+                    Proto::Tcp => lb_common::IPPROTO_TCP,
+                    Proto::Udp => lb_common::IPPROTO_UDP,
+                },
+                tcp_flags: match flags {
+                    Flags::Syn => trace::TCP_SYN,
+                    Flags::Ack => 0x10,
+                },
+            };
+            (probe, iface.clone())
+        }
+    };
+    let iface = match iface {
+        Some(i) => i,
+        None => attach::read_interfaces(&args.state_dir)?
+            .interfaces
+            .first()
+            .map(|a| a.interface.clone())
+            .context("the agent attached to no interface; give --iface")?,
+    };
+    let maps = PinnedMaps::open(&args.bpffs, false)?;
+    let frame = trace::frame(&probe, trace::interface_mac(&iface)?);
+    let steps = trace::run(&args.bpffs, &iface, &frame)?;
+    let why = trace::explain(&maps, &probe, trace::ifindex(&iface)?)?;
+    // The programs' rewrite must be the backend the maps say.
+    let last = steps.last().expect("at least one step");
+    let agrees = match (&why.backend, &last.output) {
+        (Some(b), Some(out)) => out.dst == *b || out.src == *b,
+        _ => true,
+    };
+    let input = trace::headers(&frame);
+    if args.output != Output::Table {
+        return emit(&json!({"interface": iface, "input": input, "steps": steps,
+            "verdict": last.verdict, "explanation": why, "consistent": agrees}));
+    }
+    println!(
+        "{} {} → {} arriving on {iface}",
+        input.kind, input.src, input.dst
+    );
+    for s in &steps {
+        println!("  {} (program {}): {}", s.hook, s.program_id, s.verdict);
+        if let Some(o) = &s.output {
+            let ttl = o.ttl.map(|t| format!(", ttl {t}")).unwrap_or_default();
+            println!(
+                "    out: {} {} → {}, {} → {}{ttl}",
+                o.kind, o.src, o.dst, o.src_mac, o.dst_mac
+            );
+        }
+    }
+    println!("decided by: {}", why.decided_by);
+    for (label, value) in [
+        ("frontend", why.frontend.clone()),
+        ("service", why.service.clone()),
+        ("conntrack", why.conntrack.clone()),
+        ("source ranges", why.source_ranges.clone()),
+        ("affinity", why.affinity.clone()),
+        (
+            "maglev",
+            why.maglev.as_ref().map(|m| {
+                format!(
+                    "hash {:#010x} → slot {} of {} → backend id {}",
+                    m.hash, m.slot, m.table_size, m.backend_id
+                )
+            }),
+        ),
+        ("backend", why.backend.clone()),
+    ] {
+        if let Some(v) = value {
+            println!("  {label}: {v}");
+        }
+    }
+    if !agrees {
+        println!(
+            "warning: the programs' rewrite differs from what the maps explain (they changed meanwhile?)"
+        );
+    }
+    Ok(())
 }
