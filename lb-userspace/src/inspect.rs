@@ -238,3 +238,67 @@ pub fn programs(fill: &[MapFill]) -> Vec<(String, u32)> {
     out.sort();
     out
 }
+
+/// Slots of `frontend`'s live Maglev table that would change backend if its Service had
+/// `backends` (the table input: active endpoints with their weights), built as the agent builds
+/// it (from the live table, so only the slots the change forces move); and the table size.
+pub fn slots_moved(
+    maps: &PinnedMaps,
+    frontend: &lb_common::Frontend,
+    backends: &[(crate::model::Endpoint, u32)],
+) -> Result<(usize, u32)> {
+    use lb_common::maglev;
+    let config: aya::maps::Array<_, lb_common::Config> =
+        aya::maps::Array::try_from(aya::maps::Map::from_map_data(crate::maps::open_pinned(
+            &maps.dir.join(lb_common::map_names::CONFIG),
+            false,
+        )?)?)?;
+    let fixed = config.get(&0, 0)?.maglev_size;
+    let old_size = frontend.maglev_size;
+    let size = if fixed != 0 {
+        fixed
+    } else {
+        maglev::auto_table_size(Some(old_size), backends.len())
+    };
+    let names: Vec<String> = backends.iter().map(|(e, _)| e.to_string()).collect();
+    let index: std::collections::HashMap<&str, u32> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i as u32 + 1))
+        .collect();
+    let mut name_of = BTreeMap::new();
+    let previous: Vec<u32> = maps
+        .maglev
+        .read(frontend.maglev_offset as usize, old_size as usize)?
+        .into_iter()
+        .map(|id| {
+            let name = name_of.entry(id).or_insert_with(|| {
+                maps.backends.get(&id, 0).ok().and_then(|b| {
+                    Some(
+                        crate::model::Endpoint {
+                            addr: Ipv4Addr::from(ipv4_from_wire(b.addr)),
+                            port: port_from_wire(b.port),
+                            proto: Protocol::from_number(b.proto)?,
+                        }
+                        .to_string(),
+                    )
+                })
+            });
+            name.as_deref()
+                .and_then(|n| index.get(n).copied())
+                .unwrap_or(0)
+        })
+        .collect();
+    let previous = maglev::resize(&previous, size);
+    let input: Vec<maglev::MaglevBackend<'_>> = names
+        .iter()
+        .zip(backends)
+        .map(|(n, (_, weight))| maglev::MaglevBackend {
+            name: n.as_bytes(),
+            weight: *weight,
+        })
+        .collect();
+    let table =
+        maglev::update_table(&input, &previous, size).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((maglev::slots_moved(&previous, &table), size))
+}

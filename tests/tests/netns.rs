@@ -328,12 +328,18 @@ fn diff_shows_what_a_file_would_change_and_touches_nothing() {
     assert_eq!(code, 1, "{more}");
     let changed = more["frontends"]["changed"].as_array().unwrap();
     assert_eq!(changed.len(), 2, "TCP and UDP frontends: {more}");
-    assert!(
-        changed
-            .iter()
-            .any(|c| c["backends_added"] == serde_json::json!(["10.0.3.2:8080"])),
-        "{more}"
+    let tcp = changed
+        .iter()
+        .find(|c| c["backends_added"] == serde_json::json!(["10.0.3.2:8080"]))
+        .unwrap_or_else(|| panic!("{more}"));
+    // Adding a third backend moves about a third of the slots, and exactly what the agent
+    // then moves.
+    let (moved, slots) = (
+        tcp["maglev"]["slots_moved"].as_u64().unwrap(),
+        tcp["maglev"]["slots"].as_u64().unwrap(),
     );
+    let share = moved as f64 / slots as f64;
+    assert!((0.3..0.37).contains(&share), "{share}: {tcp}");
 
     let extra = format!(
         "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: other, namespace: default}}\nspec:\n  clusterIP: 10.96.0.99\n  ports: [{{port: 8443}}]\n",
@@ -356,5 +362,28 @@ fn diff_shows_what_a_file_would_change_and_touches_nothing() {
         topo.lbctl(&["services", "-o", "json"]).unwrap(),
         before,
         "diff touched the maps"
+    );
+    topo.write_config(&Topology::service_yaml(&[1, 2, 3]))
+        .unwrap();
+    topo.wait_until(Duration::from_secs(5), "the third backend", |t| {
+        t.lbctl(&["services"]).unwrap().contains("10.0.3.2")
+    })
+    .unwrap();
+    let report: serde_json::Value = serde_json::from_str(
+        &topo
+            .lbctl(&["maglev", "10.96.0.10:80/TCP", "-o", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let last = report["rewrites"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        last["slots_moved"].as_u64(),
+        Some(moved),
+        "diff predicted {moved} slots, the agent moved: {report}"
     );
 }

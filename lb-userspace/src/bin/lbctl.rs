@@ -901,10 +901,26 @@ fn diff(args: &Args, file: &std::path::Path) -> Result<bool> {
         match live.get(fe) {
             None => added.push(json!({"frontend": fe, "service": service, "backends": backends})),
             Some((old_service, old)) if old_service != service || old != backends => {
+                // The Maglev slots this change moves, built as the agent would.
+                let input: Vec<_> = desired.services[service]
+                    .backends
+                    .iter()
+                    .filter(|b| {
+                        b.condition == lb_userspace::model::BackendCondition::Active && b.weight > 0
+                    })
+                    .map(|b| (b.endpoint, b.weight))
+                    .collect();
+                let live_fe = maps.frontends.get(&parse_frontend(fe)?, 0)?;
+                let (moved, slots) = if input.is_empty() {
+                    (live_fe.maglev_size as usize, live_fe.maglev_size)
+                } else {
+                    inspect::slots_moved(&maps, &live_fe, &input)?
+                };
                 changed.push(json!({"frontend": fe, "service": service,
                     "service_before": old_service,
                     "backends_added": backends.difference(old).collect::<Vec<_>>(),
-                    "backends_removed": old.difference(backends).collect::<Vec<_>>()}));
+                    "backends_removed": old.difference(backends).collect::<Vec<_>>(),
+                    "maglev": {"slots": slots, "slots_moved": moved}}));
             }
             Some(_) => {}
         }
@@ -966,12 +982,17 @@ fn diff(args: &Args, file: &std::path::Path) -> Result<bool> {
         );
     }
     for c in &changed {
+        let (moved, slots) = (
+            c["maglev"]["slots_moved"].as_u64().unwrap_or(0),
+            c["maglev"]["slots"].as_u64().unwrap_or(0).max(1),
+        );
         println!(
-            "~ frontend {} ({}): backends +[{}] -[{}]",
+            "~ frontend {} ({}): backends +[{}] -[{}]; Maglev slots moved {moved} of {slots} ({:.1}%)",
             c["frontend"].as_str().unwrap_or(""),
             c["service"].as_str().unwrap_or(""),
             list(&c["backends_added"]),
-            list(&c["backends_removed"])
+            list(&c["backends_removed"]),
+            100.0 * moved as f64 / slots as f64
         );
     }
     for a in &arp_added {
