@@ -386,4 +386,10 @@ fn diff_shows_what_a_file_would_change_and_touches_nothing() {
         Some(moved),
         "diff predicted {moved} slots, the agent moved: {report}"
     );
+    assert!(
+        topo.agent_log()
+            .contains(&format!("Maglev default/echo:tcp: {moved} of {slots} slots moved")),
+        "the agent logs each rewrite:\n{}",
+        topo.agent_log()
+    );
 }
