@@ -386,9 +386,37 @@ fn diff_shows_what_a_file_would_change_and_touches_nothing() {
         Some(moved),
         "diff predicted {moved} slots, the agent moved: {report}"
     );
+    // -o wide, and colour only on a terminal (NO_COLOR honoured).
+    let wide = topo.lbctl(&["services", "-o", "wide"]).unwrap();
     assert!(
-        topo.agent_log()
-            .contains(&format!("Maglev default/echo:tcp: {moved} of {slots} slots moved")),
+        wide.contains("SERVICE_ID") && wide.contains("TABLE"),
+        "{wide}"
+    );
+    let piped = topo.lbctl(&["backends"]).unwrap();
+    assert!(
+        piped.contains("active") && !piped.contains('\x1b'),
+        "{piped}"
+    );
+    let on_tty = |no_color: &str| {
+        let cmd = format!(
+            "{} --bpffs {} --state-dir {} backends",
+            lb_tests::sibling_binary("lbctl").display(),
+            topo.bpffs().display(),
+            topo.state_dir().display()
+        );
+        let out = std::process::Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env("NO_COLOR", no_color)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(on_tty("").contains("\x1b[32mactive"), "{:?}", on_tty(""));
+    assert!(!on_tty("1").contains('\x1b'), "NO_COLOR");
+    assert!(
+        topo.agent_log().contains(&format!(
+            "Maglev default/echo:tcp: {moved} of {slots} slots moved"
+        )),
         "the agent logs each rewrite:\n{}",
         topo.agent_log()
     );

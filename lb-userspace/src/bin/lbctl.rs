@@ -36,6 +36,8 @@ struct Args {
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum Output {
     Table,
+    /// The table with more columns (ids, table sizes, policies, counters).
+    Wide,
     Json,
     /// The JSON document as YAML.
     Yaml,
@@ -43,6 +45,52 @@ enum Output {
 
 /// `-o`, for [`emit`].
 static FORMAT: std::sync::OnceLock<Output> = std::sync::OnceLock::new();
+
+/// `-o json` or `-o yaml`: a document, not a table.
+fn is_structured(o: Output) -> bool {
+    matches!(o, Output::Json | Output::Yaml)
+}
+
+/// `-o wide`.
+fn wide() -> bool {
+    FORMAT.get() == Some(&Output::Wide)
+}
+
+/// Terminal colours, only when stdout is a terminal and NO_COLOR is not set.
+#[derive(Clone, Copy)]
+enum Colour {
+    Green = 32,
+    Yellow = 33,
+    Red = 31,
+}
+
+fn paint(text: &str, colour: Colour) -> String {
+    use std::io::IsTerminal;
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| {
+        std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+    });
+    if on {
+        format!("\x1b[{}m{text}\x1b[0m", colour as u8)
+    } else {
+        text.to_string()
+    }
+}
+
+/// Width on screen: colour escapes take none.
+fn visible_len(s: &str) -> usize {
+    let mut n = 0;
+    let mut escape = false;
+    for c in s.chars() {
+        match (escape, c) {
+            (false, '\x1b') => escape = true,
+            (true, 'm') => escape = false,
+            (true, _) => {}
+            (false, _) => n += 1,
+        }
+    }
+    n
+}
 
 /// Prints a structured result in the `-o` format asked for (json, or yaml).
 fn emit(value: &impl serde::Serialize) -> Result<()> {
@@ -56,27 +104,55 @@ fn emit(value: &impl serde::Serialize) -> Result<()> {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Frontends with their service and backends.
+    #[command(
+        after_help = "Examples:\n  lbctl services\n  lbctl services -o wide     # service ids, table sizes, policies, packets\n  lbctl services -o json | jq '.[] | select(.type == \"LoadBalancer\")'"
+    )]
     Services,
     /// Backends with state and counters.
+    #[command(after_help = "Examples:\n  lbctl backends\n  lbctl backends -o yaml")]
     Backends,
-    /// Conntrack entries.
+    /// Conntrack entries (and SNAT entries): direction, tuple, translation, flags, idle time.
+    #[command(
+        after_help = "Examples:\n  lbctl conntrack\n  lbctl conntrack -o wide    # with the table each entry is in (conntrack or nat)\n  lbctl conntrack -o json | jq '[.[] | select(.closing)] | length'"
+    )]
     Conntrack,
-    /// Per-frontend and per-backend packet/byte counters, conntrack fill.
+    /// Per-frontend and per-backend packet/byte counters, conntrack and SNAT fill and
+    /// counters, refused map writes.
+    #[command(
+        after_help = "Examples:\n  lbctl stats\n  lbctl stats -o json | jq .conntrack.evicted"
+    )]
     Stats,
     /// Slot shares of one frontend's Maglev table, e.g. `lbctl maglev 10.96.0.10:80/TCP`.
+    #[command(
+        after_help = "Examples:\n  lbctl maglev 10.96.0.10:80/TCP\n  lbctl maglev 192.168.30.60:443/TCP -o json"
+    )]
     Maglev { frontend: String },
     /// Addresses the ARP responder answers for: interface, MAC, replies sent, last gratuitous ARP.
+    #[command(
+        after_help = "Examples:\n  lbctl arp\n  lbctl trace arp --who-has 192.168.30.60 --iface eth0   # would this node answer?"
+    )]
     Arp,
     /// LoadBalancer IP pools (size, used) and each LoadBalancer Service's address or problem.
+    #[command(
+        after_help = "Examples:\n  lbctl pools\n  lbctl --state-dir /var/lib/lb-agent pools -o json"
+    )]
     Pools,
     /// Interfaces the agent attached to: hooks (xdp+tc or tc), why, and whether the pinned links
     /// are still there.
+    #[command(after_help = "Examples:\n  lbctl interfaces")]
     Interfaces,
     /// Is the agent up, what does it read, how did its last reload end; the programs on this
     /// node's maps, how the interfaces are hooked, and how full every map is.
+    #[command(
+        after_help = "Examples:\n  lbctl status\n  lbctl status -o json | jq '.maps[] | select(.entries > .capacity * 0.8)'"
+    )]
     Status,
     /// What applying FILE would change on this node (frontends, their backends, ARP
-    /// announcements), touching nothing: exit 0 when nothing, 1 when something, 2 on error.
+    /// announcements) and how many Maglev slots each changed table moves, touching nothing:
+    /// exit 0 when nothing, 1 when something, 2 on error.
+    #[command(
+        after_help = "Examples:\n  lbctl diff --config new-services.yaml\n  lbctl diff --config new.yaml -o json || echo \"would change something (or be rejected: exit 2)\""
+    )]
     Diff {
         #[arg(long)]
         config: PathBuf,
@@ -146,14 +222,14 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
+            *w = (*w).max(visible_len(cell));
         }
     }
     let line = |cells: Vec<&str>| {
         let parts: Vec<String> = cells
             .iter()
             .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
+            .map(|(c, w)| format!("{c}{}", " ".repeat(w - visible_len(c))))
             .collect();
         println!("{}", parts.join("  ").trim_end());
     };
@@ -190,7 +266,7 @@ fn main() -> Result<()> {
         _ => {}
     }
     let maps = PinnedMaps::open(&args.bpffs, false)?;
-    let structured = args.output != Output::Table;
+    let structured = is_structured(args.output);
     match &args.command {
         Command::Services => services(&maps, structured),
         Command::Backends => backends(&maps, structured),
@@ -213,7 +289,27 @@ fn main() -> Result<()> {
 fn services(maps: &PinnedMaps, structured: bool) -> Result<()> {
     let names = service_names(maps)?;
     let mut out = Vec::new();
+    // -o wide: service id, table size, policies, packets.
+    let mut extra = Vec::new();
     for (key, fe) in frontends(maps)? {
+        let mut policies = Vec::new();
+        if fe.flags & lb_common::frontend_flags::AFFINITY != 0 {
+            policies.push(format!("affinity {}s", fe.affinity_timeout_s));
+        }
+        if fe.flags & lb_common::frontend_flags::SOURCE_RANGES != 0 {
+            policies.push("source ranges".to_string());
+        }
+        let packets = PinnedMaps::sum(&maps.frontend_stats.get(&fe.frontend_id, 0)?).packets;
+        extra.push(vec![
+            fe.service_id.to_string(),
+            fe.maglev_size.to_string(),
+            if policies.is_empty() {
+                "-".into()
+            } else {
+                policies.join(",")
+            },
+            packets.to_string(),
+        ]);
         let mut backends: Vec<String> = Vec::new();
         for id in table_shares(maps, &fe)?.keys() {
             backends.push(backend_name(maps, *id)?);
@@ -248,7 +344,28 @@ fn services(maps: &PinnedMaps, structured: bool) -> Result<()> {
                 ]
             })
             .collect();
-        print_table(&["FRONTEND", "TYPE", "SERVICE", "BACKENDS"], &rows);
+        if wide() {
+            let rows: Vec<Vec<String>> = rows
+                .into_iter()
+                .zip(extra)
+                .map(|(r, e)| [r, e].concat())
+                .collect();
+            print_table(
+                &[
+                    "FRONTEND",
+                    "TYPE",
+                    "SERVICE",
+                    "BACKENDS",
+                    "SERVICE_ID",
+                    "TABLE",
+                    "POLICY",
+                    "PACKETS",
+                ],
+                &rows,
+            );
+        } else {
+            print_table(&["FRONTEND", "TYPE", "SERVICE", "BACKENDS"], &rows);
+        }
     }
     Ok(())
 }
@@ -275,7 +392,14 @@ fn backends(maps: &PinnedMaps, structured: bool) -> Result<()> {
             .map(|o| {
                 ["id", "backend", "protocol", "state", "packets", "bytes"]
                     .iter()
-                    .map(|k| o[*k].to_string().trim_matches('"').to_string())
+                    .map(|k| {
+                        let v = o[*k].to_string().trim_matches('"').to_string();
+                        match (*k, v.as_str()) {
+                            ("state", "active") => paint(&v, Colour::Green),
+                            ("state", _) => paint(&v, Colour::Yellow),
+                            _ => v,
+                        }
+                    })
                     .collect()
             })
             .collect();
@@ -343,7 +467,7 @@ fn conntrack(maps: &PinnedMaps, structured: bool) -> Result<()> {
                         .join(","),
                     v => v.to_string().trim_matches('"').to_string(),
                 };
-                [
+                let mut keys = vec![
                     "direction",
                     "protocol",
                     "source",
@@ -353,26 +477,28 @@ fn conntrack(maps: &PinnedMaps, structured: bool) -> Result<()> {
                     "backend_id",
                     "flags",
                     "idle_seconds",
-                ]
-                .iter()
-                .map(|k| cell(k))
-                .collect()
+                ];
+                if wide() {
+                    keys.insert(0, "table");
+                }
+                keys.iter().map(|k| cell(k)).collect()
             })
             .collect();
-        print_table(
-            &[
-                "DIR",
-                "PROTO",
-                "SOURCE",
-                "DESTINATION",
-                "NAT",
-                "CLIENT_SIDE",
-                "BACKEND",
-                "FLAGS",
-                "IDLE_S",
-            ],
-            &rows,
-        );
+        let mut header = vec![
+            "DIR",
+            "PROTO",
+            "SOURCE",
+            "DESTINATION",
+            "NAT",
+            "CLIENT_SIDE",
+            "BACKEND",
+            "FLAGS",
+            "IDLE_S",
+        ];
+        if wide() {
+            header.insert(0, "TABLE");
+        }
+        print_table(&header, &rows);
     }
     Ok(())
 }
@@ -636,7 +762,7 @@ fn interfaces(args: &Args) -> Result<()> {
         "path": hooked.cgroup,
         "hooks_pinned": sockets,
     });
-    if args.output != Output::Table {
+    if is_structured(args.output) {
         emit(&json!({"interfaces": out, "cgroup": cgroup}))?;
         return Ok(());
     }
@@ -669,7 +795,7 @@ fn interfaces(args: &Args) -> Result<()> {
 
 fn pools(args: &Args) -> Result<()> {
     let status = Status::read(&args.state_dir)?;
-    if args.output != Output::Table {
+    if is_structured(args.output) {
         emit(&json!({"pools": status.pools, "services": status.load_balancers}))?;
         return Ok(());
     }
@@ -730,7 +856,7 @@ fn status(args: &Args) -> Result<()> {
         }
         Err(_) => (Vec::new(), Vec::new()),
     };
-    if args.output != Output::Table {
+    if is_structured(args.output) {
         let out = json!({
             "agent": agent.as_ref().map(|a| json!({"running": running, "state": a})),
             "programs": programs.iter().map(|(n, id)| json!({"name": n, "id": id})).collect::<Vec<_>>(),
@@ -748,7 +874,11 @@ fn status(args: &Args) -> Result<()> {
         Some(a) => {
             println!(
                 "agent: {} (pid {}, version {}), {}; {}{}",
-                if running { "running" } else { "NOT running" },
+                if running {
+                    paint("running", Colour::Green)
+                } else {
+                    paint("NOT running", Colour::Red)
+                },
                 a.pid,
                 a.version,
                 a.source,
@@ -948,7 +1078,7 @@ fn diff(args: &Args, file: &std::path::Path) -> Result<bool> {
         && changed.is_empty()
         && arp_added.is_empty()
         && arp_removed.is_empty());
-    if args.output != Output::Table {
+    if is_structured(args.output) {
         emit(&json!({
             "changes": any,
             "frontends": {"added": added, "removed": removed, "changed": changed},
@@ -968,7 +1098,8 @@ fn diff(args: &Args, file: &std::path::Path) -> Result<bool> {
     };
     for a in &added {
         println!(
-            "+ frontend {} ({}) → {}",
+            "{} frontend {} ({}) → {}",
+            paint("+", Colour::Green),
             a["frontend"].as_str().unwrap_or(""),
             a["service"].as_str().unwrap_or(""),
             list(&a["backends"])
@@ -976,7 +1107,8 @@ fn diff(args: &Args, file: &std::path::Path) -> Result<bool> {
     }
     for r in &removed {
         println!(
-            "- frontend {} ({})",
+            "{} frontend {} ({})",
+            paint("-", Colour::Red),
             r["frontend"].as_str().unwrap_or(""),
             r["service"].as_str().unwrap_or("")
         );
@@ -987,7 +1119,8 @@ fn diff(args: &Args, file: &std::path::Path) -> Result<bool> {
             c["maglev"]["slots"].as_u64().unwrap_or(0).max(1),
         );
         println!(
-            "~ frontend {} ({}): backends +[{}] -[{}]; Maglev slots moved {moved} of {slots} ({:.1}%)",
+            "{} frontend {} ({}): backends +[{}] -[{}]; Maglev slots moved {moved} of {slots} ({:.1}%)",
+            paint("~", Colour::Yellow),
             c["frontend"].as_str().unwrap_or(""),
             c["service"].as_str().unwrap_or(""),
             list(&c["backends_added"]),
@@ -996,10 +1129,10 @@ fn diff(args: &Args, file: &std::path::Path) -> Result<bool> {
         );
     }
     for a in &arp_added {
-        println!("+ ARP {a}");
+        println!("{} ARP {a}", paint("+", Colour::Green));
     }
     for a in &arp_removed {
-        println!("- ARP {a}");
+        println!("{} ARP {a}", paint("-", Colour::Red));
     }
     if !any {
         println!("no changes");
@@ -1083,7 +1216,7 @@ fn trace(args: &Args) -> Result<()> {
         _ => true,
     };
     let input = trace::headers(&frame);
-    if args.output != Output::Table {
+    if is_structured(args.output) {
         return emit(&json!({"interface": iface, "input": input, "steps": steps,
             "verdict": last.verdict, "explanation": why, "consistent": agrees}));
     }
@@ -1092,7 +1225,12 @@ fn trace(args: &Args) -> Result<()> {
         input.kind, input.src, input.dst
     );
     for s in &steps {
-        println!("  {} (program {}): {}", s.hook, s.program_id, s.verdict);
+        let verdict = match s.verdict {
+            "drop" | "aborted" => paint(s.verdict, Colour::Red),
+            "pass" => s.verdict.to_string(),
+            v => paint(v, Colour::Green),
+        };
+        println!("  {} (program {}): {verdict}", s.hook, s.program_id);
         if let Some(o) = &s.output {
             let ttl = o.ttl.map(|t| format!(", ttl {t}")).unwrap_or_default();
             println!(
