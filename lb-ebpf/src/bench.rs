@@ -172,17 +172,18 @@ fn replay(ctx: &XdpContext) -> bool {
 }
 
 /// Benchmark sink: counts and drops what reaches it: IPv4 to a backend (10.128.0.0/9, the
-/// benchmarks' endpoints) and ARP replies in slot 1, anything else in slot 2 (a packet the node
-/// did not translate still reaches the sink's link, since the lab routes 10.0.0.0/8 there, and
-/// must not count as delivered).
+/// benchmarks' endpoints) and valid ARP replies to the generator's questions in slot 1,
+/// anything else in slot 2 (a packet the node did not translate still reaches the sink's link,
+/// since the lab routes 10.0.0.0/8 there, and must not count as delivered; nor does an ARP
+/// reply for an address nobody asked about, or one not addressed to the asker).
 #[xdp]
 pub fn lb_sink(ctx: XdpContext) -> u32 {
     let wanted = match ptr_at::<XdpContext, [u8; 34]>(&ctx, 0) {
         Ok(p) => {
             let p = unsafe { &*p };
             let ipv4_to_backend = p[12] == 0x08 && p[13] == 0 && p[30] == 10 && p[31] & 0x80 != 0;
-            let arp_reply = p[12] == 0x08 && p[13] == 0x06 && p[20] == 0 && p[21] == 2;
-            ipv4_to_backend || arp_reply
+            let arp = p[12] == 0x08 && p[13] == 0x06;
+            ipv4_to_backend || (arp && valid_arp_reply(&ctx))
         }
         Err(()) => false,
     };
@@ -190,6 +191,24 @@ pub fn lb_sink(ctx: XdpContext) -> u32 {
         unsafe { *c += 1 };
     }
     xdp_action::XDP_DROP
+}
+
+/// An Ethernet/IPv4 ARP reply ("X is at M") for an address the generator asks about
+/// (LB_GEN's `vip_base`, `vip_count` of them), sent to the generator's MAC.
+#[inline(always)]
+fn valid_arp_reply(ctx: &XdpContext) -> bool {
+    let Ok(p) = ptr_at::<XdpContext, [u8; 42]>(ctx, 0) else {
+        return false;
+    };
+    let p = unsafe { &*p };
+    let Some(cfg) = LB_GEN.get(0) else {
+        return false;
+    };
+    let sender = u32::from_be_bytes([p[28], p[29], p[30], p[31]]);
+    p[14..22] == [0, 1, 0x08, 0, 6, 4, 0, 2]
+        && sender.wrapping_sub(cfg.vip_base) < cfg.vip_count.max(1)
+        && p[0..6] == cfg.macs[6..12]
+        && p[32..38] == cfg.macs[6..12]
 }
 
 #[cfg(not(test))]

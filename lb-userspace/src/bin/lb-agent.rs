@@ -366,10 +366,12 @@ impl Agent {
                 return;
             }
             Err(e) => {
-                // Does not fit: refused before any write.
+                // Does not fit: refused before any write, not retried (it cannot fit until the
+                // source changes). Counted as a refused write, and the change stays
+                // unprogrammed: /healthz fails after --health-timeout, as kube-proxy's does.
                 error!("{path} not applied: {e:#}; keeping the last good state");
-                self.metrics.rejected.inc();
-                self.metrics.health.programmed();
+                self.metrics.map_write_errors.inc();
+                self.agent_state.map_write_errors += 1;
                 self.record_reload(started, "not applied", format!("{e:#}"));
                 self.pending = None;
                 return;
