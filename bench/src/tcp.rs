@@ -99,7 +99,13 @@ enum Mode {
     Nftables,
 }
 
-const MODES: [Mode; 5] = [Mode::Direct, Mode::Socket, Mode::Tc, Mode::Iptables, Mode::Nftables];
+const MODES: [Mode; 5] = [
+    Mode::Direct,
+    Mode::Socket,
+    Mode::Tc,
+    Mode::Iptables,
+    Mode::Nftables,
+];
 
 /// One run of `mode` on a topology made for it alone.
 fn fresh_run(mode: Mode, s: &Settings, f: &mut Figures) -> Result<()> {

@@ -202,6 +202,18 @@ fn measure(s: &Settings, n: u32) -> Result<Row> {
             *b = b.min(t);
         }
     }
+    // The new-flow cases really are new flows through the whole path: each run inserted its
+    // conntrack entries (a replayed frame the datapath refused would time a pass, not a flow).
+    for (frame, what) in [(&syn, "TCP SYN"), (&udp, "UDP")] {
+        let before = lab.maps().ct_counters()?.inserted;
+        lab.time_replayed("lb_replay", frame, ci, s.repeat, true)?;
+        let inserted = lab.maps().ct_counters()?.inserted - before;
+        anyhow::ensure!(
+            inserted >= 2 * u64::from(s.repeat),
+            "{what}, new flow every run: {inserted} conntrack inserts in {} runs",
+            s.repeat
+        );
+    }
     // `best` is in the order of `cases`.
     Ok(Row {
         frontends,

@@ -156,17 +156,25 @@ fn replay(ctx: &XdpContext) -> bool {
         return false;
     }
     if frame.new_flow != 0 {
-        // Source port and the low 16 bits of the source address from the run counter.
+        // Source port (1024..=65535) and the low 16 bits of the source address from the run
+        // counter: a distinct 5-tuple for each of 64,512 × 65,536 runs.
         let n = frame.counter;
         frame.counter = n.wrapping_add(1);
+        let (high, port) = (n / 64_512, (n % 64_512) as u16 + 1024);
         const SRC: usize = EthHdr::LEN + 12;
         const SPORT: usize = EthHdr::LEN + Ipv4Hdr::LEN;
         let Ok(p) = ptr_at::<_, [u8; SPORT + 2]>(ctx, 0) else {
             return false;
         };
         let p = unsafe { &mut *p };
-        p[SRC + 2..SRC + 4].copy_from_slice(&((n >> 16) as u16).to_be_bytes());
-        p[SPORT..SPORT + 2].copy_from_slice(&((n as u16) | 1024).to_be_bytes());
+        p[SRC + 2..SRC + 4].copy_from_slice(&(high as u16).to_be_bytes());
+        p[SPORT..SPORT + 2].copy_from_slice(&port.to_be_bytes());
+        // The IPv4 header checksum again (the datapath drops a header that fails it).
+        const IP: usize = EthHdr::LEN;
+        p[IP + 10] = 0;
+        p[IP + 11] = 0;
+        let sum = sum_words(&p[IP..IP + Ipv4Hdr::LEN], 0);
+        p[IP + 10..IP + 12].copy_from_slice(&fold(sum).to_be_bytes());
     }
     true
 }

@@ -324,12 +324,15 @@ impl XdpLab {
         let map = aya::maps::MapData::from_pin(self.bpffs().join(map_names::REPLAY))?;
         let mut replay: aya::maps::Array<_, ReplayFrame> =
             aya::maps::Array::try_from(aya::maps::Map::from_map_data(map)?)?;
+        // The flow counter goes on from the last run: new flows stay new across calls (and
+        // trials), never meeting an earlier run's conntrack entry.
+        let counter = replay.get(&0, 0).map_or(0, |r| r.counter);
         replay.set(
             0,
             ReplayFrame {
                 len: frame.len() as u32,
                 new_flow: new_flow as u32,
-                counter: 0,
+                counter,
                 data,
             },
             0,
