@@ -204,6 +204,7 @@ fn one_run(s: &Settings, mode: Mode, new_flows: bool) -> Result<Run> {
         &mut lab,
         &mut config,
         (&frame, gen_if, macs),
+        Ipv4Addr::new(10, 96, 0, 1),
         1,
         u32::from(Ipv4Addr::new(10, 1, 0, 1)),
         new_flows,

@@ -80,7 +80,9 @@ pub mod map_names {
     pub const GEN: &str = "LB_GEN";
     pub const GEN_COUNTERS: &str = "LB_GEN_COUNTERS";
     pub const REPLAY: &str = "LB_REPLAY";
-    pub const BENCH: [&str; 3] = [GEN, GEN_COUNTERS, REPLAY];
+    /// Where `lb_redirect` (the forwarding benchmark's ceiling) sends every frame.
+    pub const REDIRECT: &str = "LB_REDIRECT";
+    pub const BENCH: [&str; 4] = [GEN, GEN_COUNTERS, REPLAY, REDIRECT];
 }
 
 /// Default capacities; the agent may resize maps at load time.
@@ -246,6 +248,15 @@ pub struct GenConfig {
     pub dport: u16,
     /// [`GEN_UDP`] or [`GEN_ARP`] (an ARP request from `src_base` for `vip_base + n % vip_count`).
     pub mode: u16,
+}
+
+/// Settings of `lb_redirect` (LB_REDIRECT[0]): every frame gets these MACs (destination then
+/// source) and goes out of `ifindex`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectConfig {
+    pub ifindex: u32,
+    pub macs: [u8; 12],
 }
 
 /// Largest frame `lb_replay` can restore (a power of two: the datapath masks the length).
@@ -601,6 +612,7 @@ mod pod {
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevEntry {}
     unsafe impl aya::Pod for GenConfig {}
+    unsafe impl aya::Pod for RedirectConfig {}
     unsafe impl aya::Pod for ReplayFrame {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for AffinityKey {}

@@ -1,6 +1,6 @@
 //! Benchmark-only programs and maps, in an object of their own so a node never loads or pins
 //! them: the traffic generator `lb_gen`, the sink `lb_sink`, the replaying datapath `lb_replay`
-//! and its floor `lb_replay_pass`, and the empty `lb_pass`. They share the node's pinned maps
+//! and its floor `lb_replay_pass`, the empty `lb_pass` and the redirect-only `lb_redirect`. They share the node's pinned maps
 //! (and packet path) when loaded over the same bpffs directory.
 #![no_std]
 #![no_main]
@@ -13,7 +13,7 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
-use lb_common::{GEN_ARP, GenConfig, REPLAY_MAX, ReplayFrame};
+use lb_common::{GEN_ARP, GenConfig, REPLAY_MAX, RedirectConfig, ReplayFrame};
 use lb_ebpf::{
     lb::balance,
     packet::ptr_at,
@@ -29,6 +29,23 @@ static LB_GEN_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(3, 0);
 
 #[map]
 static LB_REPLAY: Array<ReplayFrame> = Array::pinned(1, 0);
+
+#[map]
+static LB_REDIRECT: Array<RedirectConfig> = Array::pinned(1, 0);
+
+/// The forwarding benchmark's ceiling: what this machine does when a program only rewrites the
+/// MACs and redirects (no parsing, no lookups): the same path as the datapath's XDP_REDIRECT.
+#[xdp]
+pub fn lb_redirect(ctx: XdpContext) -> u32 {
+    let Some(cfg) = LB_REDIRECT.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let Ok(p) = ptr_at::<XdpContext, [u8; 12]>(&ctx, 0) else {
+        return xdp_action::XDP_DROP;
+    };
+    unsafe { *p = cfg.macs };
+    unsafe { aya_ebpf::helpers::bpf_redirect(cfg.ifindex, 0) as u32 }
+}
 
 /// An empty program: the floor in benchmarks, and a way to give a veth peer the NAPI context that
 /// XDP_REDIRECT into it needs.
