@@ -112,22 +112,11 @@ fn removed_backend_gets_no_new_flows_but_keeps_its_open_connection() {
         "agent did not report the table change:\n{log}"
     );
     // lbctl maglev shows the rewrite: a third of the slots moved, the ideal for 1 of 3 removed.
-    let report: serde_json::Value = serde_json::from_str(
-        &topo
-            .lbctl(&["maglev", "10.96.0.10:80/TCP", "-o", "json"])
-            .unwrap(),
-    )
-    .unwrap();
-    let last = report["rewrites"]
-        .as_array()
-        .unwrap()
-        .last()
-        .cloned()
-        .unwrap();
+    let last = last_rewrite(&topo);
     let moved = last["slots_moved"].as_f64().unwrap() / last["slots"].as_f64().unwrap();
     let ideal = last["ideal_fraction"].as_f64().unwrap();
-    assert!((ideal - 1.0 / 3.0).abs() < 1e-9, "{report}");
-    assert!(moved <= ideal * 1.05, "{report}");
+    assert!((ideal - 1.0 / 3.0).abs() < 1e-9, "{last}");
+    assert!(moved <= ideal * 1.05, "{last}");
     let table = topo.lbctl(&["maglev", "10.96.0.10:80/TCP"]).unwrap();
     assert!(
         table.contains("last table rewrites of default/echo:tcp"),
@@ -369,22 +358,11 @@ fn diff_shows_what_a_file_would_change_and_touches_nothing() {
         t.lbctl(&["services"]).unwrap().contains("10.0.3.2")
     })
     .unwrap();
-    let report: serde_json::Value = serde_json::from_str(
-        &topo
-            .lbctl(&["maglev", "10.96.0.10:80/TCP", "-o", "json"])
-            .unwrap(),
-    )
-    .unwrap();
-    let last = report["rewrites"]
-        .as_array()
-        .unwrap()
-        .last()
-        .unwrap()
-        .clone();
+    let last = last_rewrite(&topo);
     assert_eq!(
         last["slots_moved"].as_u64(),
         Some(moved),
-        "diff predicted {moved} slots, the agent moved: {report}"
+        "diff predicted {moved} slots, the agent moved: {last}"
     );
     // -o wide, and colour only on a terminal (NO_COLOR honoured).
     let wide = topo.lbctl(&["services", "-o", "wide"]).unwrap();
@@ -415,9 +393,25 @@ fn diff_shows_what_a_file_would_change_and_touches_nothing() {
     assert!(!on_tty("1").contains('\x1b'), "NO_COLOR");
     assert!(
         topo.agent_log().contains(&format!(
-            "Maglev default/echo:tcp: {moved} of {slots} slots moved"
+            "service default/echo:tcp: Maglev table rebuilt, {moved}/{slots} slots moved"
         )),
         "the agent logs each rewrite:\n{}",
         topo.agent_log()
     );
+}
+
+/// The last Maglev rewrite of 10.96.0.10:80/TCP, as `lbctl maglev -o json` reports it.
+fn last_rewrite(topo: &Topology) -> serde_json::Value {
+    let report: serde_json::Value = serde_json::from_str(
+        &topo
+            .lbctl(&["maglev", "10.96.0.10:80/TCP", "-o", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    report["rewrites"]
+        .as_array()
+        .unwrap()
+        .last()
+        .cloned()
+        .unwrap()
 }

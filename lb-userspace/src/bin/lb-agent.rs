@@ -382,20 +382,6 @@ impl Agent {
         }
         self.retry = None;
         self.pending = None;
-        // Each rewritten table: slots moved against the ideal of its change (a few by name).
-        for t in report.tables.iter().take(10) {
-            info!(
-                "Maglev {}: {} of {} slots moved ({:.2}%; ideal {:.2}%)",
-                t.service,
-                t.slots_moved,
-                t.slots,
-                100.0 * t.slots_moved as f64 / f64::from(t.slots.max(1)),
-                100.0 * t.ideal_fraction
-            );
-        }
-        if report.tables.len() > 10 {
-            info!("Maglev: {} more tables rewritten", report.tables.len() - 10);
-        }
         if !report.tables.is_empty()
             && let Err(e) =
                 agentstate::record_rewrites(&self.state_dir, &mut self.rewrites, &report.tables)
