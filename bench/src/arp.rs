@@ -7,9 +7,9 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::Result;
-use lb_common::{ArpEntry, ArpKey, GEN_ARP, GenConfig, ipv4_to_wire};
+use lb_common::{GEN_ARP, GenConfig};
 use lb_tests::{
-    lab::{CLIENT_IF, CLIENT_IF_MAC, XdpLab},
+    lab::{CLIENT_IF, XdpLab},
     sh,
 };
 
@@ -37,19 +37,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
     eprintln!("arp: flood of {} requests …", s.requests);
     let mut lab = XdpLab::new(lab_options(251, 1, 16, 16))?;
     let ns = lab.ns.clone();
-    let cl = lab.client_ifindex;
-    lab.maps.as_mut().expect("maps").arp.insert(
-        ArpKey {
-            ifindex: cl,
-            addr: ipv4_to_wire(ANNOUNCED.octets()),
-        },
-        ArpEntry {
-            mac: CLIENT_IF_MAC.octets(),
-            _pad: [0; 2],
-            replies: 0,
-        },
-        0,
-    )?;
+    lab.announce(ANNOUNCED)?;
     let gen_if = lb_tests::lab::ifindex("cl-peer")?;
     let gen_mac = peer_mac(&ns, "cl-peer")?;
     let sink = lab.attach("lb_sink", "cl-peer")?;

@@ -13,7 +13,6 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
-use lb_common::{ArpEntry, ArpKey};
 use lb_tests::{
     frames::{Frame, TCP_ACK, TCP_SYN},
     lab::{BACKEND_IF_MAC, CLIENT, CLIENT_IF_MAC, CLIENT_MAC, XdpLab, backend_mac},
@@ -158,19 +157,7 @@ fn measure(s: &Settings, n: u32) -> Result<Row> {
 
     // ARP request for an announced LoadBalancer IP: answered in place.
     let announced = Ipv4Addr::new(192, 168, 30, 60);
-    let mac = CLIENT_IF_MAC.octets();
-    lab.maps.as_mut().expect("maps").arp.insert(
-        ArpKey {
-            ifindex: ci,
-            addr: lb_common::ipv4_to_wire(announced.octets()),
-        },
-        ArpEntry {
-            mac,
-            _pad: [0; 2],
-            replies: 0,
-        },
-        0,
-    )?;
+    lab.announce(announced)?;
     let request = lb_tests::frames::arp_request(CLIENT_MAC, CLIENT, announced);
     anyhow::ensure!(
         lab.run("lb", &request, ci)?.verdict == 3,

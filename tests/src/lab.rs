@@ -129,6 +129,26 @@ impl XdpLab {
         Ok(lab)
     }
 
+    /// Makes the ARP responder answer for `addr` on `cl`, with `cl`'s MAC.
+    pub fn announce(&mut self, addr: Ipv4Addr) -> Result<()> {
+        let key = lb_common::ArpKey {
+            ifindex: self.client_ifindex,
+            addr: lb_common::ipv4_to_wire(addr.octets()),
+        };
+        let entry = lb_common::ArpEntry {
+            mac: CLIENT_IF_MAC.octets(),
+            _pad: [0; 2],
+            replies: 0,
+        };
+        self.maps
+            .as_mut()
+            .expect("maps")
+            .arp
+            .insert(key, entry, 0)
+            .context("LB_ARP")?;
+        Ok(())
+    }
+
     /// Applies a YAML config (Services + EndpointSlices) to the maps, as the agent would, and
     /// gives every backend address a neighbour entry on `bk`.
     pub fn apply_yaml(&mut self, yaml: &str) -> Result<()> {

@@ -24,7 +24,6 @@ use std::{
     net::Ipv4Addr,
 };
 
-use lb_common::{ArpEntry, ArpKey, ipv4_to_wire};
 use lb_tests::{
     lab::{BACKEND_IF_MAC, CLIENT_IF_MAC, XdpLab, backend_mac},
     testrun::{Hook, lab_options, service},
@@ -115,22 +114,7 @@ fn lab() -> XdpLab {
     ]
     .concat();
     lab.apply_yaml(&yaml).expect("config");
-    let key = ArpKey {
-        ifindex: lab.client_ifindex,
-        addr: ipv4_to_wire(ANNOUNCED.octets()),
-    };
-    let m = CLIENT_IF_MAC;
-    let entry = ArpEntry {
-        mac: [m.0, m.1, m.2, m.3, m.4, m.5],
-        _pad: [0; 2],
-        replies: 0,
-    };
-    lab.maps
-        .as_mut()
-        .unwrap()
-        .arp
-        .insert(key, entry, 0)
-        .expect("arp");
+    lab.announce(ANNOUNCED).expect("arp");
     lab
 }
 

@@ -5,7 +5,7 @@
 
 use std::net::Ipv4Addr;
 
-use lb_common::{ArpEntry, ArpKey, FrontendKey, hash::flow_hash, ipv4_to_wire};
+use lb_common::{ArpKey, FrontendKey, hash::flow_hash, ipv4_to_wire};
 use lb_tests::{
     frames::{Frame, L4, TCP_ACK, TCP_RST, TCP_SYN, arp_reply, arp_request, verify_checksums},
     lab::{BACKEND_IF_MAC, CLIENT, CLIENT_IF_MAC, CLIENT_MAC, XdpLab, backend_mac},
@@ -481,22 +481,8 @@ fn arp_responder_cases_tc() {
 
 fn arp_responder_cases(hook: Hook) {
     let mut lab = lab();
-    let key = ArpKey {
-        ifindex: lab.client_ifindex,
-        addr: ipv4_to_wire(ANNOUNCED.octets()),
-    };
+    lab.announce(ANNOUNCED).expect("arp entry");
     let mac = CLIENT_IF_MAC;
-    let entry = ArpEntry {
-        mac: [mac.0, mac.1, mac.2, mac.3, mac.4, mac.5],
-        _pad: [0; 2],
-        replies: 0,
-    };
-    lab.maps
-        .as_mut()
-        .unwrap()
-        .arp
-        .insert(key, entry, 0)
-        .expect("arp entry");
 
     let request = arp_request(CLIENT_MAC, CLIENT, ANNOUNCED);
     let (ci, bi) = (lab.client_ifindex, lab.backend_ifindex);
@@ -560,6 +546,10 @@ fn arp_responder_cases(hook: Hook) {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let key = ArpKey {
+        ifindex: lab.client_ifindex,
+        addr: ipv4_to_wire(ANNOUNCED.octets()),
+    };
     let replies = lab.maps().arp.get(&key, 0).expect("entry").replies;
     assert_eq!(replies, 1, "exactly one request was answered");
 }
