@@ -40,20 +40,24 @@ fn config() -> String {
     )
 }
 
-/// `lbctl trace ARGS -o json` in the node's namespace.
-fn trace(topo: &Topology, args: &[&str]) -> Value {
-    let out = Command::new("ip")
+/// `lbctl ARGS` in the node's namespace (trace needs its interfaces).
+fn lbctl_in_node(topo: &Topology, args: &[&str]) -> std::process::Output {
+    Command::new("ip")
         .args(["netns", "exec", &topo.node])
         .arg(sibling_binary("lbctl"))
         .arg("--bpffs")
         .arg(topo.bpffs())
         .arg("--state-dir")
         .arg(topo.state_dir())
-        .arg("trace")
         .args(args)
-        .args(["--iface", "c0", "-o", "json"])
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// `lbctl trace ARGS -o json` in the node's namespace.
+fn trace(topo: &Topology, args: &[&str]) -> Value {
+    let args = [&["trace"], args, &["--iface", "c0", "-o", "json"]].concat();
+    let out = lbctl_in_node(topo, &args);
     assert!(
         out.status.success(),
         "lbctl trace {args:?}: {}",
@@ -91,16 +95,10 @@ fn trace_explains_every_decision_and_changes_nothing() {
     assert!(!before["LB_CONNTRACK"].is_empty() && !before["LB_AFFINITY"].is_empty());
 
     // The table form, as an operator reads it.
-    let text = Command::new("ip")
-        .args(["netns", "exec", &topo.node])
-        .arg(sibling_binary("lbctl"))
-        .arg("--bpffs")
-        .arg(topo.bpffs())
-        .arg("--state-dir")
-        .arg(topo.state_dir())
-        .args(["trace", "--src", "10.0.0.1:45000", "--dst", "10.96.0.10:80"])
-        .output()
-        .unwrap();
+    let text = lbctl_in_node(
+        &topo,
+        &["trace", "--src", "10.0.0.1:45000", "--dst", "10.96.0.10:80"],
+    );
     let text = String::from_utf8_lossy(&text.stdout);
     println!("{text}");
     assert!(
