@@ -262,6 +262,19 @@ fn restart_kill_and_upgrade_under_traffic() {
 
     // Upgrade: SIGTERM, then another binary file (its programs are loaded anew and swapped
     // into the pinned links; the maps are adopted).
+    let program_ids = |t: &Topology| -> Vec<u64> {
+        let status: serde_json::Value =
+            serde_json::from_str(&t.lbctl(&["status", "-o", "json"]).unwrap()).unwrap();
+        let mut ids: Vec<u64> = status["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["id"].as_u64())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let before_upgrade = program_ids(&topo);
     topo.stop_agent().unwrap();
     let upgraded = topo.dir.join("lb-agent-upgraded");
     std::fs::copy(lb_tests::sibling_binary("lb-agent"), &upgraded).unwrap();
@@ -270,6 +283,14 @@ fn restart_kill_and_upgrade_under_traffic() {
     topo.start_agent(&[]).unwrap();
     pause();
     let held = ask_all(&topo, held, "after the upgrade");
+    // The programs now attached are the new process's (new ids), swapped in under traffic;
+    // the old ones are gone.
+    let after_upgrade = program_ids(&topo);
+    assert!(!after_upgrade.is_empty());
+    assert!(
+        after_upgrade.iter().all(|id| !before_upgrade.contains(id)),
+        "programs not replaced: {before_upgrade:?} → {after_upgrade:?}"
+    );
 
     let tally = traffic.finish();
     let (samples, problems) = watcher.finish();
