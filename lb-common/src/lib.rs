@@ -271,9 +271,12 @@ pub struct ReplayFrame {
     /// frame with a 20-byte IP header, from `counter`), so each run is a new flow.
     pub new_flow: u32,
     pub counter: u32,
+    /// With `new_flow`: above 1, the destination address also moves, over `spread` consecutive
+    /// addresses from the frame's own (every run another frontend: cache-cold lookups).
+    pub spread: u32,
     pub data: [u8; REPLAY_MAX],
 }
-const _: () = assert!(size_of::<ReplayFrame>() == 140);
+const _: () = assert!(size_of::<ReplayFrame>() == 144);
 
 pub const GEN_UDP: u16 = 0;
 pub const GEN_ARP: u16 = 1;

@@ -186,6 +186,15 @@ fn replay(ctx: &XdpContext) -> bool {
         let p = unsafe { &mut *p };
         p[SRC + 2..SRC + 4].copy_from_slice(&(high as u16).to_be_bytes());
         p[SPORT..SPORT + 2].copy_from_slice(&port.to_be_bytes());
+        if frame.spread > 1 {
+            // The destination: the frame's own plus n mod spread (from the stored frame, not
+            // the packet, which a run may have DNATed).
+            const DST: usize = EthHdr::LEN + 16;
+            let d = &frame.data;
+            let base = u32::from_be_bytes([d[DST], d[DST + 1], d[DST + 2], d[DST + 3]]);
+            let dst = base.wrapping_add(n % frame.spread);
+            p[DST..DST + 4].copy_from_slice(&dst.to_be_bytes());
+        }
         // The IPv4 header checksum again (the datapath drops a header that fails it).
         const IP: usize = EthHdr::LEN;
         p[IP + 10] = 0;

@@ -333,6 +333,20 @@ impl XdpLab {
         repeat: u32,
         new_flow: bool,
     ) -> Result<f64> {
+        self.time_replayed_spread(name, frame, ingress_ifindex, repeat, new_flow, 0)
+    }
+
+    /// As [`XdpLab::time_replayed`]; new flows also move their destination over `spread`
+    /// consecutive addresses from the frame's (see [`lb_common::ReplayFrame::spread`]).
+    pub fn time_replayed_spread(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+        new_flow: bool,
+        spread: u32,
+    ) -> Result<f64> {
         use lb_common::{REPLAY_MAX, ReplayFrame, map_names};
         anyhow::ensure!(
             frame.len() <= REPLAY_MAX,
@@ -353,6 +367,7 @@ impl XdpLab {
                 len: frame.len() as u32,
                 new_flow: new_flow as u32,
                 counter,
+                spread,
                 data,
             },
             0,
