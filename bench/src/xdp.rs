@@ -189,7 +189,7 @@ fn measure(s: &Settings, n: u32) -> Result<Row> {
             let t = if prog == "lb_pass" {
                 lab.time(prog, frame, ingress, s.repeat)?
             } else {
-                lab.time_replayed_spread(prog, frame, ingress, s.repeat, new_flow, spread)?
+                lab.time_replayed(prog, frame, ingress, s.repeat, new_flow, spread)?
             };
             *b = b.min(t);
         }
@@ -202,7 +202,7 @@ fn measure(s: &Settings, n: u32) -> Result<Row> {
         (&syn_first, "TCP SYN spread over all frontends", n),
     ] {
         let before = lab.maps().ct_counters()?.inserted;
-        lab.time_replayed_spread("lb_replay", frame, ci, s.repeat, true, spread)?;
+        lab.time_replayed("lb_replay", frame, ci, s.repeat, true, spread)?;
         let inserted = lab.maps().ct_counters()?.inserted - before;
         anyhow::ensure!(
             inserted >= 2 * u64::from(s.repeat),

@@ -239,21 +239,27 @@ pub fn programs(fill: &[MapFill]) -> Vec<(String, u32)> {
     out
 }
 
-/// Slots of `frontend`'s live Maglev table that would change backend if its Service had
-/// `backends` (the table input: active endpoints with their weights), built as the agent builds
-/// it (from the live table, so only the slots the change forces move); and the table size.
-pub fn slots_moved(
-    maps: &PinnedMaps,
-    frontend: &lb_common::Frontend,
-    backends: &[(crate::model::Endpoint, u32)],
-) -> Result<(usize, u32)> {
-    use lb_common::maglev;
+/// The Maglev table size every Service gets (`--maglev-table-size`), or 0: sized per Service.
+pub fn fixed_table_size(maps: &PinnedMaps) -> Result<u32> {
     let config: aya::maps::Array<_, lb_common::Config> =
         aya::maps::Array::try_from(aya::maps::Map::from_map_data(crate::maps::open_pinned(
             &maps.dir.join(lb_common::map_names::CONFIG),
             false,
         )?)?)?;
-    let fixed = config.get(&0, 0)?.maglev_size;
+    Ok(config.get(&0, 0)?.maglev_size)
+}
+
+/// Slots of `frontend`'s live Maglev table that would change backend if its Service had
+/// `backends` (the table input: active endpoints with their weights), built as the agent builds
+/// it (from the live table, so only the slots the change forces move); and the table size.
+/// `fixed`: [`fixed_table_size`].
+pub fn slots_moved(
+    maps: &PinnedMaps,
+    fixed: u32,
+    frontend: &lb_common::Frontend,
+    backends: &[(crate::model::Endpoint, u32)],
+) -> Result<(usize, u32)> {
+    use lb_common::maglev;
     let old_size = frontend.maglev_size;
     let size = if fixed != 0 {
         fixed

@@ -257,7 +257,7 @@ impl GarpSocket {
 
     /// A gratuitous ARP (a broadcast request with sender = target = `addr`) out of `ifindex`.
     pub fn send(&self, ifindex: u32, mac: [u8; 6], addr: Ipv4Addr) -> Result<()> {
-        let frame = garp_frame(mac, addr);
+        let frame = arp_request(mac, addr, addr);
         // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
         let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         to.sll_family = libc::AF_PACKET as u16;
@@ -284,8 +284,9 @@ impl GarpSocket {
     }
 }
 
-/// The Ethernet frame of a gratuitous ARP for `addr` from `mac`.
-fn garp_frame(mac: [u8; 6], addr: Ipv4Addr) -> [u8; 42] {
+/// The broadcast Ethernet frame of an ARP request from `mac` (`sender`) for `target`; with
+/// sender = target, a gratuitous ARP.
+pub fn arp_request(mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> [u8; 42] {
     let mut frame = [0u8; 42];
     {
         let mut eth = MutableEthernetPacket::new(&mut frame).expect("frame size");
@@ -299,9 +300,9 @@ fn garp_frame(mac: [u8; 6], addr: Ipv4Addr) -> [u8; 42] {
         arp.set_proto_addr_len(4);
         arp.set_operation(ArpOperations::Request);
         arp.set_sender_hw_addr(MacAddr::from(mac));
-        arp.set_sender_proto_addr(addr);
+        arp.set_sender_proto_addr(sender);
         arp.set_target_hw_addr(MacAddr::zero());
-        arp.set_target_proto_addr(addr);
+        arp.set_target_proto_addr(target);
     }
     frame
 }

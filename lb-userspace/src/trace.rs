@@ -45,66 +45,68 @@ const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
 /// The frame `probe` arrives as on an interface whose MAC is `mac`; every checksum full.
 pub fn frame(probe: &Probe, mac: [u8; 6]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(80);
-    match *probe {
+    use pnet::{
+        packet::{
+            MutablePacket,
+            ethernet::{EtherTypes, MutableEthernetPacket},
+            ip::IpNextHeaderProtocol,
+            ipv4::{self, Ipv4Flags, MutableIpv4Packet},
+            tcp::{self, MutableTcpPacket},
+            udp::{self, MutableUdpPacket},
+        },
+        util::MacAddr,
+    };
+    let (src, dst, proto, tcp_flags) = match *probe {
         Probe::Arp { who_has, from } => {
-            f.extend_from_slice(&[0xff; 6]);
-            f.extend_from_slice(&CLIENT_MAC);
-            f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
-            f.extend_from_slice(&CLIENT_MAC);
-            f.extend_from_slice(&from.octets());
-            f.extend_from_slice(&[0; 6]);
-            f.extend_from_slice(&who_has.octets());
+            return crate::l2::arp_request(CLIENT_MAC, from, who_has).to_vec();
         }
         Probe::Flow {
             src,
             dst,
             proto,
             tcp_flags,
-        } => {
-            let payload = b"lbctl trace";
-            let mut l4 = Vec::new();
-            l4.extend_from_slice(&src.1.to_be_bytes());
-            l4.extend_from_slice(&dst.1.to_be_bytes());
-            if proto == IPPROTO_TCP {
-                l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, tcp_flags, 0xfa, 0xf0]);
-                l4.extend_from_slice(&[0; 4]);
-            } else {
-                l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-                l4.extend_from_slice(&[0, 0]);
-            }
-            l4.extend_from_slice(payload);
-            let pseudo =
-                sum(&src.0.octets()) + sum(&dst.0.octets()) + u32::from(proto) + l4.len() as u32;
-            let c = !fold(pseudo + sum(&l4));
-            let at = if proto == IPPROTO_TCP { 16 } else { 6 };
-            l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
-            f.extend_from_slice(&mac);
-            f.extend_from_slice(&CLIENT_MAC);
-            f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
-            f.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-            f.extend_from_slice(&[0x7c, 0x3e, 0x40, 0, 64, proto, 0, 0]);
-            f.extend_from_slice(&src.0.octets());
-            f.extend_from_slice(&dst.0.octets());
-            let c = !fold(sum(&f[14..34]));
-            f[24..26].copy_from_slice(&c.to_be_bytes());
-            f.extend_from_slice(&l4);
-        }
+        } => (src, dst, proto, tcp_flags),
+    };
+    let payload = b"lbctl trace";
+    let l4_len = if proto == IPPROTO_TCP { 20 } else { 8 } + payload.len();
+    let mut f = vec![0u8; 14 + 20 + l4_len];
+    let mut eth = MutableEthernetPacket::new(&mut f).expect("frame size");
+    eth.set_destination(MacAddr::from(mac));
+    eth.set_source(MacAddr::from(CLIENT_MAC));
+    eth.set_ethertype(EtherTypes::Ipv4);
+    let mut ip = MutableIpv4Packet::new(eth.payload_mut()).expect("frame size");
+    ip.set_version(4);
+    ip.set_header_length(5);
+    ip.set_total_length((20 + l4_len) as u16);
+    ip.set_identification(0x7c3e);
+    ip.set_flags(Ipv4Flags::DontFragment);
+    ip.set_ttl(64);
+    ip.set_next_level_protocol(IpNextHeaderProtocol(proto));
+    ip.set_source(src.0);
+    ip.set_destination(dst.0);
+    if proto == IPPROTO_TCP {
+        let mut t = MutableTcpPacket::new(ip.payload_mut()).expect("frame size");
+        t.set_source(src.1);
+        t.set_destination(dst.1);
+        t.set_sequence(1);
+        t.set_data_offset(5);
+        t.set_flags(tcp_flags);
+        t.set_window(0xfaf0);
+        t.set_payload(payload);
+        let c = tcp::ipv4_checksum(&t.to_immutable(), &src.0, &dst.0);
+        t.set_checksum(c);
+    } else {
+        let mut u = MutableUdpPacket::new(ip.payload_mut()).expect("frame size");
+        u.set_source(src.1);
+        u.set_destination(dst.1);
+        u.set_length(l4_len as u16);
+        u.set_payload(payload);
+        let c = udp::ipv4_checksum(&u.to_immutable(), &src.0, &dst.0);
+        u.set_checksum(c);
     }
+    let c = ipv4::checksum(&ip.to_immutable());
+    ip.set_checksum(c);
     f
-}
-
-fn sum(b: &[u8]) -> u32 {
-    b.chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum()
-}
-
-fn fold(mut s: u32) -> u16 {
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s as u16
 }
 
 /// One program's run.
@@ -333,7 +335,11 @@ pub fn explain(maps: &PinnedMaps, probe: &Probe, ifindex: u32) -> Result<Explana
         return Ok(e);
     };
     e.frontend = Some(inspect::frontend_name(&key));
-    e.service = inspect::service_names(maps)?.get(&fe.service_id).cloned();
+    e.service = maps
+        .service_names
+        .get(&fe.service_id, 0)
+        .ok()
+        .map(|n| n.as_str().to_string());
     if fe.flags & frontend_flags::SOURCE_RANGES != 0 {
         let allowed = maps
             .source_ranges

@@ -324,21 +324,10 @@ impl XdpLab {
     /// repetition's output (BPF_PROG_TEST_RUN reuses the buffer), so after one DNAT every later
     /// run would time a miss.
     /// With `new_flow`, every repetition also gets a new source address and port (a frame with a
-    /// 20-byte IP header), so each one is a new flow.
+    /// 20-byte IP header), so each one is a new flow; with `spread` above 1, its destination also
+    /// moves over that many consecutive addresses from the frame's
+    /// (see [`lb_common::ReplayFrame::spread`]).
     pub fn time_replayed(
-        &mut self,
-        name: &str,
-        frame: &[u8],
-        ingress_ifindex: u32,
-        repeat: u32,
-        new_flow: bool,
-    ) -> Result<f64> {
-        self.time_replayed_spread(name, frame, ingress_ifindex, repeat, new_flow, 0)
-    }
-
-    /// As [`XdpLab::time_replayed`]; new flows also move their destination over `spread`
-    /// consecutive addresses from the frame's (see [`lb_common::ReplayFrame::spread`]).
-    pub fn time_replayed_spread(
         &mut self,
         name: &str,
         frame: &[u8],

@@ -210,6 +210,19 @@ impl Traffic {
     }
 }
 
+/// `n` TCP connections to the ClusterIP held open, each with the backend that answered.
+fn hold(topo: &Topology, n: usize) -> Vec<(Conversation, String)> {
+    topo.client(move || {
+        (0..n)
+            .map(|_| {
+                let mut c = Conversation::open(vip(TCP_PORT)).unwrap();
+                let name = c.ask().unwrap();
+                (c, name)
+            })
+            .collect()
+    })
+}
+
 /// Asks every held connection again: each must answer, from the backend it had.
 fn ask_all(
     topo: &Topology,
@@ -236,15 +249,7 @@ fn restart_kill_and_upgrade_under_traffic() {
     topo.write_config(&Topology::service_yaml(&[1, 2, 3]))
         .unwrap();
     topo.start_agent(&[]).unwrap();
-    let held = topo.client(|| {
-        (0..100)
-            .map(|_| {
-                let mut c = Conversation::open(vip(TCP_PORT)).unwrap();
-                let name = c.ask().unwrap();
-                (c, name)
-            })
-            .collect::<Vec<_>>()
-    });
+    let held = hold(&topo, 100);
     let spread: BTreeSet<&String> = held.iter().map(|(_, n)| n).collect();
     assert_eq!(spread.len(), 3, "{spread:?}");
     let watcher = Watcher::start(topo.bpffs(), 2, Forbidden::default());
@@ -323,15 +328,7 @@ fn a_thousand_endpoint_changes_under_load() {
     topo.write_config(&churn_yaml(&present)).unwrap();
     topo.start_agent(&["--reload-interval-ms", "5"]).unwrap();
     // Connections held to every backend, backend-4 among them.
-    let held = topo.client(|| {
-        (0..40)
-            .map(|_| {
-                let mut c = Conversation::open(vip(TCP_PORT)).unwrap();
-                let name = c.ask().unwrap();
-                (c, name)
-            })
-            .collect::<Vec<_>>()
-    });
+    let held = hold(&topo, 40);
     let forbidden = Forbidden::default();
     let watcher = Watcher::start(topo.bpffs(), 2, forbidden.clone());
     let traffic = Traffic::start(&topo.client);

@@ -253,11 +253,15 @@ struct Agent {
     uplinks: Option<BTreeMap<u32, Ipv4Addr>>,
     ct_timeouts: CtTimeouts,
     limits: lb_userspace::reconcile::Limits,
-    /// When to apply again after the maps refused an apply, and the backoff that got there.
-    retry: Option<(tokio::time::Instant, Duration)>,
-    /// The desired state the maps refused, applied again at `retry` unless a newer valid
-    /// one comes first.
-    pending: Option<std::sync::Arc<DesiredState>>,
+    /// The desired state the maps refused, to apply again unless a newer valid one comes first.
+    retry: Option<PendingApply>,
+}
+
+struct PendingApply {
+    at: tokio::time::Instant,
+    /// The wait that led here (doubled after each refusal).
+    backoff: Duration,
+    desired: std::sync::Arc<DesiredState>,
 }
 
 /// Marks an apply a map write refused part-way (as opposed to one that does not fit).
@@ -320,7 +324,7 @@ impl Agent {
 
     /// Applies the desired state kept by a refused apply again.
     fn retry(&mut self) {
-        if let Some(desired) = self.pending.take() {
+        if let Some(desired) = self.retry.as_ref().map(|p| p.desired.clone()) {
             self.apply(desired, std::time::Instant::now());
         }
     }
@@ -361,8 +365,7 @@ impl Agent {
                 r
             }
             Err(e) if e.is::<WriteRefused>() => {
-                self.refused(started, &format!("{e:#}"));
-                self.pending = Some(desired);
+                self.refused(started, &format!("{e:#}"), desired);
                 return;
             }
             Err(e) => {
@@ -372,8 +375,9 @@ impl Agent {
                 error!("{path} not applied: {e:#}; keeping the last good state");
                 self.metrics.map_write_errors.inc();
                 self.agent_state.map_write_errors += 1;
+                self.retry = None;
+                self.agent_state.retry = None;
                 self.record_reload(started, "not applied", format!("{e:#}"));
-                self.pending = None;
                 return;
             }
         };
@@ -381,7 +385,6 @@ impl Agent {
             info!("{path} applied after {} refused attempts", r.attempt);
         }
         self.retry = None;
-        self.pending = None;
         if !report.tables.is_empty()
             && let Err(e) =
                 agentstate::record_rewrites(&self.state_dir, &mut self.rewrites, &report.tables)
@@ -462,13 +465,17 @@ impl Agent {
         self.update_ready();
     }
 
-    /// agent.json: the reload just done and its result, for `lbctl status`.
     /// The maps refused an apply part-way (a write failed: the capacity checks passed). What
     /// was written stays: each Service is either its old or its new self (tables before
     /// frontends), though not all Services may have moved. The reconciler starts again from
     /// what the maps hold, and the apply is retried with backoff until it goes in; the failure
     /// and the retry are in the log, the metrics, `lbctl stats` and `lbctl status`.
-    fn refused(&mut self, started: std::time::Instant, error: &str) {
+    fn refused(
+        &mut self,
+        started: std::time::Instant,
+        error: &str,
+        desired: std::sync::Arc<DesiredState>,
+    ) {
         self.metrics.map_write_errors.inc();
         self.agent_state.map_write_errors += 1;
         match self.maps.snapshot() {
@@ -477,8 +484,13 @@ impl Agent {
         }
         let backoff = self
             .retry
-            .map_or(RETRY_FIRST, |(_, b)| (b * 2).min(RETRY_MAX));
-        self.retry = Some((tokio::time::Instant::now() + backoff, backoff));
+            .as_ref()
+            .map_or(RETRY_FIRST, |p| (p.backoff * 2).min(RETRY_MAX));
+        self.retry = Some(PendingApply {
+            at: tokio::time::Instant::now() + backoff,
+            backoff,
+            desired,
+        });
         let attempt = self.agent_state.retry.as_ref().map_or(1, |r| r.attempt + 1);
         error!(
             "{} not applied (attempt {attempt}): {error}; the last good state keeps forwarding, retrying in {} ms",
@@ -493,6 +505,7 @@ impl Agent {
         self.record_reload(started, "not applied", error.to_string());
     }
 
+    /// agent.json: the reload just done and its result, for `lbctl status`.
     fn record_reload(&mut self, started: std::time::Instant, result: &str, detail: String) {
         self.agent_state.synced = self.synced;
         self.agent_state.context = Some(agentstate::BuildInputs {
@@ -1017,7 +1030,6 @@ async fn main() -> Result<()> {
         ct_timeouts: opts.ct_timeouts,
         limits: opts.limits()?,
         retry: None,
-        pending: None,
     };
     if let Err(e) = agent.agent_state.write(&args.state_dir) {
         warn!("{}: {e:#}", args.state_dir.display());
@@ -1062,7 +1074,7 @@ async fn main() -> Result<()> {
                     ready = true;
                 }
             }
-            _ = tokio::time::sleep_until(agent.retry.map_or_else(tokio::time::Instant::now, |r| r.0)), if agent.pending.is_some() => {
+            _ = tokio::time::sleep_until(agent.retry.as_ref().map_or_else(tokio::time::Instant::now, |r| r.at)), if agent.retry.is_some() => {
                 agent.retry();
             }
             _ = garp.tick(), if args.garp_interval > 0 => agent.refresh_garp(),

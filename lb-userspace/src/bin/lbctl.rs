@@ -1027,6 +1027,7 @@ fn diff(args: &Args, file: &std::path::Path) -> Result<bool> {
     let mut added = Vec::new();
     let mut removed = Vec::new();
     let mut changed = Vec::new();
+    let fixed_size = inspect::fixed_table_size(&maps)?;
     for (fe, (service, backends)) in &want {
         match live.get(fe) {
             None => added.push(json!({"frontend": fe, "service": service, "backends": backends})),
@@ -1044,7 +1045,7 @@ fn diff(args: &Args, file: &std::path::Path) -> Result<bool> {
                 let (moved, slots) = if input.is_empty() {
                     (live_fe.maglev_size as usize, live_fe.maglev_size)
                 } else {
-                    inspect::slots_moved(&maps, &live_fe, &input)?
+                    inspect::slots_moved(&maps, fixed_size, &live_fe, &input)?
                 };
                 changed.push(json!({"frontend": fe, "service": service,
                     "service_before": old_service,
