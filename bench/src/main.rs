@@ -2,6 +2,7 @@
 //! PNG under bench/results/, plus summary.csv with one row per target. Needs root (it loads XDP
 //! programs and makes network namespaces); `cargo xtask bench [--quick]` runs it.
 
+mod agent_memory;
 mod arp;
 mod control;
 mod forward;
@@ -22,7 +23,7 @@ use clap::Parser;
 type Benchmark = fn(bool, &std::path::Path) -> Result<(report::Table, Vec<report::Target>)>;
 
 /// Every benchmark in run order: name (for --only) and how to run it (quick or full).
-const BENCHMARKS: [(&str, Benchmark); 9] = [
+const BENCHMARKS: [(&str, Benchmark); 10] = [
     ("xdp", |quick, out| {
         xdp::run(&xdp::Settings::new(quick), out)
     }),
@@ -49,6 +50,9 @@ const BENCHMARKS: [(&str, Benchmark); 9] = [
     }),
     ("memory", |quick, out| {
         memory::run(&memory::Settings::new(quick), out)
+    }),
+    ("agent-memory", |quick, out| {
+        agent_memory::run(&agent_memory::Settings::new(quick), out)
     }),
 ];
 

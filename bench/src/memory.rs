@@ -49,7 +49,7 @@ pub fn options(services: u32, backends: u32, m: u32) -> Options {
 }
 
 /// memlock bytes of the map pinned at `path`, as the kernel accounts it.
-fn memlock(path: &std::path::Path) -> Result<u64> {
+pub fn memlock(path: &std::path::Path) -> Result<u64> {
     let map = MapData::from_pin(path).with_context(|| format!("{}", path.display()))?;
     let fd = map.fd().as_fd().as_raw_fd();
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;

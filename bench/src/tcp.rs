@@ -4,8 +4,16 @@
 //! latency p50/p99 on one open connection, several runs each:
 //! - direct: to a backend address, no service (the floor the socket hooks are held to);
 //! - ours, socket: the client in lb-agent's --cgroup: connect() goes straight to a backend;
-//! - ours, tc: the client outside it: the packet path on the node's veths;
+//! - ours, tc: the client outside it: the packet path on the node's veths (`--attach auto`,
+//!   which gives veths tc);
+//! - ours, XDP + tc (`--attach xdp`): the lab-tuned best case, the only row not on kernel
+//!   defaults: XDP frames into a veth need NAPI on its peer and full checksums from the sender,
+//!   so here the client's and backends' veths have TX checksum offload off and GRO on;
 //! - kube-proxy-style iptables and nftables DNAT on the node.
+//!
+//! In the same run, iperf3 (the Debian package, a real client) measures bulk TCP throughput
+//! through a second ClusterIP (one backend: iperf3's control and data connections must meet
+//! the same server) and straight to that backend.
 //!
 //! Every run of every datapath gets a fresh topology (namespaces, servers, agent or rules),
 //! and the datapaths take turns in a rotating order: a run never inherits the TIME_WAIT
@@ -23,6 +31,8 @@ pub struct Settings {
     pub seconds: f64,
     pub requests: usize,
     pub runs: usize,
+    /// Whole seconds (iperf3's -t).
+    pub iperf_seconds: f64,
 }
 
 impl Settings {
@@ -32,12 +42,14 @@ impl Settings {
                 seconds: 0.3,
                 requests: 200,
                 runs: 2,
+                iperf_seconds: 1.0,
             }
         } else {
             Self {
                 seconds: 1.0,
                 requests: 3000,
                 runs: 5,
+                iperf_seconds: 2.0,
             }
         }
     }
@@ -48,6 +60,50 @@ struct Figures {
     connects_per_s: Vec<f64>,
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
+    iperf_gbps: Vec<f64>,
+}
+
+/// The ClusterIP iperf3 is measured through (port 5201, backend 1 alone).
+const IPERF_IP: &str = "10.96.0.11";
+const IPERF_PORT: u16 = 5201;
+
+fn iperf_yaml() -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: iperf, namespace: default}}\nspec:\n  clusterIP: {IPERF_IP}\n  ports:\n  \
+         - {{name: iperf, port: {IPERF_PORT}, targetPort: {IPERF_PORT}, protocol: TCP}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: iperf-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: iperf}}\n\
+         addressType: IPv4\nports:\n- {{name: iperf, port: {IPERF_PORT}, protocol: TCP}}\n\
+         endpoints:\n- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n",
+        BACKENDS[0]
+    )
+}
+
+/// iperf3 from the client namespace (inside `cgroup` when given) to `host`, `seconds` long:
+/// received Gbit/s.
+fn iperf(topo: &Topology, host: &str, cgroup: Option<&Path>, seconds: f64) -> Result<f64> {
+    let enter = cgroup.map_or(String::new(), |cg| {
+        format!("echo $$ > {}/cgroup.procs && ", cg.display())
+    });
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{enter}exec ip netns exec {} iperf3 -J -c {host} -p {IPERF_PORT} -t {}",
+            topo.client,
+            // iperf3 takes whole seconds (0 would mean: forever).
+            seconds.ceil().max(1.0)
+        ))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running iperf3")?;
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("iperf3 printed no JSON")?;
+    if let Some(e) = report.get("error") {
+        anyhow::bail!("iperf3 to {host}: {e}");
+    }
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .context("no end.sum_received.bits_per_second in iperf3's report")
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -70,6 +126,13 @@ fn measure(
     s: &Settings,
     f: &mut Figures,
 ) -> Result<()> {
+    let iperf_to = if to.starts_with(BACKENDS[0]) {
+        BACKENDS[0]
+    } else {
+        IPERF_IP
+    };
+    f.iperf_gbps
+        .push(iperf(topo, iperf_to, cgroup, s.iperf_seconds)?);
     let (seconds, requests) = (s.seconds.to_string(), s.requests.to_string());
     let args = ["rate", to, &seconds, &requests];
     {
@@ -95,14 +158,16 @@ enum Mode {
     Direct,
     Socket,
     Tc,
+    Xdp,
     Iptables,
     Nftables,
 }
 
-const MODES: [Mode; 5] = [
+const MODES: [Mode; 6] = [
     Mode::Direct,
     Mode::Socket,
     Mode::Tc,
+    Mode::Xdp,
     Mode::Iptables,
     Mode::Nftables,
 ];
@@ -112,17 +177,38 @@ fn fresh_run(mode: Mode, s: &Settings, f: &mut Figures) -> Result<()> {
     let mut topo = Topology::new(3)?;
     let vip = format!("{CLUSTER_IP}:{TCP_PORT}");
     let rules = topo.dir.join("rules");
+    for b in &topo.backends {
+        sh(&format!(
+            "ip netns exec {b} iperf3 -s -D -1 -B {} -p {IPERF_PORT}",
+            backend_of(b)
+        ))?;
+    }
+    let services = format!(
+        "{}---\n{}",
+        Topology::service_yaml(&[1, 2, 3]),
+        iperf_yaml()
+    );
     match mode {
         Mode::Direct => {
             let backend = format!("{}:{BACKEND_TCP_PORT}", BACKENDS[0]);
             return measure(&topo, &backend, None, s, f);
         }
         Mode::Socket | Mode::Tc => {
-            topo.write_config(&Topology::service_yaml(&[1, 2, 3]))?;
+            topo.write_config(&services)?;
             let cgroup = topo.test_cgroup()?;
             topo.start_agent(&["--cgroup", cgroup.to_str().context("path")?])?;
             let inside = (mode == Mode::Socket).then_some(cgroup.as_path());
             measure(&topo, &vip, inside, s, f)?;
+            topo.stop_agent()?;
+        }
+        Mode::Xdp => {
+            // The lab tuning XDP on veths needs (see the module doc), on every sender and peer.
+            for ns in std::iter::once(&topo.client).chain(&topo.backends) {
+                sh(&format!("ip netns exec {ns} ethtool -K eth0 tx off gro on"))?;
+            }
+            topo.write_config(&services)?;
+            topo.start_agent(&["--attach", "xdp"])?;
+            measure(&topo, &vip, None, s, f)?;
             topo.stop_agent()?;
         }
         Mode::Iptables => {
@@ -149,6 +235,12 @@ fn fresh_run(mode: Mode, s: &Settings, f: &mut Figures) -> Result<()> {
 
 const BACKENDS: [&str; 3] = ["10.0.1.2", "10.0.2.2", "10.0.3.2"];
 
+/// The address of the backend in namespace `ns` (its name ends in b<i>).
+fn backend_of(ns: &str) -> String {
+    let i = ns.rsplit('b').next().unwrap_or("1");
+    format!("10.0.{i}.2")
+}
+
 fn iptables(vip: &str) -> String {
     let mut r = String::from("*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-ECHO - [0:0]\n");
     for i in 0..3 {
@@ -156,6 +248,10 @@ fn iptables(vip: &str) -> String {
     }
     r += &format!(
         "-A PREROUTING -j KUBE-SERVICES\n-A KUBE-SERVICES -d {vip}/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-ECHO\n"
+    );
+    r += &format!(
+        "-A KUBE-SERVICES -d {IPERF_IP}/32 -p tcp -m tcp --dport {IPERF_PORT} -j DNAT --to-destination {}:{IPERF_PORT}\n",
+        BACKENDS[0]
     );
     for (i, b) in BACKENDS.iter().enumerate() {
         let left = 3 - i;
@@ -182,9 +278,10 @@ fn nft(vip: &str) -> String {
         .map(|(i, b)| format!("  chain ep-{i} {{\n    meta l4proto tcp dnat to {b}:8080\n  }}\n"))
         .collect();
     format!(
-        "table ip kube-proxy {{\n{chains}  chain svc {{\n    numgen random mod 3 vmap {{ {} }}\n  }}\n  \
-         map service-ips {{\n    type ipv4_addr . inet_proto . inet_service : verdict\n    elements = {{ {vip} . tcp . 80 : goto svc }}\n  }}\n  \
+        "table ip kube-proxy {{\n{chains}  chain ep-iperf {{\n    meta l4proto tcp dnat to {}:{IPERF_PORT}\n  }}\n  chain svc {{\n    numgen random mod 3 vmap {{ {} }}\n  }}\n  \
+         map service-ips {{\n    type ipv4_addr . inet_proto . inet_service : verdict\n    elements = {{ {vip} . tcp . 80 : goto svc, {IPERF_IP} . tcp . {IPERF_PORT} : goto ep-iperf }}\n  }}\n  \
          chain nat-prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }}\n}}\n",
+        BACKENDS[0],
         eps.join(", ")
     )
 }
@@ -197,6 +294,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
             connects_per_s: Vec::new(),
             p50_us: Vec::new(),
             p99_us: Vec::new(),
+            iperf_gbps: Vec::new(),
         })
         .collect();
     for run in 0..s.runs {
@@ -206,15 +304,15 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
             fresh_run(MODES[i], s, &mut figures[i])?;
         }
     }
-    let [direct, socket, tc, ipt, nf]: [Figures; 5] = figures
+    let [direct, socket, tc, xdp, ipt, nf]: [Figures; 6] = figures
         .try_into()
-        .map_err(|_| anyhow::anyhow!("five datapaths"))?;
+        .map_err(|_| anyhow::anyhow!("six datapaths"))?;
 
     let mut table = Table::new(
         "tcp",
         format!(
-            "TCP to a ClusterIP over default veths: connect+request+close ({} s runs), request/response latency ({} requests on one connection); median of {} runs, min–max; every run on fresh namespaces, datapaths in rotating order",
-            s.seconds, s.requests, s.runs
+            "TCP to a ClusterIP over default veths (XDP row: lab-tuned): connect+request+close ({} s runs), request/response latency ({} requests on one connection), iperf3 bulk throughput ({} s, one backend); median of {} runs, min–max; every run on fresh namespaces, datapaths in rotating order",
+            s.seconds, s.requests, s.iperf_seconds, s.runs
         ),
         &[
             "datapath",
@@ -223,16 +321,21 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
             "cost vs direct",
             "p50 µs",
             "p99 µs",
+            "iperf3 Gbit/s",
+            "iperf3 spread",
+            "iperf3 vs direct",
         ],
     );
     let rows = [
         ("direct to a backend (no service)", &direct),
         ("ours: socket (client in --cgroup)", &socket),
         ("ours: tc (client outside the cgroup)", &tc),
+        ("ours: XDP + tc (--attach xdp, lab-tuned veths)", &xdp),
         ("iptables DNAT", &ipt),
         ("nftables DNAT", &nf),
     ];
     let direct_rate = median(&direct.connects_per_s);
+    let direct_gbps = median(&direct.iperf_gbps);
     for (name, f) in rows {
         let rate = median(&f.connects_per_s);
         table.row(vec![
@@ -242,6 +345,9 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
             format!("{:.2}×", direct_rate / rate.max(1e-9)),
             num(median(&f.p50_us)),
             num(median(&f.p99_us)),
+            num(median(&f.iperf_gbps)),
+            spread(&f.iperf_gbps),
+            format!("{:.2}×", median(&f.iperf_gbps) / direct_gbps.max(1e-9)),
         ]);
     }
     Plot {
@@ -254,6 +360,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
             ("direct", &direct),
             ("socket", &socket),
             ("tc", &tc),
+            ("xdp (lab-tuned)", &xdp),
             ("iptables", &ipt),
             ("nftables", &nf),
         ]
@@ -282,6 +389,13 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
             median(&ipt.connects_per_s),
             1.0,
             "no slower than iptables",
+        ),
+        Target::at_least(
+            "iperf3 Gbit/s through the ClusterIP: ours tc (default veths) vs direct to the backend",
+            median(&tc.iperf_gbps),
+            direct_gbps,
+            0.9,
+            ">= 0.9x direct",
         ),
         Target::at_least(
             "tcp connect rate: ours tc vs iptables",

@@ -372,6 +372,18 @@ impl XdpLab {
     pub fn maps(&self) -> &PinnedMaps {
         self.maps.as_ref().expect("maps")
     }
+
+    /// Deletes every conntrack entry: benchmarks that time new flows start each trial from the
+    /// same (empty) table. Returns how many there were.
+    pub fn clear_conntrack(&mut self) -> Result<usize> {
+        let conntrack = &mut self.maps.as_mut().expect("maps").conntrack;
+        let keys: Vec<_> = conntrack.keys().collect::<Result<_, _>>()?;
+        for k in &keys {
+            // An entry the LRU evicted meanwhile is gone already.
+            let _ = conntrack.remove(k);
+        }
+        Ok(keys.len())
+    }
 }
 
 /// struct xdp_md as BPF_PROG_TEST_RUN takes it: data 0, data_end = len, ingress ifindex.

@@ -56,6 +56,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("arping", "iputils-arping"),
     ("iptables-restore", "iptables"),
     ("nft", "nftables"),
+    ("iperf3", "iperf3"),
     ("pkg-config", "pkg-config"),
     ("/usr/include/fontconfig/fontconfig.h", "libfontconfig-dev"),
     ("/usr/include/freetype2/ft2build.h", "libfreetype-dev"),
