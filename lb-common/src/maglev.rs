@@ -220,20 +220,31 @@ pub fn update_table(
         target[k] += 1;
     }
 
-    // Keep old slots up to each target; everything else is free (bit set).
+    // Keep old slots up to each target; everything else is free (bit set). Each word's bits
+    // are gathered in a register: setting them one by one in memory chains 64 dependent
+    // read-modify-writes per word.
     let mut free = vec![0u64; (m as usize).div_ceil(64)];
     let mut kept = vec![0u32; order.len()];
-    for s in 0..m as usize {
-        let v = previous.get(s).copied().unwrap_or(0);
-        if let Some(&r) = rank.get((v as usize).wrapping_sub(1))
-            && r != 0
-            && kept[r as usize - 1] < target[r as usize - 1]
-        {
-            kept[r as usize - 1] += 1;
-            table[s] = v as u16;
-        } else {
-            free[s / 64] |= 1 << (s % 64);
+    for (w, word) in free.iter_mut().enumerate() {
+        let slots = w * 64..((w + 1) * 64).min(m as usize);
+        if previous.is_empty() {
+            *word = !0u64 >> (64 - slots.len());
+            continue;
         }
+        let mut bits = 0u64;
+        for s in slots {
+            let v = previous[s];
+            if let Some(&r) = rank.get((v as usize).wrapping_sub(1))
+                && r != 0
+                && kept[r as usize - 1] < target[r as usize - 1]
+            {
+                kept[r as usize - 1] += 1;
+                table[s] = v as u16;
+            } else {
+                bits |= 1 << (s % 64);
+            }
+        }
+        *word = bits;
     }
 
     // Backends below target take turns, each taking the first free slot at or after the next
@@ -277,13 +288,18 @@ pub fn update_table(
             (k, offset, skip)
         })
         .collect();
-    while !claimers.is_empty() {
-        claimers.retain_mut(|(k, position, skip)| {
-            let start = *position as usize;
+    // Rounds of turns, in order; a backend that reached its target leaves (kept in order, as
+    // `retain` would, but in a plain loop the compiler keeps the tables in registers).
+    let mut live = claimers.len();
+    while live > 0 {
+        let mut next = 0;
+        for i in 0..live {
+            let (k, mut position, skip) = claimers[i];
+            let start = position as usize;
             // position < m and skip < m, so one subtraction replaces the (slow) modulo.
-            *position += *skip;
-            if *position >= m {
-                *position -= m;
+            position += skip;
+            if position >= m {
+                position -= m;
             }
             // A free slot exists while any backend is below target.
             let s = next_free(&free, &summary, start);
@@ -292,10 +308,14 @@ pub fn update_table(
             if free[w] == 0 {
                 summary[w / 64] &= !(1 << (w % 64));
             }
-            table[s] = order[*k] as u16 + 1;
-            kept[*k] += 1;
-            kept[*k] < target[*k]
-        });
+            table[s] = order[k] as u16 + 1;
+            kept[k] += 1;
+            if kept[k] < target[k] {
+                claimers[next] = (k, position, skip);
+                next += 1;
+            }
+        }
+        live = next;
     }
     Ok(table.into_iter().map(u32::from).collect())
 }
