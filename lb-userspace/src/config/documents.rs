@@ -8,7 +8,7 @@ use super::*;
 pub(super) enum Parsed {
     Null,
     Service(Arc<Service>),
-    Slice(Arc<EndpointSlice>),
+    Slice(Arc<slice::Slice>),
     Pool(String, Arc<IpPool>),
     Policy(String, Arc<L2Policy>),
     /// "Kind ns/name (apiVersion)" of a kind we do not handle.
@@ -81,7 +81,9 @@ fn parse_value(value: serde_yaml_ng::Value, doc: &str) -> Result<Parsed, ConfigE
     let object = format!("{kind} {}", object_name(&value));
     Ok(match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => Parsed::Service(Arc::new(typed(value, &object)?)),
-        ("discovery.k8s.io/v1", "EndpointSlice") => Parsed::Slice(Arc::new(typed(value, &object)?)),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            Parsed::Slice(Arc::new(typed::<EndpointSlice>(value, &object)?.into()))
+        }
         // lb.xdp.rs/v1alpha1 is the served version; v1, which earlier releases read, still works.
         ("lb.xdp.rs/v1alpha1" | "lb.xdp.rs/v1", "LoadBalancerIPPool")
         | ("cilium.io/v2alpha1" | "cilium.io/v2", "CiliumLoadBalancerIPPool") => {
@@ -229,14 +231,15 @@ impl Objects {
     fn duplicates(&self) -> Vec<ConfigError> {
         fn twice<'a>(
             kind: &str,
-            names: impl Iterator<Item = (&'a ObjectMeta, bool)>,
+            names: impl Iterator<Item = (&'a Option<String>, Option<&'a Option<String>>)>,
         ) -> Vec<ConfigError> {
             let mut seen = HashSet::new();
             let mut out = Vec::new();
-            for (meta, namespaced) in names {
-                let name = meta.name.as_deref().unwrap_or("");
-                let object = if namespaced {
-                    let ns = meta.namespace.as_deref().unwrap_or("default");
+            // (name, Some(namespace) for namespaced kinds)
+            for (name, namespace) in names {
+                let name = name.as_deref().unwrap_or("");
+                let object = if let Some(namespace) = namespace {
+                    let ns = namespace.as_deref().unwrap_or("default");
                     format!("{kind} {ns}/{name}")
                 } else {
                     format!("{kind} {name}")
@@ -247,18 +250,27 @@ impl Objects {
             }
             out
         }
-        let mut out = twice("Service", self.services.iter().map(|s| (&s.metadata, true)));
+        let mut out = twice(
+            "Service",
+            self.services
+                .iter()
+                .map(|s| (&s.metadata.name, Some(&s.metadata.namespace))),
+        );
         out.extend(twice(
             "EndpointSlice",
-            self.endpoint_slices.iter().map(|s| (&s.metadata, true)),
+            self.endpoint_slices
+                .iter()
+                .map(|s| (&s.metadata.name, Some(&s.metadata.namespace))),
         ));
         out.extend(twice(
             "LoadBalancerIPPool",
-            self.pools.iter().map(|(_, p)| (&p.metadata, false)),
+            self.pools.iter().map(|(_, p)| (&p.metadata.name, None)),
         ));
         out.extend(twice(
             "L2AnnouncementPolicy",
-            self.l2_policies.iter().map(|(_, p)| (&p.metadata, false)),
+            self.l2_policies
+                .iter()
+                .map(|(_, p)| (&p.metadata.name, None)),
         ));
         out
     }

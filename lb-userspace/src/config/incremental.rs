@@ -28,7 +28,7 @@ pub(super) fn endpoint_slice_change(
     {
         return None;
     }
-    let ptrs = |list: &[Arc<EndpointSlice>]| -> HashSet<*const EndpointSlice> {
+    let ptrs = |list: &[Arc<slice::Slice>]| -> HashSet<*const slice::Slice> {
         list.iter().map(Arc::as_ptr).collect()
     };
     let (old_ptrs, new_ptrs) = (ptrs(&old.endpoint_slices), ptrs(&new.endpoint_slices));
@@ -45,7 +45,7 @@ pub(super) fn endpoint_slice_change(
     for slice in changed {
         let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
         // A slice without its Service label is an error the full build reports.
-        let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+        let service = slice.service_name.as_ref()?;
         affected.insert(format!("{namespace}/{service}"));
     }
     if previous.lb_status.iter().any(|s| {
@@ -95,10 +95,8 @@ pub(super) fn rebuild_services(
             .endpoint_slices
             .iter()
             .filter(|s| {
-                s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                s.service_name
+                    .as_deref()
                     .is_some_and(|n| key(s.metadata.namespace.as_ref(), n))
             })
             .cloned()

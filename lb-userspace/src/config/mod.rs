@@ -71,7 +71,7 @@ impl std::error::Error for ConfigErrors {}
 #[derive(Debug, Default, Clone)]
 pub struct Objects {
     pub services: Vec<Arc<Service>>,
-    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub endpoint_slices: Vec<Arc<slice::Slice>>,
     /// LoadBalancer IP pools: (kind as written, object).
     pub pools: Vec<(String, Arc<IpPool>)>,
     pub l2_policies: Vec<(String, Arc<L2Policy>)>,
@@ -136,6 +136,7 @@ mod incremental;
 mod pools;
 mod ports;
 mod service;
+pub mod slice;
 mod slices;
 mod tolerant;
 

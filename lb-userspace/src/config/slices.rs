@@ -39,12 +39,7 @@ pub(super) fn parse_slices<'a>(
             errors.push(err(&object, "metadata.name", "missing"));
             continue;
         }
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
+        let Some(service) = &slice.service_name else {
             errors.push(err(
                 &object,
                 "metadata.labels",
@@ -112,25 +107,26 @@ pub(super) fn parse_slices<'a>(
             } else {
                 continue;
             };
-            let local = ctx.node_name.is_some() && endpoint.node_name == ctx.node_name;
-            if let (BackendCondition::Active, Some(node)) = (condition, &endpoint.node_name) {
+            let local = ctx.node_name.is_some()
+                && endpoint.node_name.as_deref() == ctx.node_name.as_deref();
+            if let (BackendCondition::Active, Some(node)) =
+                (condition, endpoint.node_name.as_deref())
+            {
                 ready_nodes
                     .entry(format!("{namespace}/{service}"))
                     .or_default()
                     .insert(node);
             }
-            for (j, address) in endpoint.addresses.iter().enumerate() {
+            for (j, address) in endpoint.addresses().enumerate() {
                 // The field name is only formatted for an error (100k addresses in a big file).
-                match address.parse::<Ipv4Addr>() {
-                    Ok(a) => parsed.endpoints.push((a, condition, local)),
-                    Err(_) => match parse_ipv4(
-                        address,
-                        &object,
-                        &format!("endpoints[{i}].addresses[{j}]"),
-                    ) {
-                        Ok(a) => parsed.endpoints.push((a, condition, local)),
-                        Err(e) => errors.push(e),
-                    },
+                match address {
+                    slice::Address::V4(a) => parsed.endpoints.push((*a, condition, local)),
+                    slice::Address::Other(text) => {
+                        match parse_ipv4(text, &object, &format!("endpoints[{i}].addresses[{j}]")) {
+                            Ok(a) => parsed.endpoints.push((a, condition, local)),
+                            Err(e) => errors.push(e),
+                        }
+                    }
                 }
             }
         }

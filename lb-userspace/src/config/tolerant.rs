@@ -48,7 +48,13 @@ pub fn build_tolerant(
 fn substitute(objects: &Objects, bad: &HashSet<String>, good: &Objects) -> Option<Objects> {
     let mut touched = false;
     let service = |s: &Arc<Service>| format!("Service {}", namespaced(&s.metadata));
-    let slice = |s: &Arc<EndpointSlice>| format!("EndpointSlice {}", namespaced(&s.metadata));
+    let slice = |s: &Arc<slice::Slice>| {
+        format!(
+            "EndpointSlice {}/{}",
+            s.metadata.namespace.as_deref().unwrap_or("default"),
+            s.metadata.name.as_deref().unwrap_or("<unnamed>")
+        )
+    };
     let pool = |(kind, p): &(String, Arc<IpPool>)| cluster_scoped(kind, &p.metadata);
     let policy = |(kind, p): &(String, Arc<L2Policy>)| cluster_scoped(kind, &p.metadata);
     let next = Objects {

@@ -35,7 +35,9 @@ use super::{
     membership::{AnnounceTiming, Membership},
 };
 use crate::{
-    config::{self, BuildContext, ConfigErrors, DesiredCache, Objects, status_ingress_ips},
+    config::{
+        self, BuildContext, ConfigErrors, DesiredCache, Objects, slice::Slice, status_ingress_ips,
+    },
     lbipam::{self, IpPool, L2AnnouncementPolicy, L2Policy, LoadBalancerIPPool},
     metrics::Metrics,
 };
@@ -112,7 +114,7 @@ struct Versioned<T> {
 #[derive(Default)]
 struct Stores {
     services: Kind<Service>,
-    endpoint_slices: Kind<EndpointSlice>,
+    endpoint_slices: Kind<Slice>,
     pools: Kind<IpPool>,
     policies: Kind<L2Policy>,
     node: Kind<Node>,
@@ -187,7 +189,7 @@ impl KubeSource {
                 proxied,
                 shared.clone(),
                 |s| &mut s.endpoint_slices,
-                |s| s,
+                Slice::from,
                 never,
             ),
             follow(
