@@ -124,6 +124,8 @@ struct Row {
     /// The same into a full table: every insert evicts.
     syn_new_full: f64,
     syn_spread_full: f64,
+    /// The conntrack work of a new flow alone (two lookups, two inserts), table with room.
+    conntrack_alone: f64,
 }
 
 /// How the runs of a case meet conntrack.
@@ -200,7 +202,7 @@ fn measure(s: &Settings, n: u32) -> Result<Row> {
         "{} new flows (two entries each) do not fit a conntrack table of {capacity}",
         s.new_flow_repeat
     );
-    let cases: [(&str, &[u8], u32, Flows); 13] = [
+    let cases: [(&str, &[u8], u32, Flows); 14] = [
         ("lb_pass", &syn, ci, Flows::Same),
         ("lb_replay_pass", &syn, ci, Flows::Same),
         ("lb_replay", &miss, ci, Flows::Same),
@@ -214,8 +216,9 @@ fn measure(s: &Settings, n: u32) -> Result<Row> {
         ("lb_replay", &syn_first, ci, Flows::NewWithRoom(n)),
         ("lb_replay", &syn, ci, Flows::NewIntoFull(0)),
         ("lb_replay", &syn_first, ci, Flows::NewIntoFull(n)),
+        ("lb_replay_conntrack", &syn, ci, Flows::NewWithRoom(0)),
     ];
-    let mut best = [f64::INFINITY; 13];
+    let mut best = [f64::INFINITY; 14];
     for _ in 0..s.trials {
         for (b, (prog, frame, ingress, flows)) in best.iter_mut().zip(cases) {
             let t = match flows {
@@ -268,6 +271,7 @@ fn measure(s: &Settings, n: u32) -> Result<Row> {
         syn_spread: best[10],
         syn_new_full: best[11],
         syn_spread_full: best[12],
+        conntrack_alone: best[13],
     })
 }
 
@@ -298,6 +302,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
             "TCP SYN, new flow and frontend every run (spread over all)",
             "TCP SYN, new flow, full table (evicting)",
             "TCP SYN, new flow and frontend, full table (evicting)",
+            "conntrack work of a new flow alone (2 lookups, 2 LRU inserts)",
             "ACK / floor",
             "new SYN / floor",
         ],
@@ -318,6 +323,7 @@ pub fn run(s: &Settings, out: &std::path::Path) -> Result<(Table, Vec<Target>)> 
             num(r.syn_spread),
             num(r.syn_new_full),
             num(r.syn_spread_full),
+            num(r.conntrack_alone),
             format!("{:.2}×", r.tcp_ct_hit / r.floor),
             format!("{:.2}×", r.syn_new / r.floor),
         ]);

@@ -1,6 +1,6 @@
 //! Benchmark-only programs and maps, in an object of their own so a node never loads or pins
-//! them: the traffic generator `lb_gen`, the sink `lb_sink`, the replaying datapath `lb_replay`
-//! and its floor `lb_replay_pass`, the empty `lb_pass` and the redirect-only `lb_redirect`. They share the node's pinned maps
+//! them: the traffic generator `lb_gen`, the sink `lb_sink`, the replaying datapath `lb_replay`,
+//! its floor `lb_replay_pass` and its conntrack work alone `lb_replay_conntrack`, the empty `lb_pass` and the redirect-only `lb_redirect`. They share the node's pinned maps
 //! (and packet path) when loaded over the same bpffs directory.
 #![no_std]
 #![no_main]
@@ -13,9 +13,10 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
-use lb_common::{GEN_ARP, GenConfig, REPLAY_MAX, RedirectConfig, ReplayFrame};
+use lb_common::{CtEntry, CtKey, GEN_ARP, GenConfig, REPLAY_MAX, RedirectConfig, ReplayFrame};
 use lb_ebpf::{
     lb::balance,
+    maps::LB_CONNTRACK,
     packet::ptr_at,
     reject::{fold, sum_words},
 };
@@ -147,6 +148,48 @@ pub fn lb_replay_pass(ctx: XdpContext) -> u32 {
     if !replay(&ctx) {
         return xdp_action::XDP_ABORTED;
     }
+    xdp_action::XDP_PASS
+}
+
+/// What conntrack alone costs a new flow, against the real (pinned) table: the replay, then
+/// the datapath's map work for a first packet without the rest of its path: a lookup of the
+/// 5-tuple (a miss), a lookup of the reply tuple (the clash check), and the two inserts, reply
+/// then forward. Run with a new flow every run.
+#[xdp]
+pub fn lb_replay_conntrack(ctx: XdpContext) -> u32 {
+    if !replay(&ctx) {
+        return xdp_action::XDP_ABORTED;
+    }
+    // Ethernet + a 20-byte IPv4 header, then the ports (the replayed frames are built so).
+    const IP: usize = EthHdr::LEN;
+    let Ok(p) = ptr_at::<_, [u8; IP + Ipv4Hdr::LEN + 4]>(&ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let p = unsafe { &*p };
+    let word = |at: usize| u32::from_ne_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
+    let port = |at: usize| u16::from_ne_bytes([p[at], p[at + 1]]);
+    let forward = CtKey {
+        src_addr: word(IP + 12),
+        dst_addr: word(IP + 16),
+        src_port: port(IP + 20),
+        dst_port: port(IP + 22),
+        proto: p[IP + 9],
+        _pad: [0; 3],
+    };
+    // Toward a backend (a fixed one: the key differs per run through the client's tuple).
+    let reply = CtKey {
+        src_addr: u32::from_ne_bytes([10, 1, 0, 1]),
+        dst_addr: forward.src_addr,
+        src_port: 8080u16.to_be(),
+        dst_port: forward.src_port,
+        ..forward
+    };
+    let entry: CtEntry = unsafe { core::mem::zeroed() };
+    if LB_CONNTRACK.get_ptr(&forward).is_some() || unsafe { LB_CONNTRACK.get(&reply) }.is_some() {
+        return xdp_action::XDP_DROP;
+    }
+    let _ = LB_CONNTRACK.insert(&reply, &entry, 0);
+    let _ = LB_CONNTRACK.insert(&forward, &entry, 0);
     xdp_action::XDP_PASS
 }
 
