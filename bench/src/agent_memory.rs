@@ -16,7 +16,7 @@ use lb_tests::Topology;
 use crate::{
     control,
     memory::memlock,
-    report::{Plot, Table, Target, num},
+    report::{Plot, Table, Target, median, num, spread},
 };
 
 pub struct Settings {
@@ -130,11 +130,6 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1_048_576.0
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 pub fn run(s: &Settings, out: &Path) -> Result<(Table, Vec<Target>)> {
     let mut table = Table::new(
         "agent_memory",
@@ -162,18 +157,15 @@ pub fn run(s: &Settings, out: &Path) -> Result<(Table, Vec<Target>)> {
             runs.push(measure(n, s.endpoints)?);
         }
         let col = |f: &dyn Fn(&(Resident, u64, f64)) -> f64| -> f64 {
-            median(&mut runs.iter().map(f).collect::<Vec<_>>())
+            median(&runs.iter().map(f).collect::<Vec<_>>())
         };
         let heaps: Vec<f64> = runs.iter().map(|r| mib(r.0.heap)).collect();
-        let heap = col(&|r| mib(r.0.heap));
-        let (lo, hi) = heaps
-            .iter()
-            .fold((f64::INFINITY, 0.0f64), |(a, b), &h| (a.min(h), b.max(h)));
+        let heap = median(&heaps);
         table.row(vec![
             n.to_string(),
             num(col(&|r| mib(r.0.total))),
             num(heap),
-            format!("{}–{}", num(lo), num(hi)),
+            spread(&heaps),
             num(col(&|r| mib(r.0.map_pages))),
             num(col(&|r| mib(r.0.file))),
             num(col(&|r| mib(r.1))),

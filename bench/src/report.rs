@@ -273,3 +273,17 @@ pub fn num(v: f64) -> String {
         format!("{v:.2}")
     }
 }
+
+/// The median of repeated runs (the upper middle of an even count).
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// "min–max" of repeated runs.
+pub fn spread(v: &[f64]) -> String {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(0.0, f64::max);
+    format!("{}–{}", num(min), num(max))
+}

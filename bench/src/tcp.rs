@@ -25,7 +25,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use lb_tests::{BACKEND_TCP_PORT, CLUSTER_IP, TCP_PORT, Topology, sh};
 
-use crate::report::{Plot, Table, Target, num};
+use crate::report::{Plot, Table, Target, median, num, spread};
 
 pub struct Settings {
     pub seconds: f64,
@@ -104,18 +104,6 @@ fn iperf(topo: &Topology, host: &str, cgroup: Option<&Path>, seconds: f64) -> Re
         .as_f64()
         .map(|b| b / 1e9)
         .context("no end.sum_received.bits_per_second in iperf3's report")
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn spread(v: &[f64]) -> String {
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = v.iter().copied().fold(0.0, f64::max);
-    format!("{}–{}", num(min), num(max))
 }
 
 /// One run of lb-test-client in the client namespace, inside `cgroup` when given, added to `f`.
